@@ -1,0 +1,60 @@
+#pragma once
+// Per-layer activations and gradients of a vision network, exposed as plain buffers. This header
+// does not include LibTorch: the implementation (src/model/) is the only code that does.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace gradmap::model {
+
+/// What to extract and how (design.md's conventions).
+struct ExtractorOptions {
+  std::string model = "builtin:tinycnn"; ///< builtin:NAME or torchscript:PATH
+  std::string objective = "cross-entropy";
+  std::string labels = "stimuli"; ///< "stimuli" (from /stimuli/labels) or "self" (argmax)
+  std::string pooling = "mean";   ///< mean | cls | patch-mean
+  std::string device = "cpu";     ///< cpu | cuda (cuda:<local rank> chosen by the caller)
+  int threads = 1;                ///< intra-op threads of this rank
+};
+
+/// Features of a batch: for each layer, activations and gradients, row-major [n, dims[l]].
+struct BatchFeatures {
+  std::int64_t n = 0;
+  std::vector<std::vector<float>> activations;
+  std::vector<std::vector<float>> gradients;
+};
+
+/// Runs a network forward and backward and pools per-layer outputs and their gradients.
+/// Not collective: each rank owns its own extractor (its own model copy).
+class FeatureExtractor {
+public:
+  explicit FeatureExtractor(const ExtractorOptions& options);
+  ~FeatureExtractor();
+  FeatureExtractor(const FeatureExtractor&) = delete;
+  FeatureExtractor& operator=(const FeatureExtractor&) = delete;
+
+  const std::vector<std::string>& layer_names() const;
+  /// Pooled feature dimension of each layer (known after construction: a probe forward pass).
+  const std::vector<std::int64_t>& layer_dims() const;
+  /// Number of outputs (classes) of the final layer.
+  std::int64_t num_outputs() const;
+
+  /// Images are uint8 RGB, row-major [n, height, width, 3]; labels (n values, may be null when
+  /// the objective does not need them). Per-image results do not depend on n: the objective is
+  /// a sum of per-image losses and the model is in eval mode.
+  BatchFeatures run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
+                    std::int64_t width, const std::int64_t* labels) const;
+
+private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// Names of the built-in models ("tinycnn", ...).
+std::vector<std::string> builtin_models();
+
+/// The LibTorch version this gradmap was built with.
+std::string torch_version();
+
+} // namespace gradmap::model

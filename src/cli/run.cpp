@@ -1,0 +1,76 @@
+// gradmap run: the whole pipeline from one config file. Each stage is configured by the config's
+// section of the same name ([simulate], ...) exactly as if that command had been given
+// `--config FILE`; [run] holds the pipeline's own options. Stages run in order:
+//   1. simulate  -> OUT/data/{stimuli,brain_fmri,brain_meg}.h5  (when [run] data = simulate)
+//   2. validate the stage outputs against the schema
+#include <filesystem>
+
+#include "command.hpp"
+#include "gradmap/core/log.hpp"
+#include "gradmap/core/timer.hpp"
+#include "gradmap/io/h5.hpp"
+#include "gradmap/io/schema.hpp"
+#include "gradmap/mpi/comm.hpp"
+
+namespace gradmap::cli {
+namespace {
+
+// Runs `name` with the pipeline's config and the given overrides, as `gradmap name --config F`.
+void run_stage(const std::string& name, const std::string& config,
+               std::vector<std::string> overrides, Context& ctx) {
+  const Command* cmd = find_command(name);
+  std::vector<std::string> args = {"--config", config};
+  args.insert(args.end(), overrides.begin(), overrides.end());
+  auto vm = parse(*cmd, args);
+  GM_INFO("run: stage " << name << " started");
+  StageTimer t("run." + name);
+  cmd->run(*vm, ctx);
+  GM_INFO("run: stage " << name << " finished in " << t.stop() << " s");
+}
+
+} // namespace
+
+Command run_command() {
+  Command c;
+  c.name = "run";
+  c.usage = "--config FILE [--out DIR]";
+  c.summary = "Runs the pipeline configured by FILE: each stage reads the section named after it\n"
+              "([simulate], ...); [run] sets the output directory and the data source.\n"
+              "Outputs: OUT/data/*.h5 and OUT/gradmap.log.";
+  c.options = [](po::options_description& d) {
+    d.add_options()("out", po::value<std::string>()->default_value("gradmap-out"),
+                    "output directory of the whole run")(
+        "data", po::value<std::string>()->default_value("simulate"),
+        "where the data come from: 'simulate' (the built-in dataset, configured by [simulate])");
+  };
+  c.run = [](const po::variables_map& vm, Context& ctx) {
+    if (!vm.count("config"))
+      throw UsageError("gradmap run: --config FILE is required");
+    const std::string config = vm["config"].as<std::string>();
+    const std::string out = vm["out"].as<std::string>();
+    const std::string data = vm["data"].as<std::string>();
+    if (data != "simulate")
+      throw UsageError("--data: only 'simulate' is available in this build, not '" + data + "'");
+    if (mpi::rank(ctx.comm) == 0)
+      io::make_directories(out);
+    MPI_Barrier(ctx.comm);
+    if (!vm.count("log-file"))
+      log::set_file(out + "/gradmap.log");
+    GM_INFO("run: config " << config << ", output " << out << ", " << mpi::size(ctx.comm)
+                           << " ranks");
+    const std::string data_dir = out + "/data";
+    run_stage("simulate", config, {"--out", data_dir}, ctx);
+
+    // Validate what the stages wrote, as any later stage will before reading it.
+    std::vector<std::string> files;
+    for (const char* name : {"stimuli.h5", "brain_fmri.h5", "brain_meg.h5"})
+      if (std::filesystem::exists(data_dir + "/" + name))
+        files.push_back(data_dir + "/" + name);
+    std::vector<std::string> args(files.begin(), files.end());
+    run_stage("validate", config, args, ctx);
+    GM_INFO("run: done; outputs in " << out);
+  };
+  return c;
+}
+
+} // namespace gradmap::cli

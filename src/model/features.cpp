@@ -1,0 +1,275 @@
+// Per-layer activations and gradients (design.md "Models" and "Conventions"). The only
+// translation unit that includes LibTorch; everything else sees plain buffers.
+#include "gradmap/model/features.hpp"
+
+#include <torch/script.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include <cmath>
+
+#include "gradmap/core/error.hpp"
+#include "gradmap/sim/philox.hpp"
+
+namespace gradmap::model {
+namespace {
+
+// ----------------------------------------------------------------------- built-in: tinycnn
+// Six 3x3 conv + ReLU stages (stride 2 at stages 2, 4, 6; 16-32-32-64-64-128 channels), global
+// average pooling and a linear head of 10 classes. Accepts any input size >= 8 pixels. Weights
+// are a fixed function of the model name: He-uniform (bound sqrt(6 / fan_in)) for weights and
+// PyTorch's default bound 1/sqrt(fan_in) for biases, drawn from Philox keyed by
+// (model seed, parameter index), so they are identical on every platform and rank.
+struct TinyCnnImpl : torch::nn::Module {
+  std::vector<torch::nn::Conv2d> convs;
+  torch::nn::Linear head{nullptr};
+  TinyCnnImpl() {
+    const int64_t ch[7] = {3, 16, 32, 32, 64, 64, 128};
+    for (int i = 0; i < 6; ++i) {
+      const int64_t stride = (i % 2 == 1) ? 2 : 1;
+      convs.push_back(register_module(
+          "conv" + std::to_string(i + 1),
+          torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[i], ch[i + 1], 3).stride(stride).padding(1))));
+    }
+    head = register_module("head", torch::nn::Linear(128, 10));
+  }
+  std::vector<torch::Tensor> layers(torch::Tensor x) {
+    std::vector<torch::Tensor> out;
+    for (auto& c : convs) {
+      x = torch::relu(c->forward(x));
+      out.push_back(x);
+    }
+    return out;
+  }
+  torch::Tensor output(const torch::Tensor& last) { return head->forward(last.mean({2, 3})); }
+};
+TORCH_MODULE(TinyCnn);
+
+constexpr std::uint64_t kTinyCnnSeed = 0x7469ULL; // "ti": the seed of builtin:tinycnn
+
+void init_deterministic(torch::nn::Module& m, std::uint64_t seed) {
+  torch::NoGradGuard ng;
+  std::uint32_t index = 0;
+  int64_t last_fan_in = 1;
+  for (auto& p : m.named_parameters()) {
+    auto& t = p.value();
+    const bool is_bias = t.dim() == 1;
+    // fan_in: for a bias, that of its layer's weight (the previous parameter).
+    int64_t fan_in = 1;
+    if (!is_bias) {
+      for (int64_t d = 1; d < t.dim(); ++d)
+        fan_in *= t.size(d);
+    }
+    if (!is_bias)
+      last_fan_in = fan_in;
+    else
+      fan_in = last_fan_in;
+    const double bound = is_bias ? 1.0 / std::sqrt(double(fan_in)) : std::sqrt(6.0 / double(fan_in));
+    sim::Philox rng(seed, sim::Stream::weights, index++);
+    auto acc = t.data_ptr<float>();
+    for (int64_t i = 0; i < t.numel(); ++i)
+      acc[i] = static_cast<float>(rng.uniform(-bound, bound));
+  }
+}
+
+} // namespace
+
+std::vector<std::string> builtin_models() { return {"tinycnn"}; }
+
+std::string torch_version() { return TORCH_VERSION; }
+
+struct FeatureExtractor::Impl {
+  ExtractorOptions opt;
+  torch::Device device{torch::kCPU};
+  TinyCnn builtin{nullptr};
+  std::unique_ptr<torch::jit::script::Module> script;
+  int64_t input_size = 0; // 0: use images at their stored size
+  std::vector<std::string> names;
+  std::vector<int64_t> dims;
+  int64_t outputs = 0;
+
+  // Forward pass: per-layer outputs in network order and the final output.
+  std::pair<std::vector<torch::Tensor>, torch::Tensor> forward(const torch::Tensor& x) {
+    if (builtin) {
+      auto hs = builtin->layers(x);
+      auto out = builtin->output(hs.back());
+      return {hs, out};
+    }
+    auto r = script->forward({x});
+    if (!r.isTuple())
+      throw Error("TorchScript model " + opt.model +
+                  ": forward must return Tuple[List[Tensor], Tensor] (per-layer outputs, final "
+                  "output); it returned " + r.tagKind());
+    auto tup = r.toTuple();
+    if (tup->elements().size() != 2 || !tup->elements()[0].isTensorList() ||
+        !tup->elements()[1].isTensor())
+      throw Error("TorchScript model " + opt.model +
+                  ": forward must return Tuple[List[Tensor], Tensor] (per-layer outputs, final "
+                  "output)");
+    auto list = tup->elements()[0].toTensorVector();
+    if (list.empty())
+      throw Error("TorchScript model " + opt.model + " returned no layer outputs");
+    return {list, tup->elements()[1].toTensor()};
+  }
+
+  torch::Tensor pool(const torch::Tensor& h, size_t layer) const {
+    const std::string& p = opt.pooling;
+    if (h.dim() == 4) { // [B, C, H, W]
+      if (p != "mean")
+        throw Error("pooling '" + p + "' needs token outputs [B, T, D], but layer " +
+                    names[layer] + " is a feature map [B, C, H, W]; use --pooling mean");
+      return h.mean({2, 3});
+    }
+    if (h.dim() == 3) { // [B, T, D]
+      if (p == "mean")
+        return h.mean({1});
+      if (p == "cls")
+        return h.select(1, 0);
+      if (p == "patch-mean") {
+        if (h.size(1) < 2)
+          throw Error("pooling patch-mean needs at least 2 tokens at layer " + names[layer]);
+        return h.slice(1, 1).mean({1});
+      }
+      throw Error("unknown pooling '" + p + "' (mean, cls, patch-mean)");
+    }
+    if (h.dim() == 2)
+      return h;
+    throw Error("layer " + names[layer] + " has an output of " + std::to_string(h.dim()) +
+                " dimensions; expected [B, D], [B, T, D] or [B, C, H, W]");
+  }
+
+  torch::Tensor preprocess(const std::uint8_t* images, int64_t n, int64_t h, int64_t w) const {
+    auto x = torch::from_blob(const_cast<std::uint8_t*>(images), {n, h, w, 3}, torch::kUInt8)
+                 .permute({0, 3, 1, 2})
+                 .to(torch::kFloat32)
+                 .div(255.0);
+    if (input_size > 0 && (h != input_size || w != input_size)) {
+      namespace F = torch::nn::functional;
+      x = F::interpolate(x, F::InterpolateFuncOptions()
+                                .size(std::vector<int64_t>{input_size, input_size})
+                                .mode(torch::kBilinear)
+                                .align_corners(false)
+                                .antialias(true));
+    }
+    const auto mean = torch::tensor({0.485f, 0.456f, 0.406f}).view({1, 3, 1, 1});
+    const auto std = torch::tensor({0.229f, 0.224f, 0.225f}).view({1, 3, 1, 1});
+    return ((x - mean) / std).contiguous().to(device);
+  }
+};
+
+FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new Impl) {
+  auto& I = *impl_;
+  I.opt = options;
+  torch::set_num_threads(std::max(1, options.threads));
+  if (options.device == "cpu") {
+    I.device = torch::Device(torch::kCPU);
+  } else if (options.device.rfind("cuda", 0) == 0) {
+    if (!torch::cuda::is_available())
+      throw Error("--device " + options.device + ": this gradmap's LibTorch has no CUDA device");
+    I.device = torch::Device(options.device);
+  } else {
+    throw Error("unknown --device '" + options.device + "' (cpu or cuda)");
+  }
+  const std::string& m = options.model;
+  if (m.rfind("builtin:", 0) == 0) {
+    const std::string name = m.substr(8);
+    if (name != "tinycnn")
+      throw Error("unknown built-in model '" + name + "' (built-in models: tinycnn)");
+    I.builtin = TinyCnn();
+    init_deterministic(*I.builtin, kTinyCnnSeed);
+    I.builtin->eval();
+    I.builtin->to(I.device);
+    for (int i = 1; i <= 6; ++i)
+      I.names.push_back("conv" + std::to_string(i));
+  } else if (m.rfind("torchscript:", 0) == 0) {
+    const std::string path = m.substr(12);
+    try {
+      I.script = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, I.device));
+    } catch (const c10::Error& e) {
+      throw Error("cannot load TorchScript model " + path + ": " + e.what_without_backtrace());
+    }
+    I.script->eval();
+    if (I.script->hasattr("input_size"))
+      I.input_size = I.script->attr("input_size").toInt();
+    if (I.script->hasattr("layer_names"))
+      for (const auto& s : I.script->attr("layer_names").toListRef())
+        I.names.push_back(s.toStringRef());
+  } else {
+    throw Error("--model must be builtin:NAME or torchscript:PATH, not '" + m + "'");
+  }
+  if (options.objective != "cross-entropy")
+    throw Error("unknown objective '" + options.objective + "' (cross-entropy)");
+  if (options.labels != "stimuli" && options.labels != "self")
+    throw Error("--labels must be 'stimuli' or 'self', not '" + options.labels + "'");
+
+  // Probe pass: layer count, names and pooled dimensions.
+  const int64_t probe = I.input_size > 0 ? I.input_size : 32;
+  std::vector<std::uint8_t> img(static_cast<size_t>(probe * probe * 3), 128);
+  torch::NoGradGuard ng;
+  auto [hs, out] = I.forward(I.preprocess(img.data(), 1, probe, probe));
+  if (I.names.empty())
+    for (size_t l = 0; l < hs.size(); ++l) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "layer_%02zu", l);
+      I.names.emplace_back(buf);
+    }
+  if (I.names.size() != hs.size())
+    throw Error("model " + m + " declares " + std::to_string(I.names.size()) +
+                " layer_names but returns " + std::to_string(hs.size()) + " layer outputs");
+  for (size_t l = 0; l < hs.size(); ++l)
+    I.dims.push_back(I.pool(hs[l], l).size(1));
+  I.outputs = out.size(-1);
+}
+
+FeatureExtractor::~FeatureExtractor() = default;
+
+const std::vector<std::string>& FeatureExtractor::layer_names() const { return impl_->names; }
+const std::vector<std::int64_t>& FeatureExtractor::layer_dims() const { return impl_->dims; }
+std::int64_t FeatureExtractor::num_outputs() const { return impl_->outputs; }
+
+BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
+                                    std::int64_t width, const std::int64_t* labels) const {
+  auto& I = *impl_;
+  BatchFeatures bf;
+  bf.n = n;
+  if (n == 0) {
+    bf.activations.resize(I.names.size());
+    bf.gradients.resize(I.names.size());
+    return bf;
+  }
+  // The input requires grad so that the graph reaches every layer output even when the model's
+  // parameters are frozen (requires_grad = false in a TorchScript export).
+  torch::Tensor x = I.preprocess(images, n, height, width).requires_grad_(true);
+  auto [hs, out] = I.forward(x);
+  if (hs.size() != I.names.size())
+    throw Error("model returned " + std::to_string(hs.size()) + " layer outputs, expected " +
+                std::to_string(I.names.size()));
+  // L = sum_i CE(out_i, y_i): a sum of per-image losses, so dL/dh_l for image i depends on
+  // image i only and per-image results do not depend on the batch size.
+  torch::Tensor target;
+  if (I.opt.labels == "self") {
+    target = out.detach().argmax(1);
+  } else {
+    if (!labels)
+      throw Error("objective cross-entropy needs /stimuli/labels (or use --labels self)");
+    target = torch::from_blob(const_cast<std::int64_t*>(labels), {n}, torch::kInt64).clone();
+    const int64_t mx = target.max().item<int64_t>(), mn = target.min().item<int64_t>();
+    if (mn < 0 || mx >= out.size(1))
+      throw Error("label out of range [0, " + std::to_string(out.size(1)) + ") for this model");
+    target = target.to(I.device);
+  }
+  torch::Tensor loss =
+      torch::nn::functional::cross_entropy(out, target,
+                                           torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  std::vector<torch::Tensor> grads = torch::autograd::grad({loss}, hs);
+  torch::NoGradGuard ng;
+  for (size_t l = 0; l < hs.size(); ++l) {
+    auto a = I.pool(hs[l].detach(), l).to(torch::kCPU, torch::kFloat32).contiguous();
+    auto g = I.pool(grads[l], l).to(torch::kCPU, torch::kFloat32).contiguous();
+    bf.activations.emplace_back(a.data_ptr<float>(), a.data_ptr<float>() + a.numel());
+    bf.gradients.emplace_back(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
+  }
+  return bf;
+}
+
+} // namespace gradmap::model

@@ -1,0 +1,53 @@
+#include "gradmap/mpi/environment.hpp"
+
+#include <petscsys.h>
+
+#include <cstdlib>
+#include <thread>
+
+#include "gradmap/core/log.hpp"
+
+extern "C" void openblas_set_num_threads(int);
+
+namespace gradmap::mpi {
+
+Environment::Environment(int& argc, char**& argv) {
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  int r = 0, s = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  MPI_Comm_size(MPI_COMM_WORLD, &s);
+  log::init(r, s);
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, r, MPI_INFO_NULL, &node);
+  MPI_Comm_size(node, &local_size_);
+  MPI_Comm_rank(node, &local_rank_);
+  MPI_Comm_free(&node);
+  // PETSc reads its options from PETSC_OPTIONS; argv belongs to gradmap's own parser.
+  PETSC_COMM_WORLD = MPI_COMM_WORLD;
+  if (PetscInitializeNoArguments() == 0)
+    petsc_ = true;
+}
+
+Environment::~Environment() {
+  if (petsc_)
+    PetscFinalize();
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized)
+    MPI_Finalize();
+}
+
+int Environment::default_threads() const {
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  const int t = cores / (local_size_ > 0 ? local_size_ : 1);
+  return t > 0 ? t : 1;
+}
+
+void Environment::set_blas_threads(int n) {
+  openblas_set_num_threads(n);
+  const std::string v = std::to_string(n);
+  setenv("OMP_NUM_THREADS", v.c_str(), 1);
+}
+
+} // namespace gradmap::mpi

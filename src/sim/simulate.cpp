@@ -1,0 +1,493 @@
+// `gradmap simulate` (design.md "Simulation"): the built-in dataset and the test oracle.
+//
+// 1. Stimuli: image i is rendered from Philox(seed, i); images are dealt to ranks in chunks of
+//    kChunk so that every chunk goes through the network as the same batch whatever the number
+//    of ranks (per-image features then match bit for bit).
+// 2. Features: pooled activations and gradients (cross-entropy on the category labels) of every
+//    layer of the reference network, gathered on all ranks and z-scored over images.
+// 3. fMRI: voxel v belongs to an ROI with a hierarchy level; its signal is a random projection
+//    (weights from Philox(seed, v)) of the z-scored features of its planted layer, standardised
+//    over images; response = sqrt(snr) * signal + N(0, 1) noise, per trial.
+// 4. MEG: each (kind, layer) drives a latent image signal expressed at a planted latency with a
+//    Gaussian time course, mixed into sensors by random weights.
+// Ranks split voxels (fMRI) and sensors (MEG) and write their column blocks collectively.
+#include "gradmap/sim/simulate.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "gradmap/core/error.hpp"
+#include "gradmap/core/log.hpp"
+#include "gradmap/core/progress.hpp"
+#include "gradmap/core/timer.hpp"
+#include "gradmap/io/h5.hpp"
+#include "gradmap/model/features.hpp"
+#include "gradmap/mpi/comm.hpp"
+#include "gradmap/mpi/partition.hpp"
+#include "gradmap/sim/philox.hpp"
+#include "gradmap/sim/stimuli.hpp"
+
+namespace gradmap::sim {
+namespace {
+
+constexpr std::int64_t kChunk = 16;     // images per network batch (fixed: rank-independent)
+constexpr double kLatencySigma = 0.025; // s, width of the MEG response time course
+const char* const kKinds[2] = {"activations", "gradients"};
+
+struct Matrix { // row-major [rows, cols], double
+  std::int64_t rows = 0, cols = 0;
+  std::vector<double> v;
+};
+
+// All features of all images on every rank, z-scored per column over images.
+struct Features {
+  std::vector<std::string> layers;
+  std::vector<Matrix> kind[2];
+};
+
+std::string path_join(const std::string& dir, const std::string& name) {
+  return dir.empty() ? name : (dir.back() == '/' ? dir + name : dir + "/" + name);
+}
+
+Matrix zscore(const std::vector<float>& x, std::int64_t rows, std::int64_t cols) {
+  Matrix m{rows, cols, std::vector<double>(x.begin(), x.end())};
+  for (std::int64_t c = 0; c < cols; ++c) {
+    double mean = 0, var = 0;
+    for (std::int64_t r = 0; r < rows; ++r)
+      mean += m.v[r * cols + c];
+    mean /= double(rows);
+    for (std::int64_t r = 0; r < rows; ++r)
+      var += (m.v[r * cols + c] - mean) * (m.v[r * cols + c] - mean);
+    const double sd = std::sqrt(var / double(rows));
+    for (std::int64_t r = 0; r < rows; ++r)
+      m.v[r * cols + c] = sd > 1e-12 ? (m.v[r * cols + c] - mean) / sd : 0.0;
+  }
+  return m;
+}
+
+// s = Z w with w ~ N(0, I) from rng, standardised to mean 0 and variance 1 over images.
+std::vector<double> project(const Matrix& z, Philox rng) {
+  std::vector<double> w(static_cast<size_t>(z.cols));
+  for (auto& x : w)
+    x = rng.normal();
+  std::vector<double> s(static_cast<size_t>(z.rows), 0.0);
+  for (std::int64_t r = 0; r < z.rows; ++r) {
+    const double* row = &z.v[r * z.cols];
+    double acc = 0;
+    for (std::int64_t c = 0; c < z.cols; ++c)
+      acc += row[c] * w[c];
+    s[r] = acc;
+  }
+  double mean = std::accumulate(s.begin(), s.end(), 0.0) / double(s.size()), var = 0;
+  for (double x : s)
+    var += (x - mean) * (x - mean);
+  const double sd = std::sqrt(var / double(s.size()));
+  for (double& x : s)
+    x = sd > 0 ? (x - mean) / sd : 0.0;
+  return s;
+}
+
+// Fisher-Yates shuffle of [0, n) from rng.
+std::vector<std::int64_t> permutation(std::int64_t n, Philox rng) {
+  std::vector<std::int64_t> p(static_cast<size_t>(n));
+  std::iota(p.begin(), p.end(), 0);
+  for (std::int64_t i = n - 1; i > 0; --i)
+    std::swap(p[i], p[rng.below(std::uint32_t(i + 1))]);
+  return p;
+}
+
+struct Design {
+  std::vector<std::int64_t> trial_stimulus; // [trials]
+  std::vector<std::int64_t> test_stimuli;   // sorted
+};
+
+Design make_design(const SimulateOptions& o) {
+  Design d;
+  const std::int64_t trials = o.images * o.repetitions;
+  const auto order = permutation(trials, Philox(o.seed, Stream::design, 0));
+  d.trial_stimulus.resize(static_cast<size_t>(trials));
+  for (std::int64_t t = 0; t < trials; ++t)
+    d.trial_stimulus[t] = order[t] % o.images;
+  auto pick = permutation(o.images, Philox(o.seed, Stream::design, 1));
+  d.test_stimuli.assign(pick.begin(), pick.begin() + o.test_images);
+  std::sort(d.test_stimuli.begin(), d.test_stimuli.end());
+  return d;
+}
+
+// ------------------------------------------------------------------------- stimuli+features
+
+Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
+  StageTimer timer("simulate.stimuli");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+  const std::int64_t n = o.images, s = o.image_size, px = s * s * 3;
+  const mpi::Block mine = mpi::chunked_block_of(n, kChunk, p, me);
+  std::vector<std::uint8_t> images(static_cast<size_t>(mine.size() * px));
+  std::vector<std::int64_t> labels(static_cast<size_t>(mine.size())), ids(labels.size());
+  for (std::int64_t i = mine.begin; i < mine.end; ++i) {
+    labels[i - mine.begin] = render_stimulus(o.seed, i, int(s), &images[(i - mine.begin) * px]);
+    ids[i - mine.begin] = i;
+  }
+
+  model::ExtractorOptions xo;
+  xo.model = o.model;
+  xo.threads = o.threads;
+  std::unique_ptr<model::FeatureExtractor> fx;
+  mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(xo); });
+  const auto& dims = fx->layer_dims();
+  const size_t L = dims.size();
+  std::vector<std::vector<float>> local[2];
+  local[0].resize(L);
+  local[1].resize(L);
+  Progress progress("simulate: features", mine.size(), "images", double(p));
+  for (std::int64_t b = mine.begin; b < mine.end; b += kChunk) {
+    const std::int64_t nb = std::min(kChunk, mine.end - b);
+    auto bf = fx->run(&images[(b - mine.begin) * px], nb, s, s, &labels[b - mine.begin]);
+    for (size_t l = 0; l < L; ++l) {
+      local[0][l].insert(local[0][l].end(), bf.activations[l].begin(), bf.activations[l].end());
+      local[1][l].insert(local[1][l].end(), bf.gradients[l].begin(), bf.gradients[l].end());
+    }
+    progress.advance(nb);
+  }
+  progress.finish();
+
+  // stimuli.h5: each rank writes its block of rows.
+  const std::string path = path_join(o.out_dir, "stimuli.h5");
+  io::OutputFile out(path, comm);
+  const io::File& f = out.file();
+  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.create_group("/stimuli");
+  f.set_attr("/stimuli", "source", std::string("gradmap simulate"));
+  f.set_attr("/stimuli", "seed", static_cast<std::int64_t>(o.seed));
+  f.set_attr("/stimuli", "label_names", stimulus_category_names());
+  f.create_dataset("/stimuli/images", io::DType::u8, {n, s, s, 3}, {std::min<std::int64_t>(n, 64), s, s, 3})
+      .write_rows(images, mine.begin);
+  f.create_dataset("/stimuli/ids", io::DType::i64, {n}).write_rows(ids, mine.begin);
+  f.create_dataset("/stimuli/labels", io::DType::i64, {n}).write_rows(labels, mine.begin);
+  out.commit();
+  GM_INFO("simulate: wrote " << path << " (" << n << " images of " << s << "x" << s << ")");
+
+  Features feats;
+  feats.layers = fx->layer_names();
+  for (int k = 0; k < 2; ++k)
+    for (size_t l = 0; l < L; ++l) {
+      auto all = mpi::allgatherv(comm, local[k][l]);
+      feats.kind[k].push_back(zscore(all, n, dims[l]));
+    }
+  return feats;
+}
+
+void write_common(const io::File& f, const SimulateOptions& o, const Design& d,
+                  const std::string& modality, const std::vector<std::string>& layers) {
+  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "modality", modality);
+  f.create_group("/brain");
+  f.create_group("/truth");
+  f.write_small("/brain/trial_stimulus", d.trial_stimulus,
+                {static_cast<std::int64_t>(d.trial_stimulus.size())});
+  f.write_small("/brain/test_stimuli", d.test_stimuli,
+                {static_cast<std::int64_t>(d.test_stimuli.size())});
+  f.set_attr("/truth", "model", o.model);
+  f.set_attr("/truth", "objective", std::string("cross-entropy"));
+  f.set_attr("/truth", "labels", std::string("stimuli"));
+  f.set_attr("/truth", "pooling", std::string("mean"));
+  f.set_attr("/truth", "scenario", o.scenario);
+  f.set_attr("/truth", "seed", static_cast<std::int64_t>(o.seed));
+  f.set_attr("/truth", "layers", layers);
+  f.set_attr("/truth", "snr", std::vector<double>{modality == "fmri" ? o.snr : o.meg_snr});
+  f.set_attr("/truth", "gradient_share", std::vector<double>{o.gradient_share});
+}
+
+// ---------------------------------------------------------------------------------- fMRI
+
+struct Roi {
+  const char* name;
+  int level;
+  double share;
+};
+const Roi kRois[] = {{"V1", 1, 0.20},      {"V2", 2, 0.17},      {"V3", 3, 0.15},
+                     {"hV4", 4, 0.12},     {"ventral", 5, 0.12}, {"lateral", 5, 0.12},
+                     {"parietal", 5, 0.12}};
+constexpr int kNumRois = sizeof(kRois) / sizeof(kRois[0]);
+
+// ROI of each voxel: contiguous runs in ROI order with sizes proportional to the shares.
+std::vector<std::int32_t> assign_rois(std::int64_t v) {
+  std::vector<std::int32_t> roi(static_cast<size_t>(v));
+  double cum = 0;
+  std::int64_t start = 0;
+  for (int r = 0; r < kNumRois; ++r) {
+    cum += kRois[r].share;
+    const std::int64_t end = r == kNumRois - 1 ? v : std::min<std::int64_t>(v, std::llround(cum * v));
+    for (std::int64_t i = start; i < end; ++i)
+      roi[i] = r;
+    start = end;
+  }
+  return roi;
+}
+
+void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design& d,
+                   MPI_Comm comm) {
+  StageTimer timer("simulate.fmri");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+  const std::int64_t V = o.voxels, T = static_cast<std::int64_t>(d.trial_stimulus.size());
+  const int L = static_cast<int>(feats.layers.size());
+  const int top_level = 5;
+
+  // Planted answer for every voxel (cheap metadata, identical on all ranks).
+  const auto roi = assign_rois(V);
+  std::vector<std::int32_t> layer_act(V, -1), layer_grad(V, -1);
+  std::vector<std::uint8_t> noise(V, 0);
+  std::vector<std::int32_t> roi_layer_act(kNumRois), roi_layer_grad(kNumRois, -1);
+  for (int r = 0; r < kNumRois; ++r) {
+    // Activations follow the hierarchy: level 1 -> first layer ... top level -> last layer.
+    roi_layer_act[r] = static_cast<std::int32_t>(
+        std::lround(double(kRois[r].level - 1) / double(top_level - 1) * double(L - 1)));
+    if (o.scenario == "aligned")
+      roi_layer_grad[r] = roi_layer_act[r];
+  }
+  if (o.scenario == "misaligned") {
+    // Gradient signal only in the high-level areas, with layers unrelated to the hierarchy.
+    roi_layer_grad[4] = L - 1;
+    roi_layer_grad[5] = 0;
+    roi_layer_grad[6] = L / 2;
+  }
+  for (std::int64_t v = 0; v < V; ++v) {
+    Philox rng(o.seed, Stream::voxel, std::uint32_t(v), 0);
+    const bool is_noise = o.scenario == "null" || rng.uniform() < o.noise_fraction;
+    const double u = rng.uniform();
+    noise[v] = is_noise ? 1 : 0;
+    if (is_noise)
+      continue;
+    const int jitter = u < 0.1 ? -1 : (u < 0.2 ? 1 : 0);
+    layer_act[v] = std::clamp(roi_layer_act[roi[v]] + jitter, 0, L - 1);
+    if (roi_layer_grad[roi[v]] >= 0)
+      layer_grad[v] = o.scenario == "aligned" ? layer_act[v] : roi_layer_grad[roi[v]];
+  }
+
+  // Voxel grid: ROIs are slabs along j (posterior -> anterior), 1.8 mm isotropic.
+  const std::int64_t nx = 16, nz = 8, ny = (V + nx * nz - 1) / (nx * nz);
+  std::vector<std::int32_t> ijk(static_cast<size_t>(V * 3));
+  for (std::int64_t v = 0; v < V; ++v) {
+    ijk[v * 3 + 0] = std::int32_t(v % nx);
+    ijk[v * 3 + 1] = std::int32_t(v / (nx * nz));
+    ijk[v * 3 + 2] = std::int32_t((v / nx) % nz);
+  }
+  const std::vector<double> affine = {1.8, 0, 0, -0.9 * nx, 0, 1.8, 0, -0.9 * ny - 60.0,
+                                      0,   0, 1.8, -0.9 * nz, 0, 0, 0, 1};
+
+  const std::string path = path_join(o.out_dir, "brain_fmri.h5");
+  io::OutputFile out(path, comm);
+  const io::File& f = out.file();
+  write_common(f, o, d, "fmri", feats.layers);
+  std::vector<std::string> roi_names;
+  std::vector<std::int32_t> roi_level;
+  for (const auto& r : kRois) {
+    roi_names.emplace_back(r.name);
+    roi_level.push_back(r.level);
+  }
+  f.write_small("/brain/roi", roi, {V});
+  f.write_strings("/brain/roi_names", roi_names);
+  f.write_small("/brain/roi_level", roi_level, {kNumRois});
+  f.write_small("/brain/voxel_ijk", ijk, {V, 3});
+  f.set_attr("/brain", "volume_shape", std::vector<std::int64_t>{nx, ny, nz});
+  f.set_attr("/brain", "affine", affine);
+  f.write_small("/truth/layer_activations", layer_act, {V});
+  f.write_small("/truth/layer_gradients", layer_grad, {V});
+  f.write_small("/truth/noise_target", noise, {V});
+  f.write_small("/truth/roi_layer_activations", roi_layer_act, {kNumRois});
+  f.write_small("/truth/roi_layer_gradients", roi_layer_grad, {kNumRois});
+
+  // Responses [trials, voxels]: this rank's voxel block, in rounds of voxel_chunk columns.
+  auto ds = f.create_dataset("/brain/responses", io::DType::f32, {T, V}, {256, 256});
+  const mpi::Block mine = mpi::block_of(V, p, me);
+  std::int64_t rounds = (mine.size() + o.voxel_chunk - 1) / o.voxel_chunk;
+  GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &rounds, 1, MPI_INT64_T, MPI_MAX, comm));
+  const double amp = std::sqrt(o.snr), share = o.gradient_share;
+  Progress progress("simulate: fMRI", mine.size(), "voxels", double(p));
+  std::vector<float> buf;
+  for (std::int64_t rd = 0; rd < rounds; ++rd) {
+    const std::int64_t c0 = std::min(mine.end, mine.begin + rd * o.voxel_chunk);
+    const std::int64_t c1 = std::min(mine.end, c0 + o.voxel_chunk), nc = c1 - c0;
+    buf.assign(static_cast<size_t>(T * nc), 0.0f);
+    for (std::int64_t v = c0; v < c1; ++v) {
+      std::vector<double> sig;
+      if (!noise[v]) {
+        sig = project(feats.kind[0][layer_act[v]], Philox(o.seed, Stream::voxel, std::uint32_t(v), 1));
+        if (layer_grad[v] >= 0) {
+          const auto g =
+              project(feats.kind[1][layer_grad[v]], Philox(o.seed, Stream::voxel, std::uint32_t(v), 2));
+          for (size_t i = 0; i < sig.size(); ++i)
+            sig[i] = std::sqrt(1 - share) * sig[i] + std::sqrt(share) * g[i];
+        }
+      }
+      Philox nrng(o.seed, Stream::fmri_noise, std::uint32_t(v), 0);
+      for (std::int64_t t = 0; t < T; ++t) {
+        const double s = sig.empty() ? 0.0 : amp * sig[d.trial_stimulus[t]];
+        buf[t * nc + (v - c0)] = static_cast<float>(s + nrng.normal());
+      }
+      progress.advance();
+    }
+    ds.write(buf.data(), {0, c0}, {nc > 0 ? T : 0, nc});
+  }
+  progress.finish();
+  out.commit();
+  GM_INFO("simulate: wrote " << path << " (" << T << " trials x " << V << " voxels, scenario "
+                             << o.scenario << ")");
+}
+
+// ----------------------------------------------------------------------------------- MEG
+
+void simulate_meg(const SimulateOptions& o, const Features& feats, const Design& d, MPI_Comm comm) {
+  StageTimer timer("simulate.meg");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+  const std::int64_t S = o.sensors, NT = o.times, T = static_cast<std::int64_t>(d.trial_stimulus.size());
+  const int L = static_cast<int>(feats.layers.size());
+  std::vector<double> times(static_cast<size_t>(NT));
+  for (std::int64_t k = 0; k < NT; ++k)
+    times[k] = o.tmin + double(k) / o.sfreq;
+
+  // Planted latencies (s): the forward sweep for activations; for gradients either late and in
+  // the forward order (misaligned), or top-down after the forward sweep (aligned).
+  std::vector<double> lat[2];
+  lat[0].assign(L, NAN);
+  lat[1].assign(L, NAN);
+  if (o.scenario != "null")
+    for (int l = 0; l < L; ++l) {
+      lat[0][l] = 0.07 + 0.03 * l;
+      lat[1][l] = o.scenario == "aligned" ? 0.30 + 0.03 * (L - 1 - l) : 0.30 + 0.03 * l;
+    }
+  // Latent image signal of each (kind, layer) and each sensor's mixing weights (unit norm).
+  std::vector<std::vector<double>> latent(static_cast<size_t>(2 * L));
+  for (int k = 0; k < 2; ++k)
+    for (int l = 0; l < L; ++l)
+      if (!std::isnan(lat[k][l]))
+        latent[k * L + l] = project(feats.kind[k][l], Philox(o.seed, Stream::sensor, 1u << 20, std::uint32_t(k * L + l)));
+  std::vector<double> weights(static_cast<size_t>(S * 2 * L), 0.0);
+  std::vector<std::uint8_t> noise(static_cast<size_t>(S), 0);
+  for (std::int64_t s = 0; s < S; ++s) {
+    Philox rng(o.seed, Stream::sensor, std::uint32_t(s), 0);
+    noise[s] = (o.scenario == "null" || rng.uniform() < o.noise_fraction) ? 1 : 0;
+    double norm = 0;
+    for (int c = 0; c < 2 * L; ++c) {
+      const double w = rng.normal();
+      if (!noise[s] && !latent[c].empty()) {
+        weights[s * 2 * L + c] = w;
+        norm += w * w;
+      }
+    }
+    for (int c = 0; c < 2 * L && norm > 0; ++c)
+      weights[s * 2 * L + c] /= std::sqrt(norm);
+  }
+  std::vector<double> bump(static_cast<size_t>(2 * L * NT), 0.0);
+  for (int c = 0; c < 2 * L; ++c)
+    for (std::int64_t k = 0; k < NT && !latent[c].empty(); ++k) {
+      const double z = (times[k] - lat[c / L][c % L]) / kLatencySigma;
+      bump[c * NT + k] = std::exp(-0.5 * z * z);
+    }
+
+  const std::string path = path_join(o.out_dir, "brain_meg.h5");
+  io::OutputFile out(path, comm);
+  const io::File& f = out.file();
+  write_common(f, o, d, "meg", feats.layers);
+  std::vector<std::string> names;
+  for (std::int64_t s = 0; s < S; ++s) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "MEG%03lld", static_cast<long long>(s + 1));
+    names.emplace_back(buf);
+  }
+  f.write_small("/brain/times", times, {NT});
+  f.write_strings("/brain/sensor_names", names);
+  f.set_attr("/brain", "sfreq", std::vector<double>{o.sfreq});
+  f.write_small("/truth/latency_activations", lat[0], {L});
+  f.write_small("/truth/latency_gradients", lat[1], {L});
+  f.write_small("/truth/noise_target", noise, {S});
+  f.write_small("/truth/sensor_weights", weights, {S, 2 * L});
+
+  auto ds = f.create_dataset("/brain/responses", io::DType::f32, {T, S, NT}, {64, 1, NT});
+  const mpi::Block mine = mpi::block_of(S, p, me);
+  const double amp = std::sqrt(o.meg_snr);
+  const std::int64_t trial_chunk = 1024;
+  Progress progress("simulate: MEG", T, "trials");
+  std::vector<float> buf;
+  for (std::int64_t t0 = 0; t0 < T; t0 += trial_chunk) {
+    const std::int64_t nt = std::min(trial_chunk, T - t0), ns = mine.size();
+    buf.assign(static_cast<size_t>(nt * ns * NT), 0.0f);
+    for (std::int64_t t = t0; t < t0 + nt; ++t) {
+      const std::int64_t img = d.trial_stimulus[t];
+      for (std::int64_t s = mine.begin; s < mine.end; ++s) {
+        Philox nrng(o.seed, Stream::meg_noise, std::uint32_t(s), std::uint32_t(t));
+        float* row = &buf[((t - t0) * ns + (s - mine.begin)) * NT];
+        for (std::int64_t k = 0; k < NT; ++k) {
+          double sig = 0;
+          for (int c = 0; c < 2 * L; ++c)
+            if (!latent[c].empty())
+              sig += weights[s * 2 * L + c] * bump[c * NT + k] * latent[c][img];
+          row[k] = static_cast<float>(amp * sig + nrng.normal());
+        }
+      }
+    }
+    ds.write(buf.data(), {t0, mine.begin, 0}, {ns > 0 ? nt : 0, ns, ns > 0 ? NT : 0});
+    progress.advance(nt);
+  }
+  progress.finish();
+  out.commit();
+  GM_INFO("simulate: wrote " << path << " (" << T << " trials x " << S << " sensors x " << NT
+                             << " times, scenario " << o.scenario << ")");
+}
+
+} // namespace
+
+void validate(const SimulateOptions& o) {
+  auto bad = [](const std::string& opt, const std::string& why) {
+    throw UsageError("--" + opt + ": " + why);
+  };
+  if (o.out_dir.empty())
+    bad("out", "an output directory is required");
+  if (o.scenario != "misaligned" && o.scenario != "aligned" && o.scenario != "null")
+    bad("scenario", "must be misaligned, aligned or null, not '" + o.scenario + "'");
+  if (o.modality != "fmri" && o.modality != "meg" && o.modality != "both")
+    bad("modality", "must be fmri, meg or both, not '" + o.modality + "'");
+  if (o.images < 4)
+    bad("images", "at least 4 images are needed");
+  if (o.test_images < 2 || o.test_images > o.images - 2)
+    bad("test-images", "must be between 2 and images - 2");
+  if (o.image_size < 8 || o.image_size > 1024)
+    bad("image-size", "must be between 8 and 1024 pixels");
+  if (o.repetitions < 1 || o.repetitions > 100)
+    bad("repetitions", "must be between 1 and 100");
+  if (o.images * o.repetitions > (std::int64_t(1) << 31))
+    bad("repetitions", "images x repetitions exceeds 2^31 trials");
+  if (o.voxels < 1)
+    bad("voxels", "must be positive");
+  if (o.sensors < 1)
+    bad("sensors", "must be positive");
+  if (o.times < 2)
+    bad("times", "must be at least 2");
+  if (!(o.sfreq > 0))
+    bad("sfreq", "must be positive");
+  if (!(o.snr >= 0) || !std::isfinite(o.snr))
+    bad("snr", "must be a finite non-negative number");
+  if (!(o.meg_snr >= 0) || !std::isfinite(o.meg_snr))
+    bad("meg-snr", "must be a finite non-negative number");
+  if (!(o.noise_fraction >= 0 && o.noise_fraction <= 1))
+    bad("noise-fraction", "must be in [0, 1]");
+  if (!(o.gradient_share >= 0 && o.gradient_share <= 1))
+    bad("gradient-share", "must be in [0, 1]");
+  if (o.voxel_chunk < 1)
+    bad("voxel-chunk", "must be positive");
+}
+
+void simulate(const SimulateOptions& o, MPI_Comm comm) {
+  validate(o);
+  GM_INFO("simulate: scenario " << o.scenario << ", seed " << o.seed << ", " << o.images
+                                << " images, modality " << o.modality << ", " << mpi::size(comm)
+                                << " ranks");
+  const Features feats = make_stimuli(o, comm);
+  const Design design = make_design(o);
+  if (o.modality == "fmri" || o.modality == "both")
+    simulate_fmri(o, feats, design, comm);
+  if (o.modality == "meg" || o.modality == "both")
+    simulate_meg(o, feats, design, comm);
+}
+
+} // namespace gradmap::sim
