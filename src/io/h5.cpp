@@ -138,7 +138,34 @@ File File::create(const std::string& path, MPI_Comm comm) {
   return File(path, comm, Handle(id));
 }
 
-void File::close() { id_.reset(); }
+File::~File() {
+  if (std::uncaught_exceptions() == 0) {
+    try {
+      close();
+    } catch (const Error&) {
+      // A destructor cannot report; close() explicitly where the outcome matters.
+    }
+  }
+}
+
+void File::close() {
+  if (id_.get() < 0)
+    return;
+  // The MPI-IO driver closes files with degree SEMI: H5Fclose fails while any object of the file
+  // is open. Close those first (Dataset handles still holding them then see an invalid id).
+  const ssize_t n = H5Fget_obj_count(id(), H5F_OBJ_ALL & ~H5F_OBJ_FILE);
+  if (n > 0) {
+    std::vector<hid_t> ids(static_cast<size_t>(n));
+    H5Fget_obj_ids(id(), H5F_OBJ_ALL & ~H5F_OBJ_FILE, ids.size(), ids.data());
+    for (hid_t o : ids)
+      Handle(o).reset();
+  }
+  const hid_t f = id_.get();
+  const herr_t rc = H5Fclose(f);
+  id_ = Handle();
+  if (rc < 0)
+    throw_h5_error(("H5Fclose(" + path_ + ")").c_str());
+}
 
 bool File::exists(const std::string& name) const {
   if (name == "/")

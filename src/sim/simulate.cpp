@@ -362,28 +362,35 @@ void simulate_meg(const SimulateOptions& o, const Features& feats, const Design&
     for (int l = 0; l < L; ++l)
       if (!std::isnan(lat[k][l]))
         latent[k * L + l] = project(feats.kind[k][l], Philox(o.seed, Stream::sensor, 1u << 20, std::uint32_t(k * L + l)));
-  std::vector<double> weights(static_cast<size_t>(S * 2 * L), 0.0);
-  std::vector<std::uint8_t> noise(static_cast<size_t>(S), 0);
-  for (std::int64_t s = 0; s < S; ++s) {
-    Philox rng(o.seed, Stream::sensor, std::uint32_t(s), 0);
-    noise[s] = (o.scenario == "null" || rng.uniform() < o.noise_fraction) ? 1 : 0;
-    double norm = 0;
-    for (int c = 0; c < 2 * L; ++c) {
-      const double w = rng.normal();
-      if (!noise[s] && !latent[c].empty()) {
-        weights[s * 2 * L + c] = w;
-        norm += w * w;
-      }
-    }
-    for (int c = 0; c < 2 * L && norm > 0; ++c)
-      weights[s * 2 * L + c] /= std::sqrt(norm);
-  }
   std::vector<double> bump(static_cast<size_t>(2 * L * NT), 0.0);
   for (int c = 0; c < 2 * L; ++c)
     for (std::int64_t k = 0; k < NT && !latent[c].empty(); ++k) {
       const double z = (times[k] - lat[c / L][c % L]) / kLatencySigma;
       bump[c * NT + k] = std::exp(-0.5 * z * z);
     }
+  // Sensor mixing weights, scaled per sensor so that its signal variance at its peak time,
+  // max_t sum_c (w_c bump_c(t))^2 (latents treated as independent), is 1: meg_snr is then the
+  // signal-to-noise variance ratio at the response peak.
+  std::vector<double> weights(static_cast<size_t>(S * 2 * L), 0.0);
+  std::vector<std::uint8_t> noise(static_cast<size_t>(S), 0);
+  for (std::int64_t s = 0; s < S; ++s) {
+    Philox rng(o.seed, Stream::sensor, std::uint32_t(s), 0);
+    noise[s] = (o.scenario == "null" || rng.uniform() < o.noise_fraction) ? 1 : 0;
+    double* w = &weights[s * 2 * L];
+    for (int c = 0; c < 2 * L; ++c) {
+      const double x = rng.normal();
+      w[c] = (!noise[s] && !latent[c].empty()) ? x : 0.0;
+    }
+    double peak = 0;
+    for (std::int64_t k = 0; k < NT; ++k) {
+      double v = 0;
+      for (int c = 0; c < 2 * L; ++c)
+        v += w[c] * w[c] * bump[c * NT + k] * bump[c * NT + k];
+      peak = std::max(peak, v);
+    }
+    for (int c = 0; c < 2 * L && peak > 0; ++c)
+      w[c] /= std::sqrt(peak);
+  }
 
   const std::string path = path_join(o.out_dir, "brain_meg.h5");
   io::OutputFile out(path, comm);

@@ -122,7 +122,8 @@ public:
 
   File(File&&) noexcept = default;
   File& operator=(File&&) noexcept = default;
-  ~File() = default;
+  /// Closes like close() unless an exception is unwinding (see Handle).
+  ~File();
 
   /// Collective. Flushes and closes (further use throws).
   void close();

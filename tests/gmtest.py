@@ -1,0 +1,71 @@
+"""Helpers for gradmap's Python-driven tests: run the binary (under mpiexec), compare HDF5 files.
+
+The environment (set by CTest): GRADMAP (the binary), MPIEXEC, MPIEXEC_FLAGS.
+"""
+import os
+import shlex
+import subprocess
+import tempfile
+
+import h5py
+import numpy as np
+
+GRADMAP = os.environ.get("GRADMAP", "build/src/gradmap")
+MPIEXEC = os.environ.get("MPIEXEC", "mpiexec")
+MPIEXEC_FLAGS = shlex.split(os.environ.get("MPIEXEC_FLAGS", "--oversubscribe"))
+
+
+def gradmap(args, ranks=1, timeout=300, check=True, cwd=None):
+    """Runs `mpiexec -n ranks gradmap args...`; returns the CompletedProcess (text)."""
+    cmd = [MPIEXEC, "-n", str(ranks), *MPIEXEC_FLAGS, GRADMAP, *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def tmpdir(name):
+    return tempfile.mkdtemp(prefix=f"gradmap-{name}-")
+
+
+def h5_contents(path):
+    """{name: (array or attrs)} of every dataset and every attribute in the file."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            for k, v in obj.attrs.items():
+                out[f"{name}@{k}"] = np.asarray(v)
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+        for k, v in f.attrs.items():
+            out[f"/@{k}"] = np.asarray(v)
+        f.visititems(visit)
+    return out
+
+
+def assert_h5_identical(a, b):
+    ca, cb = h5_contents(a), h5_contents(b)
+    assert ca.keys() == cb.keys(), f"{a} vs {b}: different objects {set(ca) ^ set(cb)}"
+    for k in ca:
+        x, y = ca[k], cb[k]
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{k}: {x.shape}/{x.dtype} vs {y.shape}/{y.dtype}"
+        if x.dtype.kind == "f":
+            assert np.array_equal(x, y, equal_nan=True), f"{k}: values differ (max {np.nanmax(np.abs(x - y))})"
+        else:
+            assert np.array_equal(x, y), f"{k}: values differ"
+
+
+def run_tests(tests):
+    """Runs test functions, prints a line each and the closing 'N passed, N failed' line."""
+    passed = failed = 0
+    for t in tests:
+        try:
+            t()
+            passed += 1
+            print(f"PASS {t.__name__}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report every failure
+            failed += 1
+            print(f"FAIL {t.__name__}: {e}", flush=True)
+    print(f"{passed} passed, {failed} failed")
+    raise SystemExit(1 if failed else 0)
