@@ -10,7 +10,8 @@
 namespace gradmap::cli {
 
 const std::vector<Command>& commands() {
-  static const std::vector<Command> all = {simulate_command(), validate_command(), run_command()};
+  static const std::vector<Command> all = {simulate_command(), extract_command(), validate_command(),
+                                            run_command()};
   return all;
 }
 

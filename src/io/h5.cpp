@@ -148,6 +148,22 @@ File::~File() {
   }
 }
 
+File File::open_rw(const std::string& path, MPI_Comm comm) {
+  silence();
+  Handle fapl(GM_CHECK_H5(H5Pcreate(H5P_FILE_ACCESS)));
+  GM_CHECK_H5(H5Pset_fapl_mpio(fapl.get(), comm, MPI_INFO_NULL));
+  hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDWR, fapl.get());
+  mpi::collective_check(comm, [&] {
+    if (id < 0) {
+      H5Eclear2(H5E_DEFAULT);
+      throw Error("cannot open HDF5 file for writing: " + path);
+    }
+  });
+  return File(path, comm, Handle(id));
+}
+
+void File::flush() const { GM_CHECK_H5(H5Fflush(id(), H5F_SCOPE_GLOBAL)); }
+
 void File::close() {
   if (id_.get() < 0)
     return;
@@ -661,6 +677,14 @@ OutputFile::OutputFile(const std::string& path, MPI_Comm comm)
         });
         return File::create(partial_name(path), comm);
       }()) {}
+
+OutputFile OutputFile::resume(const std::string& path, MPI_Comm comm) {
+  return OutputFile(path, File::open_rw(partial_name(path), comm));
+}
+
+bool OutputFile::has_partial(const std::string& path) {
+  return std::filesystem::exists(partial_name(path));
+}
 
 void OutputFile::commit() {
   file_.close();

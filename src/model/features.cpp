@@ -165,8 +165,14 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
     I.device = torch::Device(torch::kCPU);
   } else if (options.device.rfind("cuda", 0) == 0) {
     if (!torch::cuda::is_available())
-      throw Error("--device " + options.device + ": this gradmap's LibTorch has no CUDA device");
-    I.device = torch::Device(options.device);
+      throw Error("--device " + options.device +
+                  ": no CUDA device (or this gradmap's LibTorch was built without CUDA)");
+    if (options.device == "cuda")
+      I.device = torch::Device(torch::kCUDA,
+                               static_cast<c10::DeviceIndex>(options.local_rank %
+                                                             int(torch::cuda::device_count())));
+    else
+      I.device = torch::Device(options.device);
   } else {
     throw Error("unknown --device '" + options.device + "' (cpu or cuda)");
   }

@@ -119,6 +119,10 @@ public:
   static File open(const std::string& path, MPI_Comm comm);
   /// Collective on comm. Creates (truncates) `path` for writing.
   static File create(const std::string& path, MPI_Comm comm);
+  /// Collective on comm. Opens an existing file for reading and writing.
+  static File open_rw(const std::string& path, MPI_Comm comm);
+  /// Collective. Flushes buffered data and metadata to the file.
+  void flush() const;
 
   File(File&&) noexcept = default;
   File& operator=(File&&) noexcept = default;
@@ -182,6 +186,10 @@ class OutputFile {
 public:
   /// Collective on comm. Creates the partial file (and its directory, on rank 0).
   OutputFile(const std::string& path, MPI_Comm comm);
+  /// Collective on comm. Reopens an existing partial file `<path>.partial` to continue it.
+  static OutputFile resume(const std::string& path, MPI_Comm comm);
+  /// Not collective. True if `<path>.partial` exists.
+  static bool has_partial(const std::string& path);
   File& file() { return file_; }
   const File* operator->() const { return &file_; }
   /// Collective. Closes the file and atomically renames it to its final name.
@@ -189,6 +197,7 @@ public:
   static std::string partial_name(const std::string& path) { return path + ".partial"; }
 
 private:
+  OutputFile(std::string path, File file) : path_(std::move(path)), file_(std::move(file)) {}
   std::string path_;
   File file_;
 };

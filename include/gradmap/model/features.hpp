@@ -14,8 +14,9 @@ struct ExtractorOptions {
   std::string objective = "cross-entropy";
   std::string labels = "stimuli"; ///< "stimuli" (from /stimuli/labels) or "self" (argmax)
   std::string pooling = "mean";   ///< mean | cls | patch-mean
-  std::string device = "cpu";     ///< cpu | cuda (cuda:<local rank> chosen by the caller)
+  std::string device = "cpu";     ///< cpu | cuda | cuda:N ("cuda": cuda:<local_rank mod devices>)
   int threads = 1;                ///< intra-op threads of this rank
+  int local_rank = 0;             ///< this rank's index on its node (picks the GPU)
 };
 
 /// Features of a batch: for each layer, activations and gradients, row-major [n, dims[l]].

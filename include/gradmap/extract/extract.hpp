@@ -1,0 +1,34 @@
+#pragma once
+// `gradmap extract`: per-layer activations and gradients of every stimulus, written to
+// features.h5 (design.md). Images are dealt to ranks in blocks; each rank runs its own model copy;
+// rows are written with collective parallel-HDF5 writes. Completion is recorded per block in the
+// partial output, so a rerun after a kill continues where it stopped.
+#include <mpi.h>
+
+#include <cstdint>
+#include <string>
+
+namespace gradmap::extract {
+
+struct ExtractOptions {
+  std::string stimuli;                   ///< stimuli.h5
+  std::string out;                       ///< features.h5
+  std::string model = "builtin:tinycnn"; ///< builtin:NAME | torchscript:PATH
+  std::string objective = "cross-entropy";
+  std::string labels = "stimuli"; ///< stimuli | self
+  std::string pooling = "mean";   ///< mean | cls | patch-mean
+  std::string device = "cpu";     ///< cpu | cuda (rank r uses cuda:<node-local rank mod devices>)
+  std::int64_t batch_size = 16;
+  std::int64_t block = 256; ///< images per resumable block
+  int threads = 1;
+  int local_rank = 0;
+  bool resume = true;
+};
+
+/// Not collective. Throws UsageError naming the option when a value is invalid.
+void validate(const ExtractOptions& opt);
+
+/// Collective on comm.
+void extract(const ExtractOptions& opt, MPI_Comm comm);
+
+} // namespace gradmap::extract

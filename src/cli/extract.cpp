@@ -1,0 +1,57 @@
+// gradmap extract: per-layer activations and gradients -> features.h5 (extract::extract).
+#include "command.hpp"
+#include "gradmap/extract/extract.hpp"
+
+namespace gradmap::cli {
+
+Command extract_command() {
+  Command c;
+  c.name = "extract";
+  c.usage = "--stimuli FILE --model builtin:NAME|torchscript:PATH --out FILE [options]";
+  c.summary =
+      "Runs the model forward and backward on every stimulus and writes, per layer, the pooled\n"
+      "activations and gradients dL/dh_l (L = sum of per-image losses) to features.h5.\n"
+      "Images are split over ranks; a killed run resumes from its completed blocks.\n"
+      "TorchScript contract: forward(x: Tensor[B,3,H,W]) -> Tuple[List[Tensor], Tensor]\n"
+      "(per-layer outputs in network order, final output); optional attributes\n"
+      "layer_names: List[str] and input_size: int (see tools/export_torchscript.py).";
+  c.options = [](po::options_description& d) {
+    const extract::ExtractOptions def;
+    d.add_options()("stimuli", po::value<std::string>()->required(), "stimuli.h5")(
+        "out", po::value<std::string>()->required(), "features.h5 to write")(
+        "model", po::value<std::string>()->default_value(def.model),
+        "builtin:tinycnn or torchscript:PATH")(
+        "objective", po::value<std::string>()->default_value(def.objective),
+        "training objective whose gradients are extracted: cross-entropy")(
+        "labels", po::value<std::string>()->default_value(def.labels),
+        "cross-entropy targets: 'stimuli' (/stimuli/labels) or 'self' (the model's argmax)")(
+        "pooling", po::value<std::string>()->default_value(def.pooling),
+        "mean (all tokens / positions), cls (token 0), patch-mean (tokens 1..T-1)")(
+        "device", po::value<std::string>()->default_value(def.device),
+        "cpu, or cuda (rank r uses GPU <node-local rank> mod <GPUs on the node>)")(
+        "batch-size", po::value<std::int64_t>()->default_value(def.batch_size),
+        "images per forward/backward pass (results do not depend on it)")(
+        "block", po::value<std::int64_t>()->default_value(def.block),
+        "images per resumable block")(
+        "no-resume", po::bool_switch(), "start over even if a matching partial output exists");
+  };
+  c.run = [](const po::variables_map& vm, Context& ctx) {
+    extract::ExtractOptions o;
+    o.stimuli = vm["stimuli"].as<std::string>();
+    o.out = vm["out"].as<std::string>();
+    o.model = vm["model"].as<std::string>();
+    o.objective = vm["objective"].as<std::string>();
+    o.labels = vm["labels"].as<std::string>();
+    o.pooling = vm["pooling"].as<std::string>();
+    o.device = vm["device"].as<std::string>();
+    o.batch_size = vm["batch-size"].as<std::int64_t>();
+    o.block = vm["block"].as<std::int64_t>();
+    o.resume = !vm["no-resume"].as<bool>();
+    o.threads = threads_of(vm, ctx);
+    o.local_rank = ctx.env.local_rank();
+    extract::extract(o, ctx.comm);
+  };
+  return c;
+}
+
+} // namespace gradmap::cli

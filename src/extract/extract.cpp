@@ -1,0 +1,203 @@
+// gradmap extract (design.md "extract"):
+// 1. Validate the stimuli and build this rank's model copy (model::FeatureExtractor).
+// 2. Open features.h5.partial: resume it when its fingerprint (everything that changes the
+//    numbers) matches, else create it with one dataset per (kind, layer).
+// 3. Images are cut into blocks of `block` images, dealt to ranks in contiguous runs. Round r:
+//    every rank processes its r-th block (in batches of batch_size) unless already done, then all
+//    write their rows collectively, flush, mark their blocks done, flush again.
+// 4. Commit: rename features.h5.partial to features.h5.
+// Per-image features do not depend on batch size or rank count: the model is in eval mode and
+// the objective is a sum of per-image losses.
+#include "gradmap/extract/extract.hpp"
+
+#include <algorithm>
+#include <memory>
+#include <new>
+
+#include "gradmap/core/error.hpp"
+#include "gradmap/core/log.hpp"
+#include "gradmap/core/progress.hpp"
+#include "gradmap/core/timer.hpp"
+#include "gradmap/io/h5.hpp"
+#include "gradmap/io/schema.hpp"
+#include "gradmap/model/features.hpp"
+#include "gradmap/mpi/comm.hpp"
+#include "gradmap/mpi/partition.hpp"
+
+namespace gradmap::extract {
+namespace {
+
+const char* const kKinds[2] = {"activations", "gradients"};
+
+std::string fingerprint(const ExtractOptions& o, const io::StimuliInfo& s) {
+  return "model=" + o.model + ";objective=" + o.objective + ";labels=" + o.labels +
+         ";pooling=" + o.pooling + ";images=" + std::to_string(s.n) + "x" +
+         std::to_string(s.height) + "x" + std::to_string(s.width) + ";block=" +
+         std::to_string(o.block) + ";stimuli=" + o.stimuli;
+}
+
+std::string dataset_name(int kind, const std::string& layer) {
+  return std::string("/features/") + kKinds[kind] + "/" + layer;
+}
+
+} // namespace
+
+void validate(const ExtractOptions& o) {
+  if (o.stimuli.empty())
+    throw UsageError("--stimuli: a stimuli file is required");
+  if (o.out.empty())
+    throw UsageError("--out: an output file is required");
+  if (o.batch_size < 1)
+    throw UsageError("--batch-size: must be at least 1");
+  if (o.block < 1)
+    throw UsageError("--block: must be at least 1");
+  if (o.labels != "stimuli" && o.labels != "self")
+    throw UsageError("--labels: must be 'stimuli' or 'self', not '" + o.labels + "'");
+  if (o.pooling != "mean" && o.pooling != "cls" && o.pooling != "patch-mean")
+    throw UsageError("--pooling: must be mean, cls or patch-mean, not '" + o.pooling + "'");
+  if (o.device != "cpu" && o.device != "cuda")
+    throw UsageError("--device: must be cpu or cuda, not '" + o.device + "'");
+}
+
+void extract(const ExtractOptions& o, MPI_Comm comm) {
+  validate(o);
+  StageTimer total("extract");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+
+  // 1. Inputs and the model.
+  io::File stim = io::File::open(o.stimuli, comm);
+  const io::StimuliInfo si = with_context("while checking stimuli " + o.stimuli,
+                                          [&] { return io::check_stimuli(stim); });
+  if (o.labels == "stimuli" && !si.has_labels)
+    throw UsageError(o.stimuli + ": objective " + o.objective +
+                     " needs /stimuli/labels, which is missing (or use --labels self)");
+  model::ExtractorOptions mo;
+  mo.model = o.model;
+  mo.objective = o.objective;
+  mo.labels = o.labels;
+  mo.pooling = o.pooling;
+  mo.device = o.device;
+  mo.threads = o.threads;
+  mo.local_rank = o.local_rank;
+  std::unique_ptr<model::FeatureExtractor> fx;
+  mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(mo); });
+  const auto& layers = fx->layer_names();
+  const auto& dims = fx->layer_dims();
+  const int L = static_cast<int>(layers.size());
+  GM_INFO("extract: " << o.model << ", " << L << " layers, objective " << o.objective
+                      << ", pooling " << o.pooling << ", " << si.n << " images, " << p
+                      << " ranks, batch " << o.batch_size << ", device " << o.device);
+  if (o.labels == "stimuli") {
+    const auto labels = stim.dataset("/stimuli/labels").read_all<std::int64_t>();
+    const auto mx = *std::max_element(labels.begin(), labels.end());
+    if (mx >= fx->num_outputs())
+      throw UsageError(o.stimuli + ": /stimuli/labels has label " + std::to_string(mx) +
+                       " but model " + o.model + " has " + std::to_string(fx->num_outputs()) +
+                       " outputs (use --labels self for labels the model does not know)");
+  }
+
+  // 2. The output, new or resumed.
+  const std::int64_t nblocks = (si.n + o.block - 1) / o.block;
+  const std::string fp = fingerprint(o, si);
+  bool resumed = false;
+  std::unique_ptr<io::OutputFile> out;
+  if (o.resume && io::OutputFile::has_partial(o.out)) {
+    try {
+      auto candidate = std::make_unique<io::OutputFile>(io::OutputFile::resume(o.out, comm));
+      const io::File& f = candidate->file();
+      resumed = f.has_attr("/progress", "fingerprint") &&
+                f.attr_string("/progress", "fingerprint") == fp;
+      if (resumed)
+        out = std::move(candidate);
+    } catch (const Error& e) {
+      GM_WARN("extract: cannot resume " << io::OutputFile::partial_name(o.out) << " (" << e.what()
+                                        << "); starting over");
+    }
+    resumed = mpi::all_of(comm, resumed);
+  }
+  if (!resumed) {
+    out.reset();
+    out = std::make_unique<io::OutputFile>(o.out, comm);
+    const io::File& f = out->file();
+    f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
+    f.create_group("/features");
+    for (int k = 0; k < 2; ++k)
+      for (int l = 0; l < L; ++l)
+        f.create_dataset(dataset_name(k, layers[l]), io::DType::f32, {si.n, dims[l]},
+                         {std::min<std::int64_t>(o.block, si.n), dims[l]});
+    f.set_attr("/features", "layers", layers);
+    f.set_attr("/features", "model", o.model);
+    f.set_attr("/features", "objective", o.objective);
+    f.set_attr("/features", "labels", o.labels);
+    f.set_attr("/features", "pooling", o.pooling);
+    f.set_attr("/features", "reduction", std::string("none"));
+    f.set_attr("/features", "stimuli", o.stimuli);
+    f.write_small("/progress/blocks_done", std::vector<std::uint8_t>(nblocks, 0), {nblocks});
+    f.set_attr("/progress", "fingerprint", fp);
+    f.set_attr("/progress", "block", std::int64_t{o.block});
+    f.flush();
+  }
+  const io::File& f = out->file();
+  auto done_ds = f.dataset("/progress/blocks_done");
+  const auto done = done_ds.read_all<std::uint8_t>();
+  const auto n_done = std::count(done.begin(), done.end(), std::uint8_t{1});
+  if (resumed)
+    GM_INFO("extract: resuming " << io::OutputFile::partial_name(o.out) << ": " << n_done << "/"
+                                 << nblocks << " blocks already done");
+
+  // 3. Rounds of one block per rank.
+  const mpi::Block mine = mpi::block_of(nblocks, p, me);
+  const std::int64_t rounds = (nblocks + p - 1) / p;
+  std::int64_t todo = 0;
+  for (auto b = mine.begin; b < mine.end; ++b)
+    todo += done[b] ? 0 : std::min(o.block, si.n - b * o.block);
+  Progress progress("extract", todo, "images", double(p));
+  auto images_ds = stim.dataset("/stimuli/images");
+  const std::int64_t px = si.height * si.width * 3;
+  for (std::int64_t r = 0; r < rounds; ++r) {
+    const std::int64_t b = mine.begin + r;
+    const bool work = b < mine.end && !done[b];
+    const std::int64_t i0 = work ? b * o.block : 0;
+    const std::int64_t i1 = work ? std::min(si.n, i0 + o.block) : 0;
+    const std::int64_t n = i1 - i0;
+    const auto images = images_ds.read_rows<std::uint8_t>(i0, i1);
+    std::vector<std::int64_t> labels;
+    if (o.labels == "stimuli")
+      labels = stim.dataset("/stimuli/labels").read_rows<std::int64_t>(i0, i1);
+    std::vector<std::vector<float>> feats[2];
+    feats[0].resize(L);
+    feats[1].resize(L);
+    mpi::collective_check(comm, [&] {
+      for (std::int64_t s = 0; s < n; s += o.batch_size) {
+        const std::int64_t nb = std::min(o.batch_size, n - s);
+        model::BatchFeatures bf;
+        try {
+          bf = fx->run(&images[s * px], nb, si.height, si.width,
+                       labels.empty() ? nullptr : &labels[s]);
+        } catch (const std::bad_alloc&) {
+          throw Error("out of memory at --batch-size " + std::to_string(o.batch_size) +
+                      "; try a smaller batch size");
+        }
+        for (int l = 0; l < L; ++l) {
+          feats[0][l].insert(feats[0][l].end(), bf.activations[l].begin(), bf.activations[l].end());
+          feats[1][l].insert(feats[1][l].end(), bf.gradients[l].begin(), bf.gradients[l].end());
+        }
+        progress.advance(nb);
+      }
+    });
+    for (int k = 0; k < 2; ++k)
+      for (int l = 0; l < L; ++l)
+        f.dataset(dataset_name(k, layers[l])).write(feats[k][l].data(), {i0, 0}, {n, n ? dims[l] : 0});
+    f.flush(); // the rows reach the file before their block is marked done
+    const std::uint8_t one = 1;
+    done_ds.write(&one, {work ? b : 0}, {work ? 1 : 0});
+    f.flush();
+  }
+  progress.finish();
+
+  // 4. Done: a features.h5 that passes the validator.
+  out->commit();
+  GM_INFO("extract: wrote " << o.out);
+}
+
+} // namespace gradmap::extract

@@ -1,0 +1,230 @@
+"""gradmap extract against PyTorch in Python (eager modules, the ones exported to TorchScript):
+activations and gradients of every layer to 1e-5 relative; independence from ranks and batch
+size; resume from a partial output; bad models and inputs."""
+import os
+import shutil
+import sys
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gmtest import gradmap, run_tests, tmpdir
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+import export_torchscript as ex  # noqa: E402
+
+BASE = tmpdir("extract")
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def write_stimuli(path, n, size, labels=True, seed=0):
+    rng = np.random.default_rng(seed)
+    # Smooth random images (not white noise) so that features vary meaningfully.
+    coarse = rng.integers(0, 256, (n, size // 4 + 1, size // 4 + 1, 3)).astype(np.float32)
+    img = np.repeat(np.repeat(coarse, 4, 1), 4, 2)[:, :size, :size]
+    img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+    with h5py.File(path, "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f["/stimuli/images"] = img
+        f["/stimuli/ids"] = np.arange(n, dtype=np.int64)
+        if labels:
+            f["/stimuli/labels"] = rng.integers(0, 10, n).astype(np.int64)
+    return img
+
+
+def reference(module, images, labels, pooling, input_size=None):
+    """What gradmap must compute: design.md's preprocessing, L = sum of per-image CE, dL/dh_l."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    if input_size and x.shape[-1] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False,
+                          antialias=True)
+    x = ((x - MEAN) / STD).requires_grad_(True)
+    hs, out = module(x)
+    target = out.detach().argmax(1) if labels is None else torch.from_numpy(labels)
+    loss = F.cross_entropy(out, target, reduction="sum")
+    gs = torch.autograd.grad(loss, hs)
+
+    def pool(h):
+        if h.dim() == 4:
+            return h.mean((2, 3))
+        return {"mean": lambda t: t.mean(1), "cls": lambda t: t[:, 0],
+                "patch-mean": lambda t: t[:, 1:].mean(1)}[pooling](h)
+    return [pool(h).detach().numpy() for h in hs], [pool(g).numpy() for g in gs]
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def compare(features, module, images, labels, pooling, input_size=None, tol=1e-5):
+    acts, grads = reference(module, images, labels, pooling, input_size)
+    with h5py.File(features) as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f["/features"].attrs["layers"]]
+        assert names == list(module.layer_names), names
+        nonzero = 0
+        for l, name in enumerate(names):
+            a = f[f"/features/activations/{name}"][()]
+            g = f[f"/features/gradients/{name}"][()]
+            ea = rel_err(a, acts[l])
+            if np.abs(grads[l]).max() == 0:
+                # e.g. patch tokens of the last block under a CLS head: exactly no gradient
+                eg = float(np.abs(g).max())
+            else:
+                eg = rel_err(g, grads[l])
+                nonzero += 1
+            assert ea < tol and eg < tol, f"{name}: activation error {ea:.2e}, gradient error {eg:.2e}"
+        assert nonzero >= len(names) - 1, "reference gradients are zero: the test would be vacuous"
+
+
+def test_vit_matches_pytorch_for_each_pooling():
+    model = ex.demo_model("demo-vit", seed=1)
+    ex.export(model, f"{BASE}/vit.pt", 32, script=True)
+    img = write_stimuli(f"{BASE}/s32.h5", 37, 32)
+    with h5py.File(f"{BASE}/s32.h5") as f:
+        labels = f["/stimuli/labels"][()]
+    for pooling in ("cls", "patch-mean", "mean"):
+        out = f"{BASE}/vit-{pooling}.h5"
+        gradmap(["extract", "--stimuli", f"{BASE}/s32.h5", "--model", f"torchscript:{BASE}/vit.pt",
+                 "--pooling", pooling, "--batch-size", 7, "--out", out], ranks=2)
+        compare(out, model, img, labels, pooling)
+
+
+def test_vit_resizes_with_antialiasing():
+    model = ex.demo_model("demo-vit", seed=1)
+    ex.export(model, f"{BASE}/vit.pt", 32, script=True)
+    img = write_stimuli(f"{BASE}/s40.h5", 20, 40, seed=2)
+    with h5py.File(f"{BASE}/s40.h5") as f:
+        labels = f["/stimuli/labels"][()]
+    gradmap(["extract", "--stimuli", f"{BASE}/s40.h5", "--model", f"torchscript:{BASE}/vit.pt",
+             "--pooling", "cls", "--out", f"{BASE}/vit40.h5"], ranks=1)
+    compare(f"{BASE}/vit40.h5", model, img, labels, "cls", input_size=32)
+
+
+def test_batchnorm_cnn_matches_pytorch_with_self_labels():
+    model = ex.demo_model("demo-cnn", seed=3)
+    ex.export(model, f"{BASE}/cnn.pt", 32, script=True)
+    img = write_stimuli(f"{BASE}/s32b.h5", 30, 32, labels=False, seed=4)
+    gradmap(["extract", "--stimuli", f"{BASE}/s32b.h5", "--model", f"torchscript:{BASE}/cnn.pt",
+             "--labels", "self", "--batch-size", 4, "--out", f"{BASE}/cnn.h5"], ranks=2)
+    compare(f"{BASE}/cnn.h5", model, img, None, "mean")
+
+
+def test_traced_export_of_a_hooked_model():
+    # The hook-and-trace path used for torchvision/timm models, on a plain nn.Sequential.
+    torch.manual_seed(5)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    wrapped = ex.HookWrapper(seq.eval(), ["1", "3"])
+    ex.export(wrapped, f"{BASE}/seq.pt", 32, ["1", "3"])
+    img = write_stimuli(f"{BASE}/s32c.h5", 12, 32, seed=6)
+    with h5py.File(f"{BASE}/s32c.h5") as f:
+        labels = f["/stimuli/labels"][()]
+    gradmap(["extract", "--stimuli", f"{BASE}/s32c.h5", "--model", f"torchscript:{BASE}/seq.pt",
+             "--out", f"{BASE}/seq.h5"], ranks=1)
+    wrapped.layer_names = ["1", "3"]
+    compare(f"{BASE}/seq.h5", wrapped, img, labels, "mean")
+
+
+def test_builtin_features_independent_of_ranks_and_batch_size():
+    sim = f"{BASE}/sim"
+    gradmap(["simulate", "--out", sim, "--images", 90, "--test-images", 10, "--voxels", 20,
+             "--modality", "fmri"])
+    gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/b1.h5",
+             "--batch-size", 1, "--block", 32], ranks=1)
+    gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/b16.h5",
+             "--batch-size", 16, "--block", 32], ranks=2)
+    gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/b5.h5",
+             "--batch-size", 5, "--block", 7], ranks=3)
+    p = gradmap(["validate", f"{BASE}/b1.h5"])
+    assert "features, 90 images, 2 kinds x 6 layers" in p.stdout, p.stdout
+    with h5py.File(f"{BASE}/b1.h5") as a, h5py.File(f"{BASE}/b16.h5") as b, h5py.File(f"{BASE}/b5.h5") as c:
+        for kind in ("activations", "gradients"):
+            for name in a[f"/features/{kind}"]:
+                x = a[f"/features/{kind}/{name}"][()]
+                for other in (b, c):
+                    e = rel_err(other[f"/features/{kind}/{name}"][()], x)
+                    assert e < 1e-6, f"{kind}/{name}: {e:.2e}"
+        assert a["/features"].attrs["model"] == "builtin:tinycnn"
+
+
+def test_resume_skips_completed_blocks():
+    sim = f"{BASE}/sim"
+    ref = f"{BASE}/b1.h5"
+    if not os.path.exists(ref):
+        test_builtin_features_independent_of_ranks_and_batch_size()
+    # A partial output as a killed run leaves it: blocks 0 and 2 done (block 0 holds a sentinel,
+    # proving it is not recomputed), blocks 1 and 3 not done (zeroed).
+    out = f"{BASE}/resume.h5"
+    shutil.copy(ref, out + ".partial")
+    with h5py.File(out + ".partial", "r+") as f:
+        done = f["/progress/blocks_done"]
+        assert len(done) == 3  # 90 images in blocks of 32
+        done[:] = np.array([1, 0, 1], np.uint8)
+        for kind in ("activations", "gradients"):
+            for name in f[f"/features/{kind}"]:
+                d = f[f"/features/{kind}/{name}"]
+                d[0:32] = 7.0
+                d[32:64] = 0.0
+    p = gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", out, "--block", 32], ranks=2)
+    assert "2/3 blocks already done" in p.stderr, p.stderr
+    assert not os.path.exists(out + ".partial")
+    with h5py.File(out) as f, h5py.File(ref) as r:
+        for name in f["/features/gradients"]:
+            x, y = f[f"/features/gradients/{name}"][()], r[f"/features/gradients/{name}"][()]
+            assert (x[:32] == 7.0).all(), "a completed block was recomputed"
+            assert rel_err(x[32:], y[32:]) < 1e-6
+    # A different setting does not resume: the fingerprint differs, the run starts over.
+    shutil.copy(ref, out + ".partial")
+    p = gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", out, "--block", 32,
+                 "--labels", "self"], ranks=1)
+    assert "already done" not in p.stderr
+
+
+def expect_failure(args, *needles, ranks=2):
+    p = gradmap(args, ranks=ranks, check=False, timeout=120)
+    assert p.returncode != 0, f"exit 0 for {args}"
+    for n in needles:
+        assert n in p.stderr, f"message lacks {n!r}:\n{p.stderr}"
+    assert p.stderr.count("gradmap: error") == 1, p.stderr
+
+
+def test_bad_models_and_inputs():
+    class NoLayers(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+    torch.jit.save(torch.jit.script(NoLayers()), f"{BASE}/nolayers.pt")
+    write_stimuli(f"{BASE}/bad32.h5", 8, 32)
+    out = f"{BASE}/bad-out.h5"
+    expect_failure(["extract", "--stimuli", f"{BASE}/bad32.h5", "--model", f"torchscript:{BASE}/nolayers.pt",
+                    "--out", out], "must return Tuple[List[Tensor], Tensor]")
+    expect_failure(["extract", "--stimuli", f"{BASE}/bad32.h5", "--model", f"torchscript:{BASE}/absent.pt",
+                    "--out", out], f"cannot load TorchScript model {BASE}/absent.pt")
+    write_stimuli(f"{BASE}/nolabels.h5", 8, 32, labels=False)
+    expect_failure(["extract", "--stimuli", f"{BASE}/nolabels.h5", "--out", out],
+                   "needs /stimuli/labels", "--labels self")
+    with h5py.File(f"{BASE}/floatimg.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f["/stimuli/images"] = np.zeros((4, 32, 32, 3), np.float32)
+        f["/stimuli/ids"] = np.arange(4)
+    expect_failure(["extract", "--stimuli", f"{BASE}/floatimg.h5", "--out", out],
+                   "dtype float32, expected uint8")
+    with h5py.File(f"{BASE}/gray.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f["/stimuli/images"] = np.zeros((4, 32, 32, 1), np.uint8)
+        f["/stimuli/ids"] = np.arange(4)
+    expect_failure(["extract", "--stimuli", f"{BASE}/gray.h5", "--out", out], "expected [N, H, W, 3]")
+    expect_failure(["extract", "--stimuli", f"{BASE}/bad32.h5", "--out", out, "--pooling", "cls"],
+                   "pooling 'cls' needs token outputs")
+    expect_failure(["extract", "--stimuli", f"{BASE}/bad32.h5", "--out", out, "--device", "cuda"],
+                   "no CUDA device")
+    assert not os.path.exists(out)
+
+
+run_tests([test_vit_matches_pytorch_for_each_pooling, test_vit_resizes_with_antialiasing,
+           test_batchnorm_cnn_matches_pytorch_with_self_labels, test_traced_export_of_a_hooked_model,
+           test_builtin_features_independent_of_ranks_and_batch_size, test_resume_skips_completed_blocks,
+           test_bad_models_and_inputs])
