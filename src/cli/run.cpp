@@ -2,7 +2,9 @@
 // section of the same name ([simulate], ...) exactly as if that command had been given
 // `--config FILE`; [run] holds the pipeline's own options. Stages run in order:
 //   1. simulate  -> OUT/data/{stimuli,brain_fmri,brain_meg}.h5  (when [run] data = simulate)
-//   2. validate the stage outputs against the schema
+//   2. extract   -> OUT/features.h5; for simulated data with the model, objective, labels and
+//                   pooling recorded in /truth unless [extract] sets them
+//   3. validate the stage outputs against the schema
 #include <filesystem>
 
 #include "command.hpp"
@@ -61,11 +63,30 @@ Command run_command() {
     const std::string data_dir = out + "/data";
     run_stage("simulate", config, {"--out", data_dir}, ctx);
 
+    // The extract settings that reproduce the features the simulated responses came from.
+    std::vector<std::string> extract_args = {"--stimuli", data_dir + "/stimuli.h5", "--out",
+                                             out + "/features.h5"};
+    for (const char* name : {"brain_fmri.h5", "brain_meg.h5"}) {
+      if (!std::filesystem::exists(data_dir + "/" + name))
+        continue;
+      io::File brain = io::File::open(data_dir + "/" + name, ctx.comm);
+      const auto extract_vm = parse(*find_command("extract"), {"--config", config, "--stimuli",
+                                                               "-", "--out", "-"});
+      for (const char* key : {"model", "objective", "labels", "pooling"})
+        if (brain.has_attr("/truth", key) && (*extract_vm)[key].defaulted()) {
+          extract_args.push_back(std::string("--") + key);
+          extract_args.push_back(brain.attr_string("/truth", key));
+        }
+      break;
+    }
+    run_stage("extract", config, extract_args, ctx);
+
     // Validate what the stages wrote, as any later stage will before reading it.
     std::vector<std::string> files;
     for (const char* name : {"stimuli.h5", "brain_fmri.h5", "brain_meg.h5"})
       if (std::filesystem::exists(data_dir + "/" + name))
         files.push_back(data_dir + "/" + name);
+    files.push_back(out + "/features.h5");
     std::vector<std::string> args(files.begin(), files.end());
     run_stage("validate", config, args, ctx);
     GM_INFO("run: done; outputs in " << out);

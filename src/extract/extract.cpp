@@ -151,7 +151,8 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
   std::int64_t todo = 0;
   for (auto b = mine.begin; b < mine.end; ++b)
     todo += done[b] ? 0 : std::min(o.block, si.n - b * o.block);
-  Progress progress("extract", todo, "images", double(p));
+  const std::int64_t global_todo = mpi::sum(comm, todo);
+  Progress progress("extract", todo, "images", todo > 0 ? double(global_todo) / double(todo) : 1.0);
   auto images_ds = stim.dataset("/stimuli/images");
   const std::int64_t px = si.height * si.width * 3;
   for (std::int64_t r = 0; r < rounds; ++r) {

@@ -267,7 +267,15 @@ BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, 
   torch::Tensor loss =
       torch::nn::functional::cross_entropy(out, target,
                                            torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-  std::vector<torch::Tensor> grads = torch::autograd::grad({loss}, hs);
+  std::vector<torch::Tensor> grads =
+      torch::autograd::grad({loss}, hs, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                            /*create_graph=*/false, /*allow_unused=*/true);
+  // A layer output outside the graph of the loss would silently give zero gradients (seen with
+  // TorchScript's optimising executor in Python returning a copy of a layer output): refuse.
+  for (size_t l = 0; l < grads.size(); ++l)
+    if (!grads[l].defined())
+      throw Error("no gradient reached layer " + I.names[l] + " of " + I.opt.model +
+                  ": its output is not connected to the final output in the autograd graph");
   torch::NoGradGuard ng;
   for (size_t l = 0; l < hs.size(); ++l) {
     auto a = I.pool(hs[l].detach(), l).to(torch::kCPU, torch::kFloat32).contiguous();

@@ -139,7 +139,8 @@ Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
   std::vector<std::vector<float>> local[2];
   local[0].resize(L);
   local[1].resize(L);
-  Progress progress("simulate: features", mine.size(), "images", double(p));
+  Progress progress("simulate: features", mine.size(), "images",
+                    mine.size() > 0 ? double(n) / double(mine.size()) : 1.0);
   for (std::int64_t b = mine.begin; b < mine.end; b += kChunk) {
     const std::int64_t nb = std::min(kChunk, mine.end - b);
     auto bf = fx->run(&images[(b - mine.begin) * px], nb, s, s, &labels[b - mine.begin]);
@@ -303,7 +304,8 @@ void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design
   std::int64_t rounds = (mine.size() + o.voxel_chunk - 1) / o.voxel_chunk;
   GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &rounds, 1, MPI_INT64_T, MPI_MAX, comm));
   const double amp = std::sqrt(o.snr), share = o.gradient_share;
-  Progress progress("simulate: fMRI", mine.size(), "voxels", double(p));
+  Progress progress("simulate: fMRI", mine.size(), "voxels",
+                    mine.size() > 0 ? double(V) / double(mine.size()) : 1.0);
   std::vector<float> buf;
   for (std::int64_t rd = 0; rd < rounds; ++rd) {
     const std::int64_t c0 = std::min(mine.end, mine.begin + rd * o.voxel_chunk);

@@ -69,9 +69,14 @@ times = 8
     for name in ("stimuli.h5", "brain_fmri.h5", "brain_meg.h5"):
         assert os.path.exists(f"{out}/data/{name}")
         assert f"{out}/data/{name}: ok" in p.stdout, p.stdout
+    # extract ran with the settings /truth records, and its output validated
+    assert f"{out}/features.h5: ok: features, 40 images, 2 kinds x 6 layers" in p.stdout, p.stdout
+    with h5py.File(f"{out}/features.h5") as f, h5py.File(f"{out}/data/brain_fmri.h5") as b:
+        for key in ("model", "objective", "pooling"):
+            assert f["/features"].attrs[key] == b["/truth"].attrs[key]
     with open(f"{out}/gradmap.log") as f:
         log = f.read()
-    assert "stage simulate started" in log
+    assert "stage simulate started" in log and "stage extract finished" in log
 
 
 run_tests([test_help_for_every_command, test_version, test_config_sections_and_command_line_override,

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Benchmark: images/s of `gradmap extract` against a Python PyTorch loop doing the same work
+(preprocessing, forward, one backward for dL/dh_l of every layer, pooling) on the same
+TorchScript model, with the same number of threads, in the same session.
+
+Usage: /usr/bin/python3 bench/extract_bench.py [--gradmap build/src/gradmap] [--threads 2]
+       [--images 1024] [--batch 32] [--model vit|cnn] [--repeats 3]
+Prints the environment (threads, OPENBLAS_CORETYPE), both rates (best of --repeats), and the
+ratio gradmap / python. gradmap's rate is taken from its own progress line (the extraction
+loop, excluding process start-up and model loading) and also from the wall clock of the command.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import export_torchscript as ex  # noqa: E402
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def python_loop(model, images, labels, batch, pooling):
+    t0 = time.perf_counter()
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float().div(255)
+        x = ((x - MEAN) / STD).requires_grad_(True)
+        hs, out = model(x)
+        loss = F.cross_entropy(out, torch.from_numpy(labels[s:s + batch]), reduction="sum")
+        gs = torch.autograd.grad(loss, hs)
+        feats = []
+        for h, g in zip(hs, gs):
+            if h.dim() == 4:
+                feats += [h.detach().mean((2, 3)), g.mean((2, 3))]
+            else:
+                feats += [h.detach()[:, 0] if pooling == "cls" else h.detach().mean(1),
+                          g[:, 0] if pooling == "cls" else g.mean(1)]
+        _ = [f.numpy().copy() for f in feats]
+    return len(images) / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gradmap", default="build/src/gradmap")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--model", choices=["vit", "cnn"], default="vit")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    d = tempfile.mkdtemp(prefix="gradmap-bench-")
+    torch.manual_seed(0)
+    if a.model == "vit":
+        model = ex.DemoViT(input_size=64, patch=8, dim=192, depth=6, heads=6).eval()
+        pooling = "cls"
+    else:
+        model = ex.demo_model("demo-cnn")
+        pooling = "mean"
+    path = f"{d}/model.pt"
+    ex.export(model, path, 64, script=True)
+    scripted = torch.jit.load(path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (a.images, 64, 64, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, a.images).astype(np.int64)
+    with h5py.File(f"{d}/stimuli.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f["/stimuli/images"] = images
+        f["/stimuli/ids"] = np.arange(a.images)
+        f["/stimuli/labels"] = labels
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads))
+    flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    py, eager, gm_loop, gm_wall = [], [], [], []
+    for _ in range(a.repeats):
+        # The TorchScript module with the optimising executor off: with it on, Python returns
+        # layer outputs disconnected from the loss after warm-up (no gradient reaches them).
+        with torch.jit.optimized_execution(False):
+            py.append(python_loop(scripted, images, labels, a.batch, pooling))
+        eager.append(python_loop(model, images, labels, a.batch, pooling))
+        t0 = time.perf_counter()
+        p = subprocess.run(["mpiexec", "-n", "1", *flags, a.gradmap, "extract", "--stimuli",
+                            f"{d}/stimuli.h5", "--model", f"torchscript:{path}", "--pooling", pooling,
+                            "--batch-size", str(a.batch), "--threads", str(a.threads), "--no-resume",
+                            "--block", str(a.images), "--out", f"{d}/features.h5"],
+                           capture_output=True, text=True, env=env, check=True)
+        gm_wall.append(a.images / (time.perf_counter() - t0))
+        gm_loop.append(float(re.search(r"extract: done \d+ images in \S+ \(([\d.e+]+) images/s\)",
+                                       p.stderr).group(1)))
+    print(f"model {a.model} (TorchScript), {a.images} images 64x64, batch {a.batch}, "
+          f"{a.threads} threads, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, "
+          f"torch {torch.__version__}")
+    print(f"python loop        : {max(py):8.1f} images/s (TorchScript module; best of {a.repeats}: {', '.join(f'{x:.1f}' for x in py)})")
+    print(f"python loop (eager): {max(eager):8.1f} images/s (the nn.Module before export)")
+    print(f"gradmap extract    : {max(gm_loop):8.1f} images/s (extraction loop)")
+    print(f"gradmap extract    : {max(gm_wall):8.1f} images/s (whole command incl. start-up, I/O)")
+    base = max(max(py), max(eager))
+    print(f"ratio gradmap/python: {max(gm_loop) / base:.2f}x (loop), {max(gm_wall) / base:.2f}x "
+          f"(whole command), against the faster Python loop")
+
+
+if __name__ == "__main__":
+    main()
