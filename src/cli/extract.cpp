@@ -1,6 +1,6 @@
 // gradmap extract: per-layer activations and gradients -> features.h5 (extract::extract).
-#include "command.hpp"
 #include "gradmap/extract/extract.hpp"
+#include "command.hpp"
 
 namespace gradmap::cli {
 
@@ -15,12 +15,12 @@ Command extract_command() {
       "TorchScript contract: forward(x: Tensor[B,3,H,W]) -> Tuple[List[Tensor], Tensor]\n"
       "(per-layer outputs in network order, final output); optional attributes\n"
       "layer_names: List[str] and input_size: int (see tools/export_torchscript.py).";
-  c.options = [](po::options_description& d) {
+  c.options = [](po::options_description &d) {
     const extract::ExtractOptions def;
     d.add_options()("stimuli", po::value<std::string>()->required(), "stimuli.h5")(
-        "out", po::value<std::string>()->required(), "features.h5 to write")(
-        "model", po::value<std::string>()->default_value(def.model),
-        "builtin:tinycnn or torchscript:PATH")(
+        "out", po::value<std::string>()->required(),
+        "features.h5 to write")("model", po::value<std::string>()->default_value(def.model),
+                                "builtin:tinycnn or torchscript:PATH")(
         "objective", po::value<std::string>()->default_value(def.objective),
         "training objective whose gradients are extracted: cross-entropy")(
         "labels", po::value<std::string>()->default_value(def.labels),
@@ -31,11 +31,10 @@ Command extract_command() {
         "cpu, or cuda (rank r uses GPU <node-local rank> mod <GPUs on the node>)")(
         "batch-size", po::value<std::int64_t>()->default_value(def.batch_size),
         "images per forward/backward pass (results do not depend on it)")(
-        "block", po::value<std::int64_t>()->default_value(def.block),
-        "images per resumable block")(
+        "block", po::value<std::int64_t>()->default_value(def.block), "images per resumable block")(
         "no-resume", po::bool_switch(), "start over even if a matching partial output exists");
   };
-  c.run = [](const po::variables_map& vm, Context& ctx) {
+  c.run = [](const po::variables_map &vm, Context &ctx) {
     extract::ExtractOptions o;
     o.stimuli = vm["stimuli"].as<std::string>();
     o.out = vm["out"].as<std::string>();

@@ -1,6 +1,6 @@
 // gradmap simulate: the built-in dataset with a planted answer (sim::simulate).
-#include "command.hpp"
 #include "gradmap/sim/simulate.hpp"
+#include "command.hpp"
 
 namespace gradmap::cli {
 
@@ -13,7 +13,7 @@ Command simulate_command() {
               "images and fMRI/MEG responses generated from the activations and gradients of the\n"
               "built-in reference network, with the planted answer under /truth. The files are\n"
               "identical for any number of ranks.";
-  c.options = [](po::options_description& d) {
+  c.options = [](po::options_description &d) {
     const sim::SimulateOptions def;
     d.add_options()("out", po::value<std::string>()->required(), "output directory")(
         "scenario", po::value<std::string>()->default_value(def.scenario),
@@ -21,19 +21,19 @@ Command simulate_command() {
         "(gradients follow activations in space, top-down in time), or null (no signal)")(
         "modality", po::value<std::string>()->default_value(def.modality), "fmri, meg or both")(
         "seed", po::value<std::uint64_t>()->default_value(def.seed), "random seed")(
-        "images", po::value<std::int64_t>()->default_value(def.images), "distinct images")(
-        "test-images", po::value<std::int64_t>()->default_value(def.test_images),
-        "held-out test images")(
+        "images", po::value<std::int64_t>()->default_value(def.images),
+        "distinct images")("test-images", po::value<std::int64_t>()->default_value(def.test_images),
+                           "held-out test images")(
         "image-size", po::value<std::int64_t>()->default_value(def.image_size), "pixels (square)")(
         "repetitions", po::value<std::int64_t>()->default_value(def.repetitions),
-        "trials per image")(
-        "voxels", po::value<std::int64_t>()->default_value(def.voxels), "fMRI voxels")(
+        "trials per image")("voxels", po::value<std::int64_t>()->default_value(def.voxels),
+                            "fMRI voxels")(
         "sensors", po::value<std::int64_t>()->default_value(def.sensors), "MEG sensors")(
         "times", po::value<std::int64_t>()->default_value(def.times), "MEG samples per epoch")(
         "tmin", po::value<double>()->default_value(def.tmin), "MEG epoch start (s)")(
-        "sfreq", po::value<double>()->default_value(def.sfreq), "MEG sampling rate (Hz)")(
-        "snr", po::value<double>()->default_value(def.snr),
-        "fMRI single-trial signal-to-noise variance ratio")(
+        "sfreq", po::value<double>()->default_value(def.sfreq),
+        "MEG sampling rate (Hz)")("snr", po::value<double>()->default_value(def.snr),
+                                  "fMRI single-trial signal-to-noise variance ratio")(
         "meg-snr", po::value<double>()->default_value(def.meg_snr),
         "MEG single-trial signal-to-noise variance ratio at the response peak")(
         "noise-fraction", po::value<double>()->default_value(def.noise_fraction),
@@ -44,7 +44,7 @@ Command simulate_command() {
         "voxel-chunk", po::value<std::int64_t>()->default_value(def.voxel_chunk),
         "voxels generated per round (bounds memory)");
   };
-  c.run = [](const po::variables_map& vm, Context& ctx) {
+  c.run = [](const po::variables_map &vm, Context &ctx) {
     sim::SimulateOptions o;
     o.out_dir = vm["out"].as<std::string>();
     o.scenario = vm["scenario"].as<std::string>();

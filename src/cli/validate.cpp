@@ -17,23 +17,23 @@ Command validate_command() {
               "schema version, datasets, dtypes, shapes, index ranges, NaN/Inf. Stimulus indices\n"
               "of brain files are checked against a stimuli file given in the same call.\n"
               "Prints one line per valid file; exits non-zero at the first invalid one.";
-  c.options = [](po::options_description& d) {
+  c.options = [](po::options_description &d) {
     d.add_options()("input", po::value<std::vector<std::string>>()->required(), "files to check");
   };
-  c.positional = [](po::positional_options_description& p) { p.add("input", -1); };
-  c.run = [](const po::variables_map& vm, Context& ctx) {
+  c.positional = [](po::positional_options_description &p) { p.add("input", -1); };
+  c.run = [](const po::variables_map &vm, Context &ctx) {
     const auto files = vm["input"].as<std::vector<std::string>>();
     // Stimuli first, so brain files can be checked against their image count.
     std::int64_t n_stimuli = -1;
     std::vector<std::pair<std::string, std::string>> kinds;
-    for (const auto& path : files) {
+    for (const auto &path : files) {
       io::File f = io::File::open(path, ctx.comm);
       kinds.emplace_back(path, io::file_kind(f));
       if (kinds.back().second == "stimuli")
         n_stimuli = io::check_stimuli(f).n;
     }
     const bool root = mpi::rank(ctx.comm) == 0;
-    for (const auto& [path, kind] : kinds) {
+    for (const auto &[path, kind] : kinds) {
       io::File f = io::File::open(path, ctx.comm);
       std::string line;
       if (kind == "stimuli") {
@@ -43,9 +43,9 @@ Command validate_command() {
       } else if (kind == "brain") {
         const auto b = io::check_brain(f, n_stimuli);
         line = "brain (" + b.modality + "), " + std::to_string(b.trials) + " trials, " +
-               (b.modality == "meg" ? std::to_string(b.sensors) + " sensors x " +
-                                          std::to_string(b.times) + " times"
-                                    : std::to_string(b.targets) + " voxels");
+               (b.modality == "meg"
+                    ? std::to_string(b.sensors) + " sensors x " + std::to_string(b.times) + " times"
+                    : std::to_string(b.targets) + " voxels");
       } else {
         const auto x = io::check_features(f);
         line = "features, " + std::to_string(x.n) + " images, " + std::to_string(x.kinds.size()) +

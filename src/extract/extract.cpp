@@ -27,22 +27,22 @@
 namespace gradmap::extract {
 namespace {
 
-const char* const kKinds[2] = {"activations", "gradients"};
+const char *const kKinds[2] = {"activations", "gradients"};
 
-std::string fingerprint(const ExtractOptions& o, const io::StimuliInfo& s) {
+std::string fingerprint(const ExtractOptions &o, const io::StimuliInfo &s) {
   return "model=" + o.model + ";objective=" + o.objective + ";labels=" + o.labels +
          ";pooling=" + o.pooling + ";images=" + std::to_string(s.n) + "x" +
-         std::to_string(s.height) + "x" + std::to_string(s.width) + ";block=" +
-         std::to_string(o.block) + ";stimuli=" + o.stimuli;
+         std::to_string(s.height) + "x" + std::to_string(s.width) +
+         ";block=" + std::to_string(o.block) + ";stimuli=" + o.stimuli;
 }
 
-std::string dataset_name(int kind, const std::string& layer) {
+std::string dataset_name(int kind, const std::string &layer) {
   return std::string("/features/") + kKinds[kind] + "/" + layer;
 }
 
 } // namespace
 
-void validate(const ExtractOptions& o) {
+void validate(const ExtractOptions &o) {
   if (o.stimuli.empty())
     throw UsageError("--stimuli: a stimuli file is required");
   if (o.out.empty())
@@ -59,15 +59,15 @@ void validate(const ExtractOptions& o) {
     throw UsageError("--device: must be cpu or cuda, not '" + o.device + "'");
 }
 
-void extract(const ExtractOptions& o, MPI_Comm comm) {
+void extract(const ExtractOptions &o, MPI_Comm comm) {
   validate(o);
   StageTimer total("extract");
   const int me = mpi::rank(comm), p = mpi::size(comm);
 
   // 1. Inputs and the model.
   io::File stim = io::File::open(o.stimuli, comm);
-  const io::StimuliInfo si = with_context("while checking stimuli " + o.stimuli,
-                                          [&] { return io::check_stimuli(stim); });
+  const io::StimuliInfo si =
+      with_context("while checking stimuli " + o.stimuli, [&] { return io::check_stimuli(stim); });
   if (o.labels == "stimuli" && !si.has_labels)
     throw UsageError(o.stimuli + ": objective " + o.objective +
                      " needs /stimuli/labels, which is missing (or use --labels self)");
@@ -81,8 +81,8 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
   mo.local_rank = o.local_rank;
   std::unique_ptr<model::FeatureExtractor> fx;
   mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(mo); });
-  const auto& layers = fx->layer_names();
-  const auto& dims = fx->layer_dims();
+  const auto &layers = fx->layer_names();
+  const auto &dims = fx->layer_dims();
   const int L = static_cast<int>(layers.size());
   GM_INFO("extract: " << o.model << ", " << L << " layers, objective " << o.objective
                       << ", pooling " << o.pooling << ", " << si.n << " images, " << p
@@ -104,12 +104,12 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
   if (o.resume && io::OutputFile::has_partial(o.out)) {
     try {
       auto candidate = std::make_unique<io::OutputFile>(io::OutputFile::resume(o.out, comm));
-      const io::File& f = candidate->file();
-      resumed = f.has_attr("/progress", "fingerprint") &&
-                f.attr_string("/progress", "fingerprint") == fp;
+      const io::File &f = candidate->file();
+      resumed =
+          f.has_attr("/progress", "fingerprint") && f.attr_string("/progress", "fingerprint") == fp;
       if (resumed)
         out = std::move(candidate);
-    } catch (const Error& e) {
+    } catch (const Error &e) {
       GM_WARN("extract: cannot resume " << io::OutputFile::partial_name(o.out) << " (" << e.what()
                                         << "); starting over");
     }
@@ -118,7 +118,7 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
   if (!resumed) {
     out.reset();
     out = std::make_unique<io::OutputFile>(o.out, comm);
-    const io::File& f = out->file();
+    const io::File &f = out->file();
     f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
     f.create_group("/features");
     for (int k = 0; k < 2; ++k)
@@ -137,7 +137,7 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
     f.set_attr("/progress", "block", std::int64_t{o.block});
     f.flush();
   }
-  const io::File& f = out->file();
+  const io::File &f = out->file();
   auto done_ds = f.dataset("/progress/blocks_done");
   const auto done = done_ds.read_all<std::uint8_t>();
   const auto n_done = std::count(done.begin(), done.end(), std::uint8_t{1});
@@ -175,7 +175,7 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
         try {
           bf = fx->run(&images[s * px], nb, si.height, si.width,
                        labels.empty() ? nullptr : &labels[s]);
-        } catch (const std::bad_alloc&) {
+        } catch (const std::bad_alloc &) {
           throw Error("out of memory at --batch-size " + std::to_string(o.batch_size) +
                       "; try a smaller batch size");
         }
@@ -188,7 +188,8 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
     });
     for (int k = 0; k < 2; ++k)
       for (int l = 0; l < L; ++l)
-        f.dataset(dataset_name(k, layers[l])).write(feats[k][l].data(), {i0, 0}, {n, n ? dims[l] : 0});
+        f.dataset(dataset_name(k, layers[l]))
+            .write(feats[k][l].data(), {i0, 0}, {n, n ? dims[l] : 0});
     f.flush(); // the rows reach the file before their block is marked done
     const std::uint8_t one = 1;
     done_ds.write(&one, {work ? b : 0}, {work ? 1 : 0});

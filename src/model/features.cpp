@@ -29,30 +29,31 @@ struct TinyCnnImpl : torch::nn::Module {
       const int64_t stride = (i % 2 == 1) ? 2 : 1;
       convs.push_back(register_module(
           "conv" + std::to_string(i + 1),
-          torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[i], ch[i + 1], 3).stride(stride).padding(1))));
+          torch::nn::Conv2d(
+              torch::nn::Conv2dOptions(ch[i], ch[i + 1], 3).stride(stride).padding(1))));
     }
     head = register_module("head", torch::nn::Linear(128, 10));
   }
   std::vector<torch::Tensor> layers(torch::Tensor x) {
     std::vector<torch::Tensor> out;
-    for (auto& c : convs) {
+    for (auto &c : convs) {
       x = torch::relu(c->forward(x));
       out.push_back(x);
     }
     return out;
   }
-  torch::Tensor output(const torch::Tensor& last) { return head->forward(last.mean({2, 3})); }
+  torch::Tensor output(const torch::Tensor &last) { return head->forward(last.mean({2, 3})); }
 };
 TORCH_MODULE(TinyCnn);
 
 constexpr std::uint64_t kTinyCnnSeed = 0x7469ULL; // "ti": the seed of builtin:tinycnn
 
-void init_deterministic(torch::nn::Module& m, std::uint64_t seed) {
+void init_deterministic(torch::nn::Module &m, std::uint64_t seed) {
   torch::NoGradGuard ng;
   std::uint32_t index = 0;
   int64_t last_fan_in = 1;
-  for (auto& p : m.named_parameters()) {
-    auto& t = p.value();
+  for (auto &p : m.named_parameters()) {
+    auto &t = p.value();
     const bool is_bias = t.dim() == 1;
     // fan_in: for a bias, that of its layer's weight (the previous parameter).
     int64_t fan_in = 1;
@@ -64,7 +65,8 @@ void init_deterministic(torch::nn::Module& m, std::uint64_t seed) {
       last_fan_in = fan_in;
     else
       fan_in = last_fan_in;
-    const double bound = is_bias ? 1.0 / std::sqrt(double(fan_in)) : std::sqrt(6.0 / double(fan_in));
+    const double bound =
+        is_bias ? 1.0 / std::sqrt(double(fan_in)) : std::sqrt(6.0 / double(fan_in));
     sim::Philox rng(seed, sim::Stream::weights, index++);
     auto acc = t.data_ptr<float>();
     for (int64_t i = 0; i < t.numel(); ++i)
@@ -74,9 +76,13 @@ void init_deterministic(torch::nn::Module& m, std::uint64_t seed) {
 
 } // namespace
 
-std::vector<std::string> builtin_models() { return {"tinycnn"}; }
+std::vector<std::string> builtin_models() {
+  return {"tinycnn"};
+}
 
-std::string torch_version() { return TORCH_VERSION; }
+std::string torch_version() {
+  return TORCH_VERSION;
+}
 
 struct FeatureExtractor::Impl {
   ExtractorOptions opt;
@@ -89,7 +95,7 @@ struct FeatureExtractor::Impl {
   int64_t outputs = 0;
 
   // Forward pass: per-layer outputs in network order and the final output.
-  std::pair<std::vector<torch::Tensor>, torch::Tensor> forward(const torch::Tensor& x) {
+  std::pair<std::vector<torch::Tensor>, torch::Tensor> forward(const torch::Tensor &x) {
     if (builtin) {
       auto hs = builtin->layers(x);
       auto out = builtin->output(hs.back());
@@ -99,7 +105,8 @@ struct FeatureExtractor::Impl {
     if (!r.isTuple())
       throw Error("TorchScript model " + opt.model +
                   ": forward must return Tuple[List[Tensor], Tensor] (per-layer outputs, final "
-                  "output); it returned " + r.tagKind());
+                  "output); it returned " +
+                  r.tagKind());
     auto tup = r.toTuple();
     if (tup->elements().size() != 2 || !tup->elements()[0].isTensorList() ||
         !tup->elements()[1].isTensor())
@@ -112,12 +119,12 @@ struct FeatureExtractor::Impl {
     return {list, tup->elements()[1].toTensor()};
   }
 
-  torch::Tensor pool(const torch::Tensor& h, size_t layer) const {
-    const std::string& p = opt.pooling;
+  torch::Tensor pool(const torch::Tensor &h, size_t layer) const {
+    const std::string &p = opt.pooling;
     if (h.dim() == 4) { // [B, C, H, W]
       if (p != "mean")
-        throw Error("pooling '" + p + "' needs token outputs [B, T, D], but layer " +
-                    names[layer] + " is a feature map [B, C, H, W]; use --pooling mean");
+        throw Error("pooling '" + p + "' needs token outputs [B, T, D], but layer " + names[layer] +
+                    " is a feature map [B, C, H, W]; use --pooling mean");
       return h.mean({2, 3});
     }
     if (h.dim() == 3) { // [B, T, D]
@@ -138,8 +145,8 @@ struct FeatureExtractor::Impl {
                 " dimensions; expected [B, D], [B, T, D] or [B, C, H, W]");
   }
 
-  torch::Tensor preprocess(const std::uint8_t* images, int64_t n, int64_t h, int64_t w) const {
-    auto x = torch::from_blob(const_cast<std::uint8_t*>(images), {n, h, w, 3}, torch::kUInt8)
+  torch::Tensor preprocess(const std::uint8_t *images, int64_t n, int64_t h, int64_t w) const {
+    auto x = torch::from_blob(const_cast<std::uint8_t *>(images), {n, h, w, 3}, torch::kUInt8)
                  .permute({0, 3, 1, 2})
                  .to(torch::kFloat32)
                  .div(255.0);
@@ -157,8 +164,8 @@ struct FeatureExtractor::Impl {
   }
 };
 
-FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new Impl) {
-  auto& I = *impl_;
+FeatureExtractor::FeatureExtractor(const ExtractorOptions &options) : impl_(new Impl) {
+  auto &I = *impl_;
   I.opt = options;
   torch::set_num_threads(std::max(1, options.threads));
   if (options.device == "cpu") {
@@ -168,15 +175,15 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
       throw Error("--device " + options.device +
                   ": no CUDA device (or this gradmap's LibTorch was built without CUDA)");
     if (options.device == "cuda")
-      I.device = torch::Device(torch::kCUDA,
-                               static_cast<c10::DeviceIndex>(options.local_rank %
-                                                             int(torch::cuda::device_count())));
+      I.device = torch::Device(
+          torch::kCUDA,
+          static_cast<c10::DeviceIndex>(options.local_rank % int(torch::cuda::device_count())));
     else
       I.device = torch::Device(options.device);
   } else {
     throw Error("unknown --device '" + options.device + "' (cpu or cuda)");
   }
-  const std::string& m = options.model;
+  const std::string &m = options.model;
   if (m.rfind("builtin:", 0) == 0) {
     const std::string name = m.substr(8);
     if (name != "tinycnn")
@@ -191,14 +198,14 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
     const std::string path = m.substr(12);
     try {
       I.script = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, I.device));
-    } catch (const c10::Error& e) {
+    } catch (const c10::Error &e) {
       throw Error("cannot load TorchScript model " + path + ": " + e.what_without_backtrace());
     }
     I.script->eval();
     if (I.script->hasattr("input_size"))
       I.input_size = I.script->attr("input_size").toInt();
     if (I.script->hasattr("layer_names"))
-      for (const auto& s : I.script->attr("layer_names").toListRef())
+      for (const auto &s : I.script->attr("layer_names").toListRef())
         I.names.push_back(s.toStringRef());
   } else {
     throw Error("--model must be builtin:NAME or torchscript:PATH, not '" + m + "'");
@@ -229,13 +236,19 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
 
 FeatureExtractor::~FeatureExtractor() = default;
 
-const std::vector<std::string>& FeatureExtractor::layer_names() const { return impl_->names; }
-const std::vector<std::int64_t>& FeatureExtractor::layer_dims() const { return impl_->dims; }
-std::int64_t FeatureExtractor::num_outputs() const { return impl_->outputs; }
+const std::vector<std::string> &FeatureExtractor::layer_names() const {
+  return impl_->names;
+}
+const std::vector<std::int64_t> &FeatureExtractor::layer_dims() const {
+  return impl_->dims;
+}
+std::int64_t FeatureExtractor::num_outputs() const {
+  return impl_->outputs;
+}
 
-BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
-                                    std::int64_t width, const std::int64_t* labels) const {
-  auto& I = *impl_;
+BatchFeatures FeatureExtractor::run(const std::uint8_t *images, std::int64_t n, std::int64_t height,
+                                    std::int64_t width, const std::int64_t *labels) const {
+  auto &I = *impl_;
   BatchFeatures bf;
   bf.n = n;
   if (n == 0) {
@@ -258,15 +271,14 @@ BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, 
   } else {
     if (!labels)
       throw Error("objective cross-entropy needs /stimuli/labels (or use --labels self)");
-    target = torch::from_blob(const_cast<std::int64_t*>(labels), {n}, torch::kInt64).clone();
+    target = torch::from_blob(const_cast<std::int64_t *>(labels), {n}, torch::kInt64).clone();
     const int64_t mx = target.max().item<int64_t>(), mn = target.min().item<int64_t>();
     if (mn < 0 || mx >= out.size(1))
       throw Error("label out of range [0, " + std::to_string(out.size(1)) + ") for this model");
     target = target.to(I.device);
   }
-  torch::Tensor loss =
-      torch::nn::functional::cross_entropy(out, target,
-                                           torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  torch::Tensor loss = torch::nn::functional::cross_entropy(
+      out, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
   std::vector<torch::Tensor> grads =
       torch::autograd::grad({loss}, hs, /*grad_outputs=*/{}, /*retain_graph=*/false,
                             /*create_graph=*/false, /*allow_unused=*/true);

@@ -14,7 +14,9 @@ using namespace gradmap;
 namespace fs = std::filesystem;
 
 namespace {
-MPI_Comm world() { return MPI_COMM_WORLD; }
+MPI_Comm world() {
+  return MPI_COMM_WORLD;
+}
 } // namespace
 
 TEST(H5, RowBlocksWrittenByEachRankReadBackWhole) {
@@ -75,7 +77,7 @@ TEST(H5, StringsAndAttributesRoundTrip) {
   const std::string dir = shared_tmpdir(world(), "attrs");
   {
     io::OutputFile out(dir + "/a.h5", world());
-    const io::File& f = out.file();
+    const io::File &f = out.file();
     f.set_attr("/", "gradmap_schema", std::int64_t{1});
     f.create_group("/g/h");
     f.set_attr("/g", "name", std::string("hello"));
@@ -92,7 +94,8 @@ TEST(H5, StringsAndAttributesRoundTrip) {
   EXPECT_EQ(f.attr_doubles("/g", "affine"), (std::vector<double>{1.5, 2.5}));
   EXPECT_EQ(f.attr_ints("/g", "shape"), (std::vector<std::int64_t>{3, 4, 5}));
   EXPECT_EQ(f.attr_strings("/g", "layers"), (std::vector<std::string>{"conv1", "conv2"}));
-  EXPECT_EQ(f.dataset("/g/names").read_strings(), (std::vector<std::string>{"V1", "hV4", "parietal"}));
+  EXPECT_EQ(f.dataset("/g/names").read_strings(),
+            (std::vector<std::string>{"V1", "hV4", "parietal"}));
   EXPECT_EQ(f.dataset("/g/h/v").read_all<std::int64_t>(), (std::vector<std::int64_t>{7, 8, 9}));
   EXPECT_EQ(f.members("/g"), (std::vector<std::string>{"h", "names"}));
   EXPECT_TRUE(f.exists("/g/h/v"));
@@ -121,9 +124,10 @@ TEST(H5, OpeningMissingOrCorruptFilesNamesThemOnEveryRank) {
   try {
     io::File::open(dir + "/absent.h5", world());
     FAIL() << "no error for a missing file";
-  } catch (const Error& e) {
+  } catch (const Error &e) {
     EXPECT_TRUE(e.collective);
-    EXPECT_NE(std::string(e.what()).find("file not found: " + dir + "/absent.h5"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("file not found: " + dir + "/absent.h5"),
+              std::string::npos);
   }
   if (mpi::rank(world()) == 0)
     std::ofstream(dir + "/junk.h5") << "this is not HDF5";
@@ -131,7 +135,7 @@ TEST(H5, OpeningMissingOrCorruptFilesNamesThemOnEveryRank) {
   try {
     io::File::open(dir + "/junk.h5", world());
     FAIL() << "no error for a corrupt file";
-  } catch (const Error& e) {
+  } catch (const Error &e) {
     EXPECT_TRUE(e.collective);
     EXPECT_NE(std::string(e.what()).find("not an HDF5 file"), std::string::npos) << e.what();
   }

@@ -13,9 +13,11 @@
 using namespace gradmap;
 
 namespace {
-MPI_Comm world() { return MPI_COMM_WORLD; }
+MPI_Comm world() {
+  return MPI_COMM_WORLD;
+}
 
-std::string simulated(const std::string& name) {
+std::string simulated(const std::string &name) {
   const std::string dir = shared_tmpdir(world(), name);
   sim::SimulateOptions o;
   o.out_dir = dir;
@@ -30,10 +32,10 @@ std::string simulated(const std::string& name) {
 }
 
 // A minimal fMRI brain file written through the io layer; `nan_row` (if >= 0) gets a NaN.
-void write_brain(const std::string& path, std::int64_t nan_row, std::int64_t bad_stimulus) {
+void write_brain(const std::string &path, std::int64_t nan_row, std::int64_t bad_stimulus) {
   const std::int64_t trials = 6, voxels = 4;
   io::OutputFile out(path, world());
-  const io::File& f = out.file();
+  const io::File &f = out.file();
   f.set_attr("/", "gradmap_schema", std::int64_t{1});
   f.set_attr("/", "modality", std::string("fmri"));
   std::vector<float> resp(trials * voxels, 1.0f);
@@ -51,14 +53,15 @@ void write_brain(const std::string& path, std::int64_t nan_row, std::int64_t bad
   f.write_small("/brain/voxel_ijk", std::vector<std::int32_t>{0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 1, 0},
                 {voxels, 3});
   f.set_attr("/brain", "volume_shape", std::vector<std::int64_t>{2, 2, 1});
-  f.set_attr("/brain", "affine", std::vector<double>{1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1});
+  f.set_attr("/brain", "affine",
+             std::vector<double>{1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1});
   out.commit();
 }
 
-std::string collective_error(const std::function<void()>& f) {
+std::string collective_error(const std::function<void()> &f) {
   try {
     f();
-  } catch (const Error& e) {
+  } catch (const Error &e) {
     EXPECT_TRUE(e.collective) << e.what();
     return e.what();
   }
@@ -103,7 +106,8 @@ TEST(Schema, StimulusIndexOutOfRangeNamesTheTrial) {
   io::File f = io::File::open(dir + "/range.h5", world());
   EXPECT_NO_THROW(io::check_brain(f)); // without a stimuli count only negatives are caught
   const std::string msg = collective_error([&] { io::check_brain(f, 3); });
-  EXPECT_NE(msg.find("/brain/trial_stimulus in " + dir + "/range.h5: trial 5 shows stimulus 9, "
+  EXPECT_NE(msg.find("/brain/trial_stimulus in " + dir +
+                     "/range.h5: trial 5 shows stimulus 9, "
                      "outside [0, 3)"),
             std::string::npos)
       << msg;

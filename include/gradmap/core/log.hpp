@@ -14,16 +14,16 @@ void init(int rank, int size);
 void set_level(Level level);
 Level level();
 /// Not collective. Mirrors rank 0's log lines into `path` (appending); empty closes it.
-void set_file(const std::string& path);
+void set_file(const std::string &path);
 int rank();
 /// Not collective. Prints `message` if this is rank 0 (or if all_ranks) at the given level.
-void write(Level level, const std::string& message, bool all_ranks = false);
+void write(Level level, const std::string &message, bool all_ranks = false);
 
 } // namespace gradmap::log
 
 #define GM_LOG_(lvl, expr)                                                                         \
   do {                                                                                             \
-    if (static_cast<int>(lvl) >= static_cast<int>(::gradmap::log::level())) {                     \
+    if (static_cast<int>(lvl) >= static_cast<int>(::gradmap::log::level())) {                      \
       std::ostringstream gm_log_os_;                                                               \
       gm_log_os_ << expr;                                                                          \
       ::gradmap::log::write(lvl, gm_log_os_.str());                                                \

@@ -26,9 +26,9 @@ struct ExtractOptions {
 };
 
 /// Not collective. Throws UsageError naming the option when a value is invalid.
-void validate(const ExtractOptions& opt);
+void validate(const ExtractOptions &opt);
 
 /// Collective on comm.
-void extract(const ExtractOptions& opt, MPI_Comm comm);
+void extract(const ExtractOptions &opt, MPI_Comm comm);
 
 } // namespace gradmap::extract

@@ -20,29 +20,29 @@ struct StimuliInfo {
 };
 
 struct BrainInfo {
-  std::string modality;      ///< "fmri" | "meg"
+  std::string modality; ///< "fmri" | "meg"
   std::int64_t trials = 0;
-  std::int64_t targets = 0;  ///< voxels, or sensors x times (flattened sensor-major)
-  std::int64_t sensors = 0, times = 0;  ///< MEG only
-  std::int64_t max_stimulus = -1;       ///< largest index in trial_stimulus
+  std::int64_t targets = 0;            ///< voxels, or sensors x times (flattened sensor-major)
+  std::int64_t sensors = 0, times = 0; ///< MEG only
+  std::int64_t max_stimulus = -1;      ///< largest index in trial_stimulus
 };
 
 struct FeaturesInfo {
   std::int64_t n = 0;
-  std::vector<std::string> kinds;   ///< e.g. activations, gradients
-  std::vector<std::string> layers;  ///< network order (attribute `layers`) or sorted names
-  std::vector<std::int64_t> dims;   ///< per layer (same for every kind)
+  std::vector<std::string> kinds;  ///< e.g. activations, gradients
+  std::vector<std::string> layers; ///< network order (attribute `layers`) or sorted names
+  std::vector<std::int64_t> dims;  ///< per layer (same for every kind)
 };
 
 /// Which kind of gradmap file this is: "stimuli", "brain" or "features" (throws otherwise).
 /// Not collective.
-std::string file_kind(const File& f);
+std::string file_kind(const File &f);
 
 /// Collective on the file's comm.
-StimuliInfo check_stimuli(const File& f);
+StimuliInfo check_stimuli(const File &f);
 /// Collective on the file's comm. When n_stimuli >= 0, trial and test indices must be below it.
-BrainInfo check_brain(const File& f, std::int64_t n_stimuli = -1);
+BrainInfo check_brain(const File &f, std::int64_t n_stimuli = -1);
 /// Collective on the file's comm.
-FeaturesInfo check_features(const File& f);
+FeaturesInfo check_features(const File &f);
 
 } // namespace gradmap::io

@@ -30,22 +30,22 @@ struct BatchFeatures {
 /// Not collective: each rank owns its own extractor (its own model copy).
 class FeatureExtractor {
 public:
-  explicit FeatureExtractor(const ExtractorOptions& options);
+  explicit FeatureExtractor(const ExtractorOptions &options);
   ~FeatureExtractor();
-  FeatureExtractor(const FeatureExtractor&) = delete;
-  FeatureExtractor& operator=(const FeatureExtractor&) = delete;
+  FeatureExtractor(const FeatureExtractor &) = delete;
+  FeatureExtractor &operator=(const FeatureExtractor &) = delete;
 
-  const std::vector<std::string>& layer_names() const;
+  const std::vector<std::string> &layer_names() const;
   /// Pooled feature dimension of each layer (known after construction: a probe forward pass).
-  const std::vector<std::int64_t>& layer_dims() const;
+  const std::vector<std::int64_t> &layer_dims() const;
   /// Number of outputs (classes) of the final layer.
   std::int64_t num_outputs() const;
 
   /// Images are uint8 RGB, row-major [n, height, width, 3]; labels (n values, may be null when
   /// the objective does not need them). Per-image results do not depend on n: the objective is
   /// a sum of per-image losses and the model is in eval mode.
-  BatchFeatures run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
-                    std::int64_t width, const std::int64_t* labels) const;
+  BatchFeatures run(const std::uint8_t *images, std::int64_t n, std::int64_t height,
+                    std::int64_t width, const std::int64_t *labels) const;
 
 private:
   struct Impl;

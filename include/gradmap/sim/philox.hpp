@@ -30,8 +30,17 @@ inline Counter philox4x32_10(Counter c, Key k) {
 /// Random streams of gradmap, one per purpose, so that draws for different purposes never
 /// share counters.
 enum class Stream : std::uint32_t {
-  image = 1, weights = 2, voxel = 3, fmri_noise = 4, meg_noise = 5, design = 6, sensor = 7,
-  permutation = 8, bootstrap = 9, projection = 10, augmentation = 11
+  image = 1,
+  weights = 2,
+  voxel = 3,
+  fmri_noise = 4,
+  meg_noise = 5,
+  design = 6,
+  sensor = 7,
+  permutation = 8,
+  bootstrap = 9,
+  projection = 10,
+  augmentation = 11
 };
 
 /// A sequential generator over one (seed, stream, a, b) address: draw i uses counter
@@ -39,8 +48,9 @@ enum class Stream : std::uint32_t {
 class Philox {
 public:
   Philox(std::uint64_t seed, Stream stream, std::uint32_t a = 0, std::uint32_t b = 0)
-      : key_{std::uint32_t(seed), std::uint32_t(seed >> 32)},
-        ctr_{static_cast<std::uint32_t>(stream), a, b, 0} {}
+      : key_{std::uint32_t(seed), std::uint32_t(seed >> 32)}, ctr_{static_cast<std::uint32_t>(
+                                                                       stream),
+                                                                   a, b, 0} {}
 
   /// Next 32 random bits.
   std::uint32_t next_u32() {

@@ -15,29 +15,29 @@ struct SimulateOptions {
   std::string scenario = "misaligned"; ///< misaligned | aligned | null
   std::string modality = "both";       ///< fmri | meg | both
   std::uint64_t seed = 1;
-  std::int64_t images = 600;       ///< distinct stimuli
-  std::int64_t test_images = 100;  ///< held out (/brain/test_stimuli)
-  std::int64_t image_size = 32;    ///< pixels (square)
-  std::int64_t repetitions = 2;    ///< trials per image
-  std::int64_t voxels = 1400;      ///< fMRI targets
-  std::int64_t sensors = 32;       ///< MEG sensors
-  std::int64_t times = 36;         ///< MEG samples per epoch
-  double tmin = -0.1;              ///< s, first MEG sample
-  double sfreq = 50.0;             ///< Hz, MEG sampling rate
-  double snr = 0.5;                ///< fMRI single-trial signal/noise variance ratio
-  double meg_snr = 0.5;            ///< MEG single-trial signal/noise variance ratio at the peak
-  double noise_fraction = 0.2;     ///< share of targets that are pure noise
-  double gradient_share = 0.5;     ///< variance share of the gradient component where both drive
+  std::int64_t images = 600;      ///< distinct stimuli
+  std::int64_t test_images = 100; ///< held out (/brain/test_stimuli)
+  std::int64_t image_size = 32;   ///< pixels (square)
+  std::int64_t repetitions = 2;   ///< trials per image
+  std::int64_t voxels = 1400;     ///< fMRI targets
+  std::int64_t sensors = 32;      ///< MEG sensors
+  std::int64_t times = 36;        ///< MEG samples per epoch
+  double tmin = -0.1;             ///< s, first MEG sample
+  double sfreq = 50.0;            ///< Hz, MEG sampling rate
+  double snr = 0.5;               ///< fMRI single-trial signal/noise variance ratio
+  double meg_snr = 0.5;           ///< MEG single-trial signal/noise variance ratio at the peak
+  double noise_fraction = 0.2;    ///< share of targets that are pure noise
+  double gradient_share = 0.5;    ///< variance share of the gradient component where both drive
   std::string model = "builtin:tinycnn";
   int threads = 1;
-  std::int64_t voxel_chunk = 512;  ///< voxels generated per round (bounds memory)
+  std::int64_t voxel_chunk = 512; ///< voxels generated per round (bounds memory)
 };
 
 /// Not collective. Throws UsageError naming the option when a value is out of range.
-void validate(const SimulateOptions& opt);
+void validate(const SimulateOptions &opt);
 
 /// Collective on comm. Writes out_dir/stimuli.h5 and out_dir/brain_fmri.h5 and/or
 /// out_dir/brain_meg.h5. The files are identical for any number of ranks.
-void simulate(const SimulateOptions& opt, MPI_Comm comm);
+void simulate(const SimulateOptions &opt, MPI_Comm comm);
 
 } // namespace gradmap::sim
