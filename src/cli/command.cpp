@@ -9,14 +9,14 @@
 
 namespace gradmap::cli {
 
-const std::vector<Command> &commands() {
+const std::vector<Command>& commands() {
   static const std::vector<Command> all = {simulate_command(), extract_command(),
                                            validate_command(), run_command()};
   return all;
 }
 
-const Command *find_command(const std::string &name) {
-  for (const auto &c : commands())
+const Command* find_command(const std::string& name) {
+  for (const auto& c : commands())
     if (c.name == name)
       return &c;
   return nullptr;
@@ -24,7 +24,7 @@ const Command *find_command(const std::string &name) {
 
 namespace {
 
-void add_common(po::options_description &d) {
+void add_common(po::options_description& d) {
   d.add_options()("help,h", "show this help and exit")(
       "config", po::value<std::string>(),
       "INI file of options (keys before any section, or in the section [<command>]); "
@@ -37,10 +37,10 @@ void add_common(po::options_description &d) {
 
 // Keeps the options of the command's own section (renamed to their bare key) and the keys
 // before any section; rejects keys the command does not know.
-po::parsed_options filter_config(const po::parsed_options &in, const po::options_description &d,
-                                 const std::string &section, const std::string &file) {
+po::parsed_options filter_config(const po::parsed_options& in, const po::options_description& d,
+                                 const std::string& section, const std::string& file) {
   po::parsed_options out(&d);
-  for (const auto &o : in.options) {
+  for (const auto& o : in.options) {
     std::string key = o.string_key;
     const auto dot = key.find('.');
     if (dot != std::string::npos) {
@@ -63,7 +63,7 @@ po::parsed_options filter_config(const po::parsed_options &in, const po::options
 
 } // namespace
 
-std::optional<po::variables_map> parse(const Command &cmd, const std::vector<std::string> &args) {
+std::optional<po::variables_map> parse(const Command& cmd, const std::vector<std::string>& args) {
   po::options_description own(cmd.name + " options");
   cmd.options(own);
   po::options_description common("common options");
@@ -77,7 +77,7 @@ std::optional<po::variables_map> parse(const Command &cmd, const std::vector<std
   po::variables_map vm;
   try {
     po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
-  } catch (const po::error &e) {
+  } catch (const po::error& e) {
     throw UsageError("gradmap " + cmd.name + ": " + e.what() + " (see gradmap " + cmd.name +
                      " --help)");
   }
@@ -97,20 +97,20 @@ std::optional<po::variables_map> parse(const Command &cmd, const std::vector<std
     try {
       auto parsed = po::parse_config_file(in, all, /*allow_unregistered=*/true);
       po::store(filter_config(parsed, all, cmd.name, file), vm);
-    } catch (const po::error &e) {
+    } catch (const po::error& e) {
       throw UsageError(file + ": " + e.what());
     }
   }
   try {
     po::notify(vm);
-  } catch (const po::error &e) {
+  } catch (const po::error& e) {
     throw UsageError("gradmap " + cmd.name + ": " + e.what() + " (see gradmap " + cmd.name +
                      " --help)");
   }
   return vm;
 }
 
-void apply_common(const po::variables_map &vm, Context &ctx) {
+void apply_common(const po::variables_map& vm, Context& ctx) {
   if (vm["verbose"].as<bool>())
     log::set_level(log::Level::debug);
   if (vm["quiet"].as<bool>())
@@ -123,7 +123,7 @@ void apply_common(const po::variables_map &vm, Context &ctx) {
   mpi::Environment::set_blas_threads(threads);
 }
 
-int threads_of(const po::variables_map &vm, const Context &ctx) {
+int threads_of(const po::variables_map& vm, const Context& ctx) {
   return vm.count("threads") ? vm["threads"].as<int>() : ctx.env.default_threads();
 }
 

@@ -15,14 +15,17 @@ Command extract_command() {
       "TorchScript contract: forward(x: Tensor[B,3,H,W]) -> Tuple[List[Tensor], Tensor]\n"
       "(per-layer outputs in network order, final output); optional attributes\n"
       "layer_names: List[str] and input_size: int (see tools/export_torchscript.py).";
-  c.options = [](po::options_description &d) {
+  c.options = [](po::options_description& d) {
     const extract::ExtractOptions def;
     d.add_options()("stimuli", po::value<std::string>()->required(), "stimuli.h5")(
         "out", po::value<std::string>()->required(),
         "features.h5 to write")("model", po::value<std::string>()->default_value(def.model),
                                 "builtin:tinycnn or torchscript:PATH")(
         "objective", po::value<std::string>()->default_value(def.objective),
-        "training objective whose gradients are extracted: cross-entropy")(
+        "objective whose gradients are extracted: cross-entropy (labels), cosine (view "
+        "consistency with an augmented view), dino (self-distillation, fixed random prototypes)")(
+        "seed", po::value<std::uint64_t>()->default_value(def.seed),
+        "seed of the augmentations and of the DINO prototype head")(
         "labels", po::value<std::string>()->default_value(def.labels),
         "cross-entropy targets: 'stimuli' (/stimuli/labels) or 'self' (the model's argmax)")(
         "pooling", po::value<std::string>()->default_value(def.pooling),
@@ -34,12 +37,13 @@ Command extract_command() {
         "block", po::value<std::int64_t>()->default_value(def.block), "images per resumable block")(
         "no-resume", po::bool_switch(), "start over even if a matching partial output exists");
   };
-  c.run = [](const po::variables_map &vm, Context &ctx) {
+  c.run = [](const po::variables_map& vm, Context& ctx) {
     extract::ExtractOptions o;
     o.stimuli = vm["stimuli"].as<std::string>();
     o.out = vm["out"].as<std::string>();
     o.model = vm["model"].as<std::string>();
     o.objective = vm["objective"].as<std::string>();
+    o.seed = vm["seed"].as<std::uint64_t>();
     o.labels = vm["labels"].as<std::string>();
     o.pooling = vm["pooling"].as<std::string>();
     o.device = vm["device"].as<std::string>();

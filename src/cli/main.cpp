@@ -29,7 +29,7 @@ void print_usage() {
                "onto fMRI and MEG responses.\n\n"
                "usage: [mpirun -n N] gradmap <command> [options]   (gradmap <command> --help)\n\n"
                "commands:\n";
-  for (const auto &c : gradmap::cli::commands()) {
+  for (const auto& c : gradmap::cli::commands()) {
     const auto first_line = c.summary.substr(0, c.summary.find('\n'));
     std::cout << "  " << c.name << std::string(12 - std::min<size_t>(11, c.name.size()), ' ')
               << first_line << "\n";
@@ -50,7 +50,7 @@ void print_version() {
             << "\n  data schema " << 1 << std::endl;
 }
 
-int dispatch(int argc, char **argv, gradmap::mpi::Environment &env) {
+int dispatch(int argc, char** argv, gradmap::mpi::Environment& env) {
   using namespace gradmap;
   const bool root = mpi::rank(env.world()) == 0;
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h" ||
@@ -65,7 +65,7 @@ int dispatch(int argc, char **argv, gradmap::mpi::Environment &env) {
       print_version();
     return 0;
   }
-  const cli::Command *cmd = cli::find_command(name);
+  const cli::Command* cmd = cli::find_command(name);
   if (!cmd)
     throw UsageError("unknown command '" + name + "' (see gradmap --help)");
   std::vector<std::string> args(argv + 2, argv + argc);
@@ -81,11 +81,11 @@ int dispatch(int argc, char **argv, gradmap::mpi::Environment &env) {
 
 } // namespace
 
-int main(int argc, char **argv) {
+int main(int argc, char** argv) {
   gradmap::mpi::Environment env(argc, argv);
   const int me = gradmap::mpi::rank(env.world());
   const int ranks = gradmap::mpi::size(env.world());
-  auto fail = [&](const std::string &msg, bool collective) {
+  auto fail = [&](const std::string& msg, bool collective) {
     if (collective) {
       if (me == 0)
         std::cerr << "gradmap: error: " << msg << std::endl;
@@ -98,13 +98,13 @@ int main(int argc, char **argv) {
   };
   try {
     return dispatch(argc, argv, env);
-  } catch (const gradmap::Error &e) {
+  } catch (const gradmap::Error& e) {
     return fail(e.what(), e.collective);
-  } catch (const std::bad_alloc &) {
+  } catch (const std::bad_alloc&) {
     return fail("out of memory (try fewer images per batch, a smaller --voxel-chunk, or more "
                 "ranks/nodes)",
                 false);
-  } catch (const std::exception &e) {
+  } catch (const std::exception& e) {
     return fail(e.what(), false);
   }
 }

@@ -18,9 +18,9 @@ namespace gradmap::cli {
 namespace {
 
 // Runs `name` with the pipeline's config and the given overrides, as `gradmap name --config F`.
-void run_stage(const std::string &name, const std::string &config,
-               std::vector<std::string> overrides, Context &ctx) {
-  const Command *cmd = find_command(name);
+void run_stage(const std::string& name, const std::string& config,
+               std::vector<std::string> overrides, Context& ctx) {
+  const Command* cmd = find_command(name);
   std::vector<std::string> args = {"--config", config};
   args.insert(args.end(), overrides.begin(), overrides.end());
   auto vm = parse(*cmd, args);
@@ -39,13 +39,13 @@ Command run_command() {
   c.summary = "Runs the pipeline configured by FILE: each stage reads the section named after it\n"
               "([simulate], ...); [run] sets the output directory and the data source.\n"
               "Outputs: OUT/data/*.h5 and OUT/gradmap.log.";
-  c.options = [](po::options_description &d) {
+  c.options = [](po::options_description& d) {
     d.add_options()("out", po::value<std::string>()->default_value("gradmap-out"),
                     "output directory of the whole run")(
         "data", po::value<std::string>()->default_value("simulate"),
         "where the data come from: 'simulate' (the built-in dataset, configured by [simulate])");
   };
-  c.run = [](const po::variables_map &vm, Context &ctx) {
+  c.run = [](const po::variables_map& vm, Context& ctx) {
     if (!vm.count("config"))
       throw UsageError("gradmap run: --config FILE is required");
     const std::string config = vm["config"].as<std::string>();
@@ -66,13 +66,13 @@ Command run_command() {
     // The extract settings that reproduce the features the simulated responses came from.
     std::vector<std::string> extract_args = {"--stimuli", data_dir + "/stimuli.h5", "--out",
                                              out + "/features.h5"};
-    for (const char *name : {"brain_fmri.h5", "brain_meg.h5"}) {
+    for (const char* name : {"brain_fmri.h5", "brain_meg.h5"}) {
       if (!std::filesystem::exists(data_dir + "/" + name))
         continue;
       io::File brain = io::File::open(data_dir + "/" + name, ctx.comm);
       const auto extract_vm =
           parse(*find_command("extract"), {"--config", config, "--stimuli", "-", "--out", "-"});
-      for (const char *key : {"model", "objective", "labels", "pooling"})
+      for (const char* key : {"model", "objective", "labels", "pooling"})
         if (brain.has_attr("/truth", key) && (*extract_vm)[key].defaulted()) {
           extract_args.push_back(std::string("--") + key);
           extract_args.push_back(brain.attr_string("/truth", key));
@@ -83,7 +83,7 @@ Command run_command() {
 
     // Validate what the stages wrote, as any later stage will before reading it.
     std::vector<std::string> files;
-    for (const char *name : {"stimuli.h5", "brain_fmri.h5", "brain_meg.h5"})
+    for (const char* name : {"stimuli.h5", "brain_fmri.h5", "brain_meg.h5"})
       if (std::filesystem::exists(data_dir + "/" + name))
         files.push_back(data_dir + "/" + name);
     files.push_back(out + "/features.h5");

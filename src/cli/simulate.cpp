@@ -13,7 +13,7 @@ Command simulate_command() {
               "images and fMRI/MEG responses generated from the activations and gradients of the\n"
               "built-in reference network, with the planted answer under /truth. The files are\n"
               "identical for any number of ranks.";
-  c.options = [](po::options_description &d) {
+  c.options = [](po::options_description& d) {
     const sim::SimulateOptions def;
     d.add_options()("out", po::value<std::string>()->required(), "output directory")(
         "scenario", po::value<std::string>()->default_value(def.scenario),
@@ -44,7 +44,7 @@ Command simulate_command() {
         "voxel-chunk", po::value<std::int64_t>()->default_value(def.voxel_chunk),
         "voxels generated per round (bounds memory)");
   };
-  c.run = [](const po::variables_map &vm, Context &ctx) {
+  c.run = [](const po::variables_map& vm, Context& ctx) {
     sim::SimulateOptions o;
     o.out_dir = vm["out"].as<std::string>();
     o.scenario = vm["scenario"].as<std::string>();

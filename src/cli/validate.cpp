@@ -17,23 +17,23 @@ Command validate_command() {
               "schema version, datasets, dtypes, shapes, index ranges, NaN/Inf. Stimulus indices\n"
               "of brain files are checked against a stimuli file given in the same call.\n"
               "Prints one line per valid file; exits non-zero at the first invalid one.";
-  c.options = [](po::options_description &d) {
+  c.options = [](po::options_description& d) {
     d.add_options()("input", po::value<std::vector<std::string>>()->required(), "files to check");
   };
-  c.positional = [](po::positional_options_description &p) { p.add("input", -1); };
-  c.run = [](const po::variables_map &vm, Context &ctx) {
+  c.positional = [](po::positional_options_description& p) { p.add("input", -1); };
+  c.run = [](const po::variables_map& vm, Context& ctx) {
     const auto files = vm["input"].as<std::vector<std::string>>();
     // Stimuli first, so brain files can be checked against their image count.
     std::int64_t n_stimuli = -1;
     std::vector<std::pair<std::string, std::string>> kinds;
-    for (const auto &path : files) {
+    for (const auto& path : files) {
       io::File f = io::File::open(path, ctx.comm);
       kinds.emplace_back(path, io::file_kind(f));
       if (kinds.back().second == "stimuli")
         n_stimuli = io::check_stimuli(f).n;
     }
     const bool root = mpi::rank(ctx.comm) == 0;
-    for (const auto &[path, kind] : kinds) {
+    for (const auto& [path, kind] : kinds) {
       io::File f = io::File::open(path, ctx.comm);
       std::string line;
       if (kind == "stimuli") {

@@ -2,7 +2,7 @@
 
 namespace gradmap {
 
-const char *Error::what() const noexcept {
+const char* Error::what() const noexcept {
   if (joined_.empty()) {
     for (size_t i = 0; i < lines_.size(); ++i) {
       if (i)

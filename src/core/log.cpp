@@ -30,13 +30,13 @@ int rank() {
   return g_rank;
 }
 
-void set_file(const std::string &path) {
+void set_file(const std::string& path) {
   g_file.reset();
   if (!path.empty() && g_rank == 0)
     g_file = std::make_unique<std::ofstream>(path, std::ios::app);
 }
 
-void write(Level l, const std::string &message, bool all_ranks) {
+void write(Level l, const std::string& message, bool all_ranks) {
   if (static_cast<int>(l) < static_cast<int>(g_level))
     return;
   if (g_rank != 0 && !all_ranks)
@@ -45,7 +45,7 @@ void write(Level l, const std::string &message, bool all_ranks) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - g_start).count();
   char stamp[32];
   std::snprintf(stamp, sizeof stamp, "[%8.1fs] ", t);
-  const char *tag = l == Level::warn ? "warning: " : (l == Level::error ? "error: " : "");
+  const char* tag = l == Level::warn ? "warning: " : (l == Level::error ? "error: " : "");
   std::string line = std::string(stamp) + tag + message;
   if (all_ranks && g_size > 1)
     line = "(rank " + std::to_string(g_rank) + ") " + line;

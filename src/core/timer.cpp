@@ -8,7 +8,7 @@
 
 namespace gradmap {
 namespace {
-std::map<std::string, double> &totals() {
+std::map<std::string, double>& totals() {
   static std::map<std::string, double> t;
   return t;
 }
@@ -34,7 +34,7 @@ void report_stage_times(MPI_Comm comm) {
   int p = 1;
   MPI_Comm_size(comm, &p);
   // std::map iterates in sorted order, so every rank reduces the stages in the same order.
-  for (const auto &[name, secs] : totals()) {
+  for (const auto& [name, secs] : totals()) {
     double mn = secs, mx = secs, sm = secs;
     MPI_Allreduce(MPI_IN_PLACE, &mn, 1, MPI_DOUBLE, MPI_MIN, comm);
     MPI_Allreduce(MPI_IN_PLACE, &mx, 1, MPI_DOUBLE, MPI_MAX, comm);

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <memory>
 #include <new>
+#include <numeric>
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
@@ -27,22 +28,22 @@
 namespace gradmap::extract {
 namespace {
 
-const char *const kKinds[2] = {"activations", "gradients"};
+const char* const kKinds[2] = {"activations", "gradients"};
 
-std::string fingerprint(const ExtractOptions &o, const io::StimuliInfo &s) {
+std::string fingerprint(const ExtractOptions& o, const io::StimuliInfo& s) {
   return "model=" + o.model + ";objective=" + o.objective + ";labels=" + o.labels +
-         ";pooling=" + o.pooling + ";images=" + std::to_string(s.n) + "x" +
-         std::to_string(s.height) + "x" + std::to_string(s.width) +
-         ";block=" + std::to_string(o.block) + ";stimuli=" + o.stimuli;
+         ";seed=" + std::to_string(o.seed) + ";pooling=" + o.pooling +
+         ";images=" + std::to_string(s.n) + "x" + std::to_string(s.height) + "x" +
+         std::to_string(s.width) + ";block=" + std::to_string(o.block) + ";stimuli=" + o.stimuli;
 }
 
-std::string dataset_name(int kind, const std::string &layer) {
+std::string dataset_name(int kind, const std::string& layer) {
   return std::string("/features/") + kKinds[kind] + "/" + layer;
 }
 
 } // namespace
 
-void validate(const ExtractOptions &o) {
+void validate(const ExtractOptions& o) {
   if (o.stimuli.empty())
     throw UsageError("--stimuli: a stimuli file is required");
   if (o.out.empty())
@@ -59,7 +60,7 @@ void validate(const ExtractOptions &o) {
     throw UsageError("--device: must be cpu or cuda, not '" + o.device + "'");
 }
 
-void extract(const ExtractOptions &o, MPI_Comm comm) {
+void extract(const ExtractOptions& o, MPI_Comm comm) {
   validate(o);
   StageTimer total("extract");
   const int me = mpi::rank(comm), p = mpi::size(comm);
@@ -68,7 +69,8 @@ void extract(const ExtractOptions &o, MPI_Comm comm) {
   io::File stim = io::File::open(o.stimuli, comm);
   const io::StimuliInfo si =
       with_context("while checking stimuli " + o.stimuli, [&] { return io::check_stimuli(stim); });
-  if (o.labels == "stimuli" && !si.has_labels)
+  const bool need_labels = o.objective == "cross-entropy" && o.labels == "stimuli";
+  if (need_labels && !si.has_labels)
     throw UsageError(o.stimuli + ": objective " + o.objective +
                      " needs /stimuli/labels, which is missing (or use --labels self)");
   model::ExtractorOptions mo;
@@ -78,16 +80,17 @@ void extract(const ExtractOptions &o, MPI_Comm comm) {
   mo.pooling = o.pooling;
   mo.device = o.device;
   mo.threads = o.threads;
+  mo.seed = o.seed;
   mo.local_rank = o.local_rank;
   std::unique_ptr<model::FeatureExtractor> fx;
   mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(mo); });
-  const auto &layers = fx->layer_names();
-  const auto &dims = fx->layer_dims();
+  const auto& layers = fx->layer_names();
+  const auto& dims = fx->layer_dims();
   const int L = static_cast<int>(layers.size());
   GM_INFO("extract: " << o.model << ", " << L << " layers, objective " << o.objective
                       << ", pooling " << o.pooling << ", " << si.n << " images, " << p
                       << " ranks, batch " << o.batch_size << ", device " << o.device);
-  if (o.labels == "stimuli") {
+  if (need_labels) {
     const auto labels = stim.dataset("/stimuli/labels").read_all<std::int64_t>();
     const auto mx = *std::max_element(labels.begin(), labels.end());
     if (mx >= fx->num_outputs())
@@ -104,12 +107,12 @@ void extract(const ExtractOptions &o, MPI_Comm comm) {
   if (o.resume && io::OutputFile::has_partial(o.out)) {
     try {
       auto candidate = std::make_unique<io::OutputFile>(io::OutputFile::resume(o.out, comm));
-      const io::File &f = candidate->file();
+      const io::File& f = candidate->file();
       resumed =
           f.has_attr("/progress", "fingerprint") && f.attr_string("/progress", "fingerprint") == fp;
       if (resumed)
         out = std::move(candidate);
-    } catch (const Error &e) {
+    } catch (const Error& e) {
       GM_WARN("extract: cannot resume " << io::OutputFile::partial_name(o.out) << " (" << e.what()
                                         << "); starting over");
     }
@@ -118,7 +121,7 @@ void extract(const ExtractOptions &o, MPI_Comm comm) {
   if (!resumed) {
     out.reset();
     out = std::make_unique<io::OutputFile>(o.out, comm);
-    const io::File &f = out->file();
+    const io::File& f = out->file();
     f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
     f.create_group("/features");
     for (int k = 0; k < 2; ++k)
@@ -132,12 +135,13 @@ void extract(const ExtractOptions &o, MPI_Comm comm) {
     f.set_attr("/features", "pooling", o.pooling);
     f.set_attr("/features", "reduction", std::string("none"));
     f.set_attr("/features", "stimuli", o.stimuli);
+    f.set_attr("/features", "seed", static_cast<std::int64_t>(o.seed));
     f.write_small("/progress/blocks_done", std::vector<std::uint8_t>(nblocks, 0), {nblocks});
     f.set_attr("/progress", "fingerprint", fp);
     f.set_attr("/progress", "block", std::int64_t{o.block});
     f.flush();
   }
-  const io::File &f = out->file();
+  const io::File& f = out->file();
   auto done_ds = f.dataset("/progress/blocks_done");
   const auto done = done_ds.read_all<std::uint8_t>();
   const auto n_done = std::count(done.begin(), done.end(), std::uint8_t{1});
@@ -162,8 +166,10 @@ void extract(const ExtractOptions &o, MPI_Comm comm) {
     const std::int64_t i1 = work ? std::min(si.n, i0 + o.block) : 0;
     const std::int64_t n = i1 - i0;
     const auto images = images_ds.read_rows<std::uint8_t>(i0, i1);
+    std::vector<std::int64_t> indices(static_cast<size_t>(n));
+    std::iota(indices.begin(), indices.end(), i0);
     std::vector<std::int64_t> labels;
-    if (o.labels == "stimuli")
+    if (o.labels == "stimuli" && o.objective == "cross-entropy")
       labels = stim.dataset("/stimuli/labels").read_rows<std::int64_t>(i0, i1);
     std::vector<std::vector<float>> feats[2];
     feats[0].resize(L);
@@ -174,8 +180,8 @@ void extract(const ExtractOptions &o, MPI_Comm comm) {
         model::BatchFeatures bf;
         try {
           bf = fx->run(&images[s * px], nb, si.height, si.width,
-                       labels.empty() ? nullptr : &labels[s]);
-        } catch (const std::bad_alloc &) {
+                       labels.empty() ? nullptr : &labels[s], &indices[s]);
+        } catch (const std::bad_alloc&) {
           throw Error("out of memory at --batch-size " + std::to_string(o.batch_size) +
                       "; try a smaller batch size");
         }

@@ -18,13 +18,13 @@ namespace {
 struct SilenceH5 {
   SilenceH5() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
 };
-const SilenceH5 &silence() {
+const SilenceH5& silence() {
   static SilenceH5 s;
   return s;
 }
 
-herr_t collect_error(unsigned n, const H5E_error2_t *err, void *data) {
-  auto *out = static_cast<std::string *>(data);
+herr_t collect_error(unsigned n, const H5E_error2_t* err, void* data) {
+  auto* out = static_cast<std::string*>(data);
   if (n == 0 && err->desc)
     *out = err->desc;
   else if (err->desc && out->empty())
@@ -51,24 +51,24 @@ Handle vlen_string_type() {
   return t;
 }
 
-std::vector<hsize_t> to_hsize(const std::vector<std::int64_t> &v) {
+std::vector<hsize_t> to_hsize(const std::vector<std::int64_t>& v) {
   return std::vector<hsize_t>(v.begin(), v.end());
 }
 
-std::int64_t product(const std::vector<std::int64_t> &v) {
+std::int64_t product(const std::vector<std::int64_t>& v) {
   return std::accumulate(v.begin(), v.end(), std::int64_t{1}, std::multiplies<>());
 }
 
 } // namespace
 
-void throw_h5_error(const char *what) {
+void throw_h5_error(const char* what) {
   std::string desc;
   H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, collect_error, &desc);
   H5Eclear2(H5E_DEFAULT);
   throw Error("HDF5 error" + (desc.empty() ? std::string() : ": " + desc) + " (in " + what + ")");
 }
 
-const char *dtype_name(DType t) {
+const char* dtype_name(DType t) {
   switch (t) {
   case DType::u8: return "uint8";
   case DType::i32: return "int32";
@@ -101,7 +101,7 @@ void Handle::reset() {
 File::File(std::string path, MPI_Comm comm, Handle id)
     : path_(std::move(path)), comm_(comm), id_(std::move(id)) {}
 
-File File::open(const std::string &path, MPI_Comm comm) {
+File File::open(const std::string& path, MPI_Comm comm) {
   silence();
   mpi::collective_check(comm, [&] {
     struct stat st {};
@@ -124,7 +124,7 @@ File File::open(const std::string &path, MPI_Comm comm) {
   return File(path, comm, Handle(id));
 }
 
-File File::create(const std::string &path, MPI_Comm comm) {
+File File::create(const std::string& path, MPI_Comm comm) {
   silence();
   Handle fapl(GM_CHECK_H5(H5Pcreate(H5P_FILE_ACCESS)));
   GM_CHECK_H5(H5Pset_fapl_mpio(fapl.get(), comm, MPI_INFO_NULL));
@@ -142,13 +142,13 @@ File::~File() {
   if (std::uncaught_exceptions() == 0) {
     try {
       close();
-    } catch (const Error &) {
+    } catch (const Error&) {
       // A destructor cannot report; close() explicitly where the outcome matters.
     }
   }
 }
 
-File File::open_rw(const std::string &path, MPI_Comm comm) {
+File File::open_rw(const std::string& path, MPI_Comm comm) {
   silence();
   Handle fapl(GM_CHECK_H5(H5Pcreate(H5P_FILE_ACCESS)));
   GM_CHECK_H5(H5Pset_fapl_mpio(fapl.get(), comm, MPI_INFO_NULL));
@@ -185,7 +185,7 @@ void File::close() {
     throw_h5_error(("H5Fclose(" + path_ + ")").c_str());
 }
 
-bool File::exists(const std::string &name) const {
+bool File::exists(const std::string& name) const {
   if (name == "/")
     return true;
   // Check each path component so that a missing parent is not an error.
@@ -206,13 +206,13 @@ bool File::exists(const std::string &name) const {
   return true;
 }
 
-void File::create_group(const std::string &name) const {
+void File::create_group(const std::string& name) const {
   Handle lcpl(GM_CHECK_H5(H5Pcreate(H5P_LINK_CREATE)));
   GM_CHECK_H5(H5Pset_create_intermediate_group(lcpl.get(), 1));
   Handle g(GM_CHECK_H5(H5Gcreate2(id(), name.c_str(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT)));
 }
 
-std::vector<std::string> File::members(const std::string &group) const {
+std::vector<std::string> File::members(const std::string& group) const {
   Handle g(H5Gopen2(id(), group.c_str(), H5P_DEFAULT));
   if (g.get() < 0) {
     H5Eclear2(H5E_DEFAULT);
@@ -233,9 +233,9 @@ std::vector<std::string> File::members(const std::string &group) const {
   return names;
 }
 
-Dataset File::create_dataset(const std::string &name, DType type,
-                             const std::vector<std::int64_t> &dims,
-                             const std::vector<std::int64_t> &chunk) const {
+Dataset File::create_dataset(const std::string& name, DType type,
+                             const std::vector<std::int64_t>& dims,
+                             const std::vector<std::int64_t>& chunk) const {
   auto d = to_hsize(dims);
   Handle space(GM_CHECK_H5(H5Screate_simple(static_cast<int>(d.size()), d.data(), nullptr)));
   Handle dcpl(GM_CHECK_H5(H5Pcreate(H5P_DATASET_CREATE)));
@@ -266,7 +266,7 @@ Dataset File::create_dataset(const std::string &name, DType type,
   return Dataset(*this, name, std::move(ds));
 }
 
-Dataset File::dataset(const std::string &name) const {
+Dataset File::dataset(const std::string& name) const {
   if (!exists(name))
     throw Error("dataset " + name + " missing in " + path_);
   hid_t ds = H5Dopen2(id(), name.c_str(), H5P_DEFAULT);
@@ -278,8 +278,8 @@ Dataset File::dataset(const std::string &name) const {
 }
 
 template <class T>
-void File::write_small(const std::string &name, const std::vector<T> &values,
-                       const std::vector<std::int64_t> &dims) const {
+void File::write_small(const std::string& name, const std::vector<T>& values,
+                       const std::vector<std::int64_t>& dims) const {
   GM_REQUIRE(static_cast<std::int64_t>(values.size()) == product(dims),
              "write_small: size mismatch for " + name);
   Dataset ds = create_dataset(name, DTypeOf<T>::value, dims);
@@ -290,11 +290,11 @@ void File::write_small(const std::string &name, const std::vector<T> &values,
   ds.write(values.data(), start, count);
 }
 
-void File::write_strings(const std::string &name, const std::vector<std::string> &values) const {
+void File::write_strings(const std::string& name, const std::vector<std::string>& values) const {
   // Parallel HDF5 cannot write variable-length data, so string datasets are fixed-length,
   // null-terminated UTF-8 (h5py reads them as bytes; gradmap's readers accept both forms).
   size_t len = 1;
-  for (const auto &v : values)
+  for (const auto& v : values)
     len = std::max(len, v.size() + 1);
   Handle t(GM_CHECK_H5(H5Tcopy(H5T_C_S1)));
   GM_CHECK_H5(H5Tset_size(t.get(), len));
@@ -322,7 +322,7 @@ void File::write_strings(const std::string &name, const std::vector<std::string>
   GM_CHECK_H5(H5Dwrite(ds.get(), t.get(), mspace.get(), fspace.get(), dxpl.get(), buf.data()));
 }
 
-Handle File::open_object(const std::string &obj) const {
+Handle File::open_object(const std::string& obj) const {
   hid_t o = H5Oopen(id(), obj.c_str(), H5P_DEFAULT);
   if (o < 0) {
     H5Eclear2(H5E_DEFAULT);
@@ -332,8 +332,8 @@ Handle File::open_object(const std::string &obj) const {
 }
 
 namespace {
-void write_attr(hid_t obj, const std::string &name, hid_t ftype, hid_t mtype, hid_t space,
-                const void *buf) {
+void write_attr(hid_t obj, const std::string& name, hid_t ftype, hid_t mtype, hid_t space,
+                const void* buf) {
   if (H5Aexists(obj, name.c_str()) > 0)
     GM_CHECK_H5(H5Adelete(obj, name.c_str()));
   Handle a(GM_CHECK_H5(H5Acreate2(obj, name.c_str(), ftype, space, H5P_DEFAULT, H5P_DEFAULT)));
@@ -344,43 +344,43 @@ Handle simple_space(hsize_t n) {
 }
 } // namespace
 
-void File::set_attr(const std::string &obj, const std::string &name,
-                    const std::string &value) const {
+void File::set_attr(const std::string& obj, const std::string& name,
+                    const std::string& value) const {
   Handle o = open_object(obj);
   Handle t = vlen_string_type();
   Handle space(GM_CHECK_H5(H5Screate(H5S_SCALAR)));
-  const char *p = value.c_str();
+  const char* p = value.c_str();
   write_attr(o.get(), name, t.get(), t.get(), space.get(), &p);
 }
-void File::set_attr(const std::string &obj, const std::string &name, std::int64_t value) const {
+void File::set_attr(const std::string& obj, const std::string& name, std::int64_t value) const {
   Handle o = open_object(obj);
   Handle space(GM_CHECK_H5(H5Screate(H5S_SCALAR)));
   write_attr(o.get(), name, H5T_STD_I64LE, H5T_NATIVE_INT64, space.get(), &value);
 }
-void File::set_attr(const std::string &obj, const std::string &name,
-                    const std::vector<double> &value) const {
+void File::set_attr(const std::string& obj, const std::string& name,
+                    const std::vector<double>& value) const {
   Handle o = open_object(obj);
   Handle space = simple_space(value.size());
   write_attr(o.get(), name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, space.get(), value.data());
 }
-void File::set_attr(const std::string &obj, const std::string &name,
-                    const std::vector<std::int64_t> &value) const {
+void File::set_attr(const std::string& obj, const std::string& name,
+                    const std::vector<std::int64_t>& value) const {
   Handle o = open_object(obj);
   Handle space = simple_space(value.size());
   write_attr(o.get(), name, H5T_STD_I64LE, H5T_NATIVE_INT64, space.get(), value.data());
 }
-void File::set_attr(const std::string &obj, const std::string &name,
-                    const std::vector<std::string> &value) const {
+void File::set_attr(const std::string& obj, const std::string& name,
+                    const std::vector<std::string>& value) const {
   Handle o = open_object(obj);
   Handle t = vlen_string_type();
   Handle space = simple_space(value.size());
-  std::vector<const char *> ptrs;
-  for (const auto &s : value)
+  std::vector<const char*> ptrs;
+  for (const auto& s : value)
     ptrs.push_back(s.c_str());
   write_attr(o.get(), name, t.get(), t.get(), space.get(), ptrs.data());
 }
 
-bool File::has_attr(const std::string &obj, const std::string &name) const {
+bool File::has_attr(const std::string& obj, const std::string& name) const {
   if (!exists(obj))
     return false;
   Handle o = open_object(obj);
@@ -390,7 +390,7 @@ bool File::has_attr(const std::string &obj, const std::string &name) const {
   return e > 0;
 }
 
-Handle File::open_attr(const std::string &obj, const std::string &name) const {
+Handle File::open_attr(const std::string& obj, const std::string& name) const {
   if (!has_attr(obj, name))
     throw Error("attribute '" + name + "' missing on " + obj + " in " + path_);
   Handle o = open_object(obj);
@@ -404,7 +404,7 @@ hssize_t attr_npoints(hid_t a) {
 }
 } // namespace
 
-std::vector<std::string> File::attr_strings(const std::string &obj, const std::string &name) const {
+std::vector<std::string> File::attr_strings(const std::string& obj, const std::string& name) const {
   Handle a = open_attr(obj, name);
   Handle ft(GM_CHECK_H5(H5Aget_type(a.get())));
   if (H5Tget_class(ft.get()) != H5T_STRING)
@@ -413,9 +413,9 @@ std::vector<std::string> File::attr_strings(const std::string &obj, const std::s
   std::vector<std::string> out;
   if (H5Tis_variable_str(ft.get()) > 0) {
     Handle t = vlen_string_type();
-    std::vector<char *> ptrs(n, nullptr);
+    std::vector<char*> ptrs(n, nullptr);
     GM_CHECK_H5(H5Aread(a.get(), t.get(), ptrs.data()));
-    for (char *p : ptrs)
+    for (char* p : ptrs)
       out.emplace_back(p ? p : "");
     Handle space(GM_CHECK_H5(H5Aget_space(a.get())));
     H5Dvlen_reclaim(t.get(), space.get(), H5P_DEFAULT, ptrs.data());
@@ -432,14 +432,14 @@ std::vector<std::string> File::attr_strings(const std::string &obj, const std::s
   return out;
 }
 
-std::string File::attr_string(const std::string &obj, const std::string &name) const {
+std::string File::attr_string(const std::string& obj, const std::string& name) const {
   auto v = attr_strings(obj, name);
   if (v.size() != 1)
     throw Error("attribute '" + name + "' on " + obj + " in " + path_ + " is not a single string");
   return v[0];
 }
 
-std::vector<double> File::attr_doubles(const std::string &obj, const std::string &name) const {
+std::vector<double> File::attr_doubles(const std::string& obj, const std::string& name) const {
   Handle a = open_attr(obj, name);
   Handle ft(GM_CHECK_H5(H5Aget_type(a.get())));
   const auto cls = H5Tget_class(ft.get());
@@ -450,7 +450,7 @@ std::vector<double> File::attr_doubles(const std::string &obj, const std::string
   return v;
 }
 
-std::vector<std::int64_t> File::attr_ints(const std::string &obj, const std::string &name) const {
+std::vector<std::int64_t> File::attr_ints(const std::string& obj, const std::string& name) const {
   Handle a = open_attr(obj, name);
   Handle ft(GM_CHECK_H5(H5Aget_type(a.get())));
   if (H5Tget_class(ft.get()) != H5T_INTEGER)
@@ -460,7 +460,7 @@ std::vector<std::int64_t> File::attr_ints(const std::string &obj, const std::str
   return v;
 }
 
-std::int64_t File::attr_int(const std::string &obj, const std::string &name) const {
+std::int64_t File::attr_int(const std::string& obj, const std::string& name) const {
   auto v = attr_ints(obj, name);
   if (v.size() != 1)
     throw Error("attribute '" + name + "' on " + obj + " in " + path_ + " is not a scalar");
@@ -469,7 +469,7 @@ std::int64_t File::attr_int(const std::string &obj, const std::string &name) con
 
 // -------------------------------------------------------------------------------- Dataset
 
-Dataset::Dataset(const File &file, std::string name, Handle id)
+Dataset::Dataset(const File& file, std::string name, Handle id)
     : file_(&file), name_(std::move(name)), id_(std::move(id)) {}
 
 std::string Dataset::where() const {
@@ -507,9 +507,9 @@ DType Dataset::dtype() const {
               std::to_string(sz) + " bytes) for " + where());
 }
 
-void Dataset::transfer(bool write, hid_t memtype, void *buf, std::size_t elem_size,
-                       const std::vector<std::int64_t> &start,
-                       const std::vector<std::int64_t> &count) const {
+void Dataset::transfer(bool write, hid_t memtype, void* buf, std::size_t elem_size,
+                       const std::vector<std::int64_t>& start,
+                       const std::vector<std::int64_t>& count) const {
   const auto dims = shape();
   GM_REQUIRE(start.size() == dims.size() && count.size() == dims.size(),
              "hyperslab rank mismatch for " + where());
@@ -557,13 +557,13 @@ void Dataset::transfer(bool write, hid_t memtype, void *buf, std::size_t elem_si
                                         nullptr));
       mspace = Handle(GM_CHECK_H5(H5Screate_simple(1, &n, nullptr)));
     }
-    char *ptr = static_cast<char *>(buf) + (empty ? 0 : r0 * row_elems * std::int64_t(elem_size));
+    char* ptr = static_cast<char*>(buf) + (empty ? 0 : r0 * row_elems * std::int64_t(elem_size));
     herr_t rc = write ? H5Dwrite(id(), memtype, mspace.get(), fspace.get(), dxpl.get(), ptr)
                       : H5Dread(id(), memtype, mspace.get(), fspace.get(), dxpl.get(), ptr);
     if (rc < 0) {
       try {
         throw_h5_error(write ? "H5Dwrite" : "H5Dread");
-      } catch (Error &e) {
+      } catch (Error& e) {
         e.context(std::string("while ") + (write ? "writing " : "reading ") + where());
         throw;
       }
@@ -572,8 +572,8 @@ void Dataset::transfer(bool write, hid_t memtype, void *buf, std::size_t elem_si
 }
 
 template <class T>
-std::vector<T> Dataset::read(const std::vector<std::int64_t> &start,
-                             const std::vector<std::int64_t> &count) const {
+std::vector<T> Dataset::read(const std::vector<std::int64_t>& start,
+                             const std::vector<std::int64_t>& count) const {
   std::vector<T> out(static_cast<size_t>(product(count)));
   transfer(false, memtype_of(DTypeOf<T>::value), out.data(), sizeof(T), start, count);
   return out;
@@ -594,12 +594,12 @@ template <class T> std::vector<T> Dataset::read_rows(std::int64_t begin, std::in
 }
 
 template <class T>
-void Dataset::write(const T *data, const std::vector<std::int64_t> &start,
-                    const std::vector<std::int64_t> &count) const {
-  transfer(true, memtype_of(DTypeOf<T>::value), const_cast<T *>(data), sizeof(T), start, count);
+void Dataset::write(const T* data, const std::vector<std::int64_t>& start,
+                    const std::vector<std::int64_t>& count) const {
+  transfer(true, memtype_of(DTypeOf<T>::value), const_cast<T*>(data), sizeof(T), start, count);
 }
 
-template <class T> void Dataset::write_rows(const std::vector<T> &data, std::int64_t begin) const {
+template <class T> void Dataset::write_rows(const std::vector<T>& data, std::int64_t begin) const {
   auto dims = shape();
   std::int64_t row = 1;
   for (size_t i = 1; i < dims.size(); ++i)
@@ -622,10 +622,10 @@ std::vector<std::string> Dataset::read_strings() const {
   std::vector<std::string> out;
   if (H5Tis_variable_str(ft.get()) > 0) {
     Handle t = vlen_string_type();
-    std::vector<char *> ptrs(n, nullptr);
+    std::vector<char*> ptrs(n, nullptr);
     if (n)
       GM_CHECK_H5(H5Dread(id(), t.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, ptrs.data()));
-    for (char *p : ptrs)
+    for (char* p : ptrs)
       out.emplace_back(p ? p : "");
     Handle space(GM_CHECK_H5(H5Dget_space(id())));
     if (n)
@@ -645,15 +645,15 @@ std::vector<std::string> Dataset::read_strings() const {
 }
 
 #define GM_INSTANTIATE(T)                                                                          \
-  template std::vector<T> Dataset::read<T>(const std::vector<std::int64_t> &,                      \
-                                           const std::vector<std::int64_t> &) const;               \
+  template std::vector<T> Dataset::read<T>(const std::vector<std::int64_t>&,                       \
+                                           const std::vector<std::int64_t>&) const;                \
   template std::vector<T> Dataset::read_all<T>() const;                                            \
   template std::vector<T> Dataset::read_rows<T>(std::int64_t, std::int64_t) const;                 \
-  template void Dataset::write<T>(const T *, const std::vector<std::int64_t> &,                    \
-                                  const std::vector<std::int64_t> &) const;                        \
-  template void Dataset::write_rows<T>(const std::vector<T> &, std::int64_t) const;                \
-  template void File::write_small<T>(const std::string &, const std::vector<T> &,                  \
-                                     const std::vector<std::int64_t> &) const;
+  template void Dataset::write<T>(const T*, const std::vector<std::int64_t>&,                      \
+                                  const std::vector<std::int64_t>&) const;                         \
+  template void Dataset::write_rows<T>(const std::vector<T>&, std::int64_t) const;                 \
+  template void File::write_small<T>(const std::string&, const std::vector<T>&,                    \
+                                     const std::vector<std::int64_t>&) const;
 GM_INSTANTIATE(std::uint8_t)
 GM_INSTANTIATE(std::int32_t)
 GM_INSTANTIATE(std::int64_t)
@@ -663,7 +663,7 @@ GM_INSTANTIATE(double)
 
 // ---------------------------------------------------------------------------- OutputFile
 
-void make_directories(const std::string &dir) {
+void make_directories(const std::string& dir) {
   if (dir.empty())
     return;
   std::error_code ec;
@@ -672,7 +672,7 @@ void make_directories(const std::string &dir) {
     throw Error("cannot create directory " + dir + ": " + ec.message());
 }
 
-OutputFile::OutputFile(const std::string &path, MPI_Comm comm)
+OutputFile::OutputFile(const std::string& path, MPI_Comm comm)
     : path_(path), file_([&] {
         mpi::collective_check(comm, [&] {
           if (mpi::rank(comm) == 0) {
@@ -683,11 +683,11 @@ OutputFile::OutputFile(const std::string &path, MPI_Comm comm)
         return File::create(partial_name(path), comm);
       }()) {}
 
-OutputFile OutputFile::resume(const std::string &path, MPI_Comm comm) {
+OutputFile OutputFile::resume(const std::string& path, MPI_Comm comm) {
   return OutputFile(path, File::open_rw(partial_name(path), comm));
 }
 
-bool OutputFile::has_partial(const std::string &path) {
+bool OutputFile::has_partial(const std::string& path) {
   return std::filesystem::exists(partial_name(path));
 }
 

@@ -12,26 +12,26 @@ namespace gradmap::io {
 namespace {
 
 // Metadata is read identically on every rank, so a failure is raised everywhere: collective.
-[[noreturn]] void fail(const std::string &msg) {
+[[noreturn]] void fail(const std::string& msg) {
   Error e(msg);
   e.collective = true;
   throw e;
 }
 
-std::string shape_str(const std::vector<std::int64_t> &s) {
+std::string shape_str(const std::vector<std::int64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i)
     out += (i ? ", " : "") + std::to_string(s[i]);
   return out + "]";
 }
 
-void check_version(const File &f) {
+void check_version(const File& f) {
   if (!f.has_attr("/", "gradmap_schema"))
     fail(f.path() + ": attribute gradmap_schema missing on / (not a gradmap file?)");
   std::int64_t v = 0;
   try {
     v = f.attr_int("/", "gradmap_schema");
-  } catch (const Error &) {
+  } catch (const Error&) {
     fail(f.path() + ": attribute gradmap_schema must be an integer");
   }
   if (v != kSchemaVersion)
@@ -39,7 +39,7 @@ void check_version(const File &f) {
          std::to_string(kSchemaVersion));
 }
 
-Dataset need(const File &f, const std::string &name, std::initializer_list<DType> types,
+Dataset need(const File& f, const std::string& name, std::initializer_list<DType> types,
              size_t ndim) {
   if (!f.exists(name))
     fail(f.path() + ": dataset " + name + " missing");
@@ -47,7 +47,7 @@ Dataset need(const File &f, const std::string &name, std::initializer_list<DType
   DType t;
   try {
     t = ds.dtype();
-  } catch (const Error &e) {
+  } catch (const Error& e) {
     fail(e.what());
   }
   if (std::find(types.begin(), types.end(), t) == types.end()) {
@@ -62,14 +62,14 @@ Dataset need(const File &f, const std::string &name, std::initializer_list<DType
   return ds;
 }
 
-void expect_dim(const Dataset &ds, size_t axis, std::int64_t n, const std::string &what) {
+void expect_dim(const Dataset& ds, size_t axis, std::int64_t n, const std::string& what) {
   if (ds.shape()[axis] != n)
     fail(ds.where() + ": shape " + shape_str(ds.shape()) + ", dimension " + std::to_string(axis) +
          " must be " + std::to_string(n) + " (" + what + ")");
 }
 
 // Reads rows of a float dataset in row blocks over ranks and checks for NaN/Inf.
-void check_finite(const Dataset &ds, MPI_Comm comm) {
+void check_finite(const Dataset& ds, MPI_Comm comm) {
   const auto shape = ds.shape();
   std::int64_t row = 1;
   for (size_t i = 1; i < shape.size(); ++i)
@@ -96,7 +96,7 @@ void check_finite(const Dataset &ds, MPI_Comm comm) {
 
 } // namespace
 
-std::string file_kind(const File &f) {
+std::string file_kind(const File& f) {
   check_version(f);
   if (f.exists("/stimuli"))
     return "stimuli";
@@ -107,7 +107,7 @@ std::string file_kind(const File &f) {
   fail(f.path() + ": none of the groups /stimuli, /brain, /features is present");
 }
 
-StimuliInfo check_stimuli(const File &f) {
+StimuliInfo check_stimuli(const File& f) {
   check_version(f);
   StimuliInfo info;
   Dataset img = need(f, "/stimuli/images", {DType::u8}, 4);
@@ -140,7 +140,7 @@ StimuliInfo check_stimuli(const File &f) {
   return info;
 }
 
-BrainInfo check_brain(const File &f, std::int64_t n_stimuli) {
+BrainInfo check_brain(const File& f, std::int64_t n_stimuli) {
   check_version(f);
   BrainInfo info;
   if (!f.has_attr("/", "modality"))
@@ -234,7 +234,7 @@ BrainInfo check_brain(const File &f, std::int64_t n_stimuli) {
   return info;
 }
 
-FeaturesInfo check_features(const File &f) {
+FeaturesInfo check_features(const File& f) {
   check_version(f);
   FeaturesInfo info;
   if (!f.exists("/features"))
@@ -245,7 +245,7 @@ FeaturesInfo check_features(const File &f) {
   std::vector<std::string> order;
   if (f.has_attr("/features", "layers"))
     order = f.attr_strings("/features", "layers");
-  for (const auto &kind : info.kinds) {
+  for (const auto& kind : info.kinds) {
     auto names = f.members("/features/" + kind);
     if (names.empty())
       fail(f.path() + ": /features/" + kind + " has no layers");

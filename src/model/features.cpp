@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "gradmap/core/error.hpp"
@@ -36,24 +37,24 @@ struct TinyCnnImpl : torch::nn::Module {
   }
   std::vector<torch::Tensor> layers(torch::Tensor x) {
     std::vector<torch::Tensor> out;
-    for (auto &c : convs) {
+    for (auto& c : convs) {
       x = torch::relu(c->forward(x));
       out.push_back(x);
     }
     return out;
   }
-  torch::Tensor output(const torch::Tensor &last) { return head->forward(last.mean({2, 3})); }
+  torch::Tensor output(const torch::Tensor& last) { return head->forward(last.mean({2, 3})); }
 };
 TORCH_MODULE(TinyCnn);
 
 constexpr std::uint64_t kTinyCnnSeed = 0x7469ULL; // "ti": the seed of builtin:tinycnn
 
-void init_deterministic(torch::nn::Module &m, std::uint64_t seed) {
+void init_deterministic(torch::nn::Module& m, std::uint64_t seed) {
   torch::NoGradGuard ng;
   std::uint32_t index = 0;
   int64_t last_fan_in = 1;
-  for (auto &p : m.named_parameters()) {
-    auto &t = p.value();
+  for (auto& p : m.named_parameters()) {
+    auto& t = p.value();
     const bool is_bias = t.dim() == 1;
     // fan_in: for a bias, that of its layer's weight (the previous parameter).
     int64_t fan_in = 1;
@@ -95,7 +96,7 @@ struct FeatureExtractor::Impl {
   int64_t outputs = 0;
 
   // Forward pass: per-layer outputs in network order and the final output.
-  std::pair<std::vector<torch::Tensor>, torch::Tensor> forward(const torch::Tensor &x) {
+  std::pair<std::vector<torch::Tensor>, torch::Tensor> forward(const torch::Tensor& x) {
     if (builtin) {
       auto hs = builtin->layers(x);
       auto out = builtin->output(hs.back());
@@ -119,8 +120,8 @@ struct FeatureExtractor::Impl {
     return {list, tup->elements()[1].toTensor()};
   }
 
-  torch::Tensor pool(const torch::Tensor &h, size_t layer) const {
-    const std::string &p = opt.pooling;
+  torch::Tensor pool(const torch::Tensor& h, size_t layer) const {
+    const std::string& p = opt.pooling;
     if (h.dim() == 4) { // [B, C, H, W]
       if (p != "mean")
         throw Error("pooling '" + p + "' needs token outputs [B, T, D], but layer " + names[layer] +
@@ -145,27 +146,71 @@ struct FeatureExtractor::Impl {
                 " dimensions; expected [B, D], [B, T, D] or [B, C, H, W]");
   }
 
-  torch::Tensor preprocess(const std::uint8_t *images, int64_t n, int64_t h, int64_t w) const {
-    auto x = torch::from_blob(const_cast<std::uint8_t *>(images), {n, h, w, 3}, torch::kUInt8)
-                 .permute({0, 3, 1, 2})
-                 .to(torch::kFloat32)
-                 .div(255.0);
-    if (input_size > 0 && (h != input_size || w != input_size)) {
-      namespace F = torch::nn::functional;
-      x = F::interpolate(x, F::InterpolateFuncOptions()
-                                .size(std::vector<int64_t>{input_size, input_size})
-                                .mode(torch::kBilinear)
-                                .align_corners(false)
-                                .antialias(true));
-    }
+  static torch::Tensor resize(const torch::Tensor& x, int64_t h, int64_t w) {
+    namespace F = torch::nn::functional;
+    return F::interpolate(x, F::InterpolateFuncOptions()
+                                 .size(std::vector<int64_t>{h, w})
+                                 .mode(torch::kBilinear)
+                                 .align_corners(false)
+                                 .antialias(true));
+  }
+  static torch::Tensor normalise(const torch::Tensor& x) {
     const auto mean = torch::tensor({0.485f, 0.456f, 0.406f}).view({1, 3, 1, 1});
     const auto std = torch::tensor({0.229f, 0.224f, 0.225f}).view({1, 3, 1, 1});
-    return ((x - mean) / std).contiguous().to(device);
+    return ((x - mean) / std).contiguous();
+  }
+  // uint8 [n, h, w, 3] -> float [n, 3, h, w] in [0, 1].
+  static torch::Tensor to_unit(const std::uint8_t* images, int64_t n, int64_t h, int64_t w) {
+    return torch::from_blob(const_cast<std::uint8_t*>(images), {n, h, w, 3}, torch::kUInt8)
+        .permute({0, 3, 1, 2})
+        .to(torch::kFloat32)
+        .div(255.0);
+  }
+  torch::Tensor preprocess(const std::uint8_t* images, int64_t n, int64_t h, int64_t w) const {
+    auto x = to_unit(images, n, h, w);
+    if (input_size > 0 && (h != input_size || w != input_size))
+      x = resize(x, input_size, input_size);
+    return normalise(x).to(device);
+  }
+  // The augmented view of each image: a random resized crop (area share in [0.4, 1], aspect
+  // ratio log-uniform in [3/4, 4/3]) resized to the model's input size, then a horizontal flip
+  // with probability 1/2; parameters from Philox(seed, augmentation, global index, view).
+  torch::Tensor augmented(const std::uint8_t* images, int64_t n, int64_t h, int64_t w,
+                          const std::int64_t* indices, std::uint32_t view) const {
+    const auto x = to_unit(images, n, h, w);
+    const int64_t oh = input_size > 0 ? input_size : h, ow = input_size > 0 ? input_size : w;
+    std::vector<torch::Tensor> views;
+    for (int64_t i = 0; i < n; ++i) {
+      sim::Philox rng(opt.seed, sim::Stream::augmentation, std::uint32_t(indices[i]), view);
+      const double area = rng.uniform(0.4, 1.0);
+      const double ratio = std::exp(rng.uniform(std::log(3.0 / 4.0), std::log(4.0 / 3.0)));
+      const int64_t cw = std::clamp<int64_t>(std::llround(std::sqrt(area * ratio) * w), 1, w);
+      const int64_t ch = std::clamp<int64_t>(std::llround(std::sqrt(area / ratio) * h), 1, h);
+      const int64_t x0 = rng.below(std::uint32_t(w - cw + 1));
+      const int64_t y0 = rng.below(std::uint32_t(h - ch + 1));
+      const bool flip = rng.below(2) == 1;
+      auto v = resize(x.slice(0, i, i + 1).slice(2, y0, y0 + ch).slice(3, x0, x0 + cw), oh, ow);
+      views.push_back(flip ? v.flip({3}) : v);
+    }
+    return normalise(torch::cat(views, 0)).to(device);
+  }
+  // The DINO head: K fixed random prototypes, W [D, K] ~ N(0, 1/D) from Philox(seed).
+  torch::Tensor prototypes;
+  torch::Tensor prototype_head(int64_t d) {
+    if (!prototypes.defined() || prototypes.size(0) != d) {
+      sim::Philox rng(opt.seed, sim::Stream::projection, 0, 0);
+      std::vector<float> w(static_cast<size_t>(d * opt.prototypes));
+      for (auto& v : w)
+        v = static_cast<float>(rng.normal() / std::sqrt(double(d)));
+      prototypes =
+          torch::from_blob(w.data(), {d, opt.prototypes}, torch::kFloat32).clone().to(device);
+    }
+    return prototypes;
   }
 };
 
-FeatureExtractor::FeatureExtractor(const ExtractorOptions &options) : impl_(new Impl) {
-  auto &I = *impl_;
+FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new Impl) {
+  auto& I = *impl_;
   I.opt = options;
   torch::set_num_threads(std::max(1, options.threads));
   if (options.device == "cpu") {
@@ -183,7 +228,7 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions &options) : impl_(new 
   } else {
     throw Error("unknown --device '" + options.device + "' (cpu or cuda)");
   }
-  const std::string &m = options.model;
+  const std::string& m = options.model;
   if (m.rfind("builtin:", 0) == 0) {
     const std::string name = m.substr(8);
     if (name != "tinycnn")
@@ -198,20 +243,21 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions &options) : impl_(new 
     const std::string path = m.substr(12);
     try {
       I.script = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, I.device));
-    } catch (const c10::Error &e) {
+    } catch (const c10::Error& e) {
       throw Error("cannot load TorchScript model " + path + ": " + e.what_without_backtrace());
     }
     I.script->eval();
     if (I.script->hasattr("input_size"))
       I.input_size = I.script->attr("input_size").toInt();
     if (I.script->hasattr("layer_names"))
-      for (const auto &s : I.script->attr("layer_names").toListRef())
+      for (const auto& s : I.script->attr("layer_names").toListRef())
         I.names.push_back(s.toStringRef());
   } else {
     throw Error("--model must be builtin:NAME or torchscript:PATH, not '" + m + "'");
   }
-  if (options.objective != "cross-entropy")
-    throw Error("unknown objective '" + options.objective + "' (cross-entropy)");
+  if (options.objective != "cross-entropy" && options.objective != "cosine" &&
+      options.objective != "dino")
+    throw Error("unknown objective '" + options.objective + "' (cross-entropy, cosine, dino)");
   if (options.labels != "stimuli" && options.labels != "self")
     throw Error("--labels must be 'stimuli' or 'self', not '" + options.labels + "'");
 
@@ -236,19 +282,20 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions &options) : impl_(new 
 
 FeatureExtractor::~FeatureExtractor() = default;
 
-const std::vector<std::string> &FeatureExtractor::layer_names() const {
+const std::vector<std::string>& FeatureExtractor::layer_names() const {
   return impl_->names;
 }
-const std::vector<std::int64_t> &FeatureExtractor::layer_dims() const {
+const std::vector<std::int64_t>& FeatureExtractor::layer_dims() const {
   return impl_->dims;
 }
 std::int64_t FeatureExtractor::num_outputs() const {
   return impl_->outputs;
 }
 
-BatchFeatures FeatureExtractor::run(const std::uint8_t *images, std::int64_t n, std::int64_t height,
-                                    std::int64_t width, const std::int64_t *labels) const {
-  auto &I = *impl_;
+BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
+                                    std::int64_t width, const std::int64_t* labels,
+                                    const std::int64_t* indices) const {
+  auto& I = *impl_;
   BatchFeatures bf;
   bf.n = n;
   if (n == 0) {
@@ -263,22 +310,47 @@ BatchFeatures FeatureExtractor::run(const std::uint8_t *images, std::int64_t n, 
   if (hs.size() != I.names.size())
     throw Error("model returned " + std::to_string(hs.size()) + " layer outputs, expected " +
                 std::to_string(I.names.size()));
-  // L = sum_i CE(out_i, y_i): a sum of per-image losses, so dL/dh_l for image i depends on
-  // image i only and per-image results do not depend on the batch size.
-  torch::Tensor target;
-  if (I.opt.labels == "self") {
-    target = out.detach().argmax(1);
+  namespace F = torch::nn::functional;
+  torch::Tensor loss;
+  if (I.opt.objective == "cross-entropy") {
+    // L = sum_i CE(out_i, y_i): a sum of per-image losses, so dL/dh_l for image i depends on
+    // image i only and per-image results do not depend on the batch size.
+    torch::Tensor target;
+    if (I.opt.labels == "self") {
+      target = out.detach().argmax(1);
+    } else {
+      if (!labels)
+        throw Error("objective cross-entropy needs /stimuli/labels (or use --labels self)");
+      target = torch::from_blob(const_cast<std::int64_t*>(labels), {n}, torch::kInt64).clone();
+      const int64_t mx = target.max().item<int64_t>(), mn = target.min().item<int64_t>();
+      if (mn < 0 || mx >= out.size(1))
+        throw Error("label out of range [0, " + std::to_string(out.size(1)) + ") for this model");
+      target = target.to(I.device);
+    }
+    loss = F::cross_entropy(out, target, F::CrossEntropyFuncOptions().reduction(torch::kSum));
   } else {
-    if (!labels)
-      throw Error("objective cross-entropy needs /stimuli/labels (or use --labels self)");
-    target = torch::from_blob(const_cast<std::int64_t *>(labels), {n}, torch::kInt64).clone();
-    const int64_t mx = target.max().item<int64_t>(), mn = target.min().item<int64_t>();
-    if (mn < 0 || mx >= out.size(1))
-      throw Error("label out of range [0, " + std::to_string(out.size(1)) + ") for this model");
-    target = target.to(I.device);
+    if (!indices)
+      throw Error("objective " + I.opt.objective + " needs the images' indices");
+    torch::Tensor teacher;
+    {
+      torch::NoGradGuard ng;
+      teacher = I.forward(I.augmented(images, n, height, width, indices, 1)).second;
+    }
+    if (out.dim() != 2)
+      throw Error("objective " + I.opt.objective + " needs a final output [B, D]");
+    // The heads are computed in float64: the sharp teacher softmax (tau_t = 0.04) amplifies
+    // rounding, and float64 keeps that from adding to the model's own float32 differences.
+    const auto z = out.to(torch::kFloat64), zt = teacher.to(torch::kFloat64);
+    if (I.opt.objective == "cosine") {
+      loss = (1.0 - F::cosine_similarity(z, zt, F::CosineSimilarityFuncOptions().dim(1))).sum();
+    } else { // dino
+      const auto W = I.prototype_head(out.size(1)).to(torch::kFloat64);
+      const auto nrm = F::NormalizeFuncOptions().dim(1);
+      const auto s = torch::mm(F::normalize(z, nrm), W) / 0.1;
+      const auto t = torch::softmax(torch::mm(F::normalize(zt, nrm), W) / 0.04, 1);
+      loss = -(t * torch::log_softmax(s, 1)).sum();
+    }
   }
-  torch::Tensor loss = torch::nn::functional::cross_entropy(
-      out, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
   std::vector<torch::Tensor> grads =
       torch::autograd::grad({loss}, hs, /*grad_outputs=*/{}, /*retain_graph=*/false,
                             /*create_graph=*/false, /*allow_unused=*/true);

@@ -5,19 +5,19 @@
 
 namespace gradmap::mpi {
 
-void throw_mpi_error(int rc, const char *what) {
+void throw_mpi_error(int rc, const char* what) {
   char msg[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(rc, msg, &len);
   throw Error(std::string("MPI call failed: ") + what + ": " + std::string(msg, len));
 }
 
-void collective_check(MPI_Comm comm, const std::function<void()> &f) {
+void collective_check(MPI_Comm comm, const std::function<void()>& f) {
   std::string message;
   bool failed = false;
   try {
     f();
-  } catch (const std::exception &e) {
+  } catch (const std::exception& e) {
     failed = true;
     message = e.what();
   }
@@ -57,7 +57,7 @@ std::string broadcast(MPI_Comm comm, std::string s, int root) {
   return s;
 }
 
-std::vector<float> allgatherv(MPI_Comm comm, const std::vector<float> &local) {
+std::vector<float> allgatherv(MPI_Comm comm, const std::vector<float>& local) {
   const int p = size(comm);
   std::vector<long long> counts(p);
   long long mine = static_cast<long long>(local.size());

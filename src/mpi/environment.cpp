@@ -11,7 +11,7 @@ extern "C" void openblas_set_num_threads(int);
 
 namespace gradmap::mpi {
 
-Environment::Environment(int &argc, char **&argv) {
+Environment::Environment(int& argc, char**& argv) {
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   int r = 0, s = 1;

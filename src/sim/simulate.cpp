@@ -33,7 +33,7 @@ namespace {
 
 constexpr std::int64_t kChunk = 16;     // images per network batch (fixed: rank-independent)
 constexpr double kLatencySigma = 0.025; // s, width of the MEG response time course
-const char *const kKinds[2] = {"activations", "gradients"};
+const char* const kKinds[2] = {"activations", "gradients"};
 
 struct Matrix { // row-major [rows, cols], double
   std::int64_t rows = 0, cols = 0;
@@ -46,11 +46,11 @@ struct Features {
   std::vector<Matrix> kind[2];
 };
 
-std::string path_join(const std::string &dir, const std::string &name) {
+std::string path_join(const std::string& dir, const std::string& name) {
   return dir.empty() ? name : (dir.back() == '/' ? dir + name : dir + "/" + name);
 }
 
-Matrix zscore(const std::vector<float> &x, std::int64_t rows, std::int64_t cols) {
+Matrix zscore(const std::vector<float>& x, std::int64_t rows, std::int64_t cols) {
   Matrix m{rows, cols, std::vector<double>(x.begin(), x.end())};
   for (std::int64_t c = 0; c < cols; ++c) {
     double mean = 0, var = 0;
@@ -67,13 +67,13 @@ Matrix zscore(const std::vector<float> &x, std::int64_t rows, std::int64_t cols)
 }
 
 // s = Z w with w ~ N(0, I) from rng, standardised to mean 0 and variance 1 over images.
-std::vector<double> project(const Matrix &z, Philox rng) {
+std::vector<double> project(const Matrix& z, Philox rng) {
   std::vector<double> w(static_cast<size_t>(z.cols));
-  for (auto &x : w)
+  for (auto& x : w)
     x = rng.normal();
   std::vector<double> s(static_cast<size_t>(z.rows), 0.0);
   for (std::int64_t r = 0; r < z.rows; ++r) {
-    const double *row = &z.v[r * z.cols];
+    const double* row = &z.v[r * z.cols];
     double acc = 0;
     for (std::int64_t c = 0; c < z.cols; ++c)
       acc += row[c] * w[c];
@@ -83,7 +83,7 @@ std::vector<double> project(const Matrix &z, Philox rng) {
   for (double x : s)
     var += (x - mean) * (x - mean);
   const double sd = std::sqrt(var / double(s.size()));
-  for (double &x : s)
+  for (double& x : s)
     x = sd > 0 ? (x - mean) / sd : 0.0;
   return s;
 }
@@ -102,7 +102,7 @@ struct Design {
   std::vector<std::int64_t> test_stimuli;   // sorted
 };
 
-Design make_design(const SimulateOptions &o) {
+Design make_design(const SimulateOptions& o) {
   Design d;
   const std::int64_t trials = o.images * o.repetitions;
   const auto order = permutation(trials, Philox(o.seed, Stream::design, 0));
@@ -117,7 +117,7 @@ Design make_design(const SimulateOptions &o) {
 
 // ------------------------------------------------------------------------- stimuli+features
 
-Features make_stimuli(const SimulateOptions &o, MPI_Comm comm) {
+Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
   StageTimer timer("simulate.stimuli");
   const int me = mpi::rank(comm), p = mpi::size(comm);
   const std::int64_t n = o.images, s = o.image_size, px = s * s * 3;
@@ -134,7 +134,7 @@ Features make_stimuli(const SimulateOptions &o, MPI_Comm comm) {
   xo.threads = o.threads;
   std::unique_ptr<model::FeatureExtractor> fx;
   mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(xo); });
-  const auto &dims = fx->layer_dims();
+  const auto& dims = fx->layer_dims();
   const size_t L = dims.size();
   std::vector<std::vector<float>> local[2];
   local[0].resize(L);
@@ -143,7 +143,8 @@ Features make_stimuli(const SimulateOptions &o, MPI_Comm comm) {
                     mine.size() > 0 ? double(n) / double(mine.size()) : 1.0);
   for (std::int64_t b = mine.begin; b < mine.end; b += kChunk) {
     const std::int64_t nb = std::min(kChunk, mine.end - b);
-    auto bf = fx->run(&images[(b - mine.begin) * px], nb, s, s, &labels[b - mine.begin]);
+    auto bf = fx->run(&images[(b - mine.begin) * px], nb, s, s, &labels[b - mine.begin],
+                      &ids[b - mine.begin]);
     for (size_t l = 0; l < L; ++l) {
       local[0][l].insert(local[0][l].end(), bf.activations[l].begin(), bf.activations[l].end());
       local[1][l].insert(local[1][l].end(), bf.gradients[l].begin(), bf.gradients[l].end());
@@ -155,7 +156,7 @@ Features make_stimuli(const SimulateOptions &o, MPI_Comm comm) {
   // stimuli.h5: each rank writes its block of rows.
   const std::string path = path_join(o.out_dir, "stimuli.h5");
   io::OutputFile out(path, comm);
-  const io::File &f = out.file();
+  const io::File& f = out.file();
   f.set_attr("/", "gradmap_schema", std::int64_t{1});
   f.create_group("/stimuli");
   f.set_attr("/stimuli", "source", std::string("gradmap simulate"));
@@ -179,8 +180,8 @@ Features make_stimuli(const SimulateOptions &o, MPI_Comm comm) {
   return feats;
 }
 
-void write_common(const io::File &f, const SimulateOptions &o, const Design &d,
-                  const std::string &modality, const std::vector<std::string> &layers) {
+void write_common(const io::File& f, const SimulateOptions& o, const Design& d,
+                  const std::string& modality, const std::vector<std::string>& layers) {
   f.set_attr("/", "gradmap_schema", std::int64_t{1});
   f.set_attr("/", "modality", modality);
   f.create_group("/brain");
@@ -203,7 +204,7 @@ void write_common(const io::File &f, const SimulateOptions &o, const Design &d,
 // ---------------------------------------------------------------------------------- fMRI
 
 struct Roi {
-  const char *name;
+  const char* name;
   int level;
   double share;
 };
@@ -228,7 +229,7 @@ std::vector<std::int32_t> assign_rois(std::int64_t v) {
   return roi;
 }
 
-void simulate_fmri(const SimulateOptions &o, const Features &feats, const Design &d,
+void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design& d,
                    MPI_Comm comm) {
   StageTimer timer("simulate.fmri");
   const int me = mpi::rank(comm), p = mpi::size(comm);
@@ -280,11 +281,11 @@ void simulate_fmri(const SimulateOptions &o, const Features &feats, const Design
 
   const std::string path = path_join(o.out_dir, "brain_fmri.h5");
   io::OutputFile out(path, comm);
-  const io::File &f = out.file();
+  const io::File& f = out.file();
   write_common(f, o, d, "fmri", feats.layers);
   std::vector<std::string> roi_names;
   std::vector<std::int32_t> roi_level;
-  for (const auto &r : kRois) {
+  for (const auto& r : kRois) {
     roi_names.emplace_back(r.name);
     roi_level.push_back(r.level);
   }
@@ -342,7 +343,7 @@ void simulate_fmri(const SimulateOptions &o, const Features &feats, const Design
 
 // ----------------------------------------------------------------------------------- MEG
 
-void simulate_meg(const SimulateOptions &o, const Features &feats, const Design &d, MPI_Comm comm) {
+void simulate_meg(const SimulateOptions& o, const Features& feats, const Design& d, MPI_Comm comm) {
   StageTimer timer("simulate.meg");
   const int me = mpi::rank(comm), p = mpi::size(comm);
   const std::int64_t S = o.sensors, NT = o.times,
@@ -383,7 +384,7 @@ void simulate_meg(const SimulateOptions &o, const Features &feats, const Design 
   for (std::int64_t s = 0; s < S; ++s) {
     Philox rng(o.seed, Stream::sensor, std::uint32_t(s), 0);
     noise[s] = (o.scenario == "null" || rng.uniform() < o.noise_fraction) ? 1 : 0;
-    double *w = &weights[s * 2 * L];
+    double* w = &weights[s * 2 * L];
     for (int c = 0; c < 2 * L; ++c) {
       const double x = rng.normal();
       w[c] = (!noise[s] && !latent[c].empty()) ? x : 0.0;
@@ -401,7 +402,7 @@ void simulate_meg(const SimulateOptions &o, const Features &feats, const Design 
 
   const std::string path = path_join(o.out_dir, "brain_meg.h5");
   io::OutputFile out(path, comm);
-  const io::File &f = out.file();
+  const io::File& f = out.file();
   write_common(f, o, d, "meg", feats.layers);
   std::vector<std::string> names;
   for (std::int64_t s = 0; s < S; ++s) {
@@ -430,7 +431,7 @@ void simulate_meg(const SimulateOptions &o, const Features &feats, const Design 
       const std::int64_t img = d.trial_stimulus[t];
       for (std::int64_t s = mine.begin; s < mine.end; ++s) {
         Philox nrng(o.seed, Stream::meg_noise, std::uint32_t(s), std::uint32_t(t));
-        float *row = &buf[((t - t0) * ns + (s - mine.begin)) * NT];
+        float* row = &buf[((t - t0) * ns + (s - mine.begin)) * NT];
         for (std::int64_t k = 0; k < NT; ++k) {
           double sig = 0;
           for (int c = 0; c < 2 * L; ++c)
@@ -451,8 +452,8 @@ void simulate_meg(const SimulateOptions &o, const Features &feats, const Design 
 
 } // namespace
 
-void validate(const SimulateOptions &o) {
-  auto bad = [](const std::string &opt, const std::string &why) {
+void validate(const SimulateOptions& o) {
+  auto bad = [](const std::string& opt, const std::string& why) {
     throw UsageError("--" + opt + ": " + why);
   };
   if (o.out_dir.empty())
@@ -491,7 +492,7 @@ void validate(const SimulateOptions &o) {
     bad("voxel-chunk", "must be positive");
 }
 
-void simulate(const SimulateOptions &o, MPI_Comm comm) {
+void simulate(const SimulateOptions& o, MPI_Comm comm) {
   validate(o);
   GM_INFO("simulate: scenario " << o.scenario << ", seed " << o.seed << ", " << o.images
                                 << " images, modality " << o.modality << ", " << mpi::size(comm)

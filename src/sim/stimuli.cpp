@@ -7,7 +7,7 @@
 
 namespace gradmap::sim {
 
-const std::vector<std::string> &stimulus_category_names() {
+const std::vector<std::string>& stimulus_category_names() {
   static const std::vector<std::string> names = {"grating",    "plaid",           "discs",
                                                  "rectangles", "texture",         "checkerboard",
                                                  "rings",      "shape-on-grating"};
@@ -20,7 +20,7 @@ struct Rgb {
   double r, g, b;
 };
 
-Rgb random_colour(Philox &rng) {
+Rgb random_colour(Philox& rng) {
   return {rng.uniform(), rng.uniform(), rng.uniform()};
 }
 
@@ -28,15 +28,15 @@ struct Canvas {
   int n;
   std::vector<Rgb> px;
   explicit Canvas(int size) : n(size), px(size_t(size) * size, Rgb{0.5, 0.5, 0.5}) {}
-  Rgb &at(int y, int x) { return px[size_t(y) * n + x]; }
+  Rgb& at(int y, int x) { return px[size_t(y) * n + x]; }
 };
 
 // Blend a in (weight w in [0,1]) over b.
-Rgb mix(const Rgb &a, const Rgb &b, double w) {
+Rgb mix(const Rgb& a, const Rgb& b, double w) {
   return {w * a.r + (1 - w) * b.r, w * a.g + (1 - w) * b.g, w * a.b + (1 - w) * b.b};
 }
 
-void grating(Canvas &c, Philox &rng, double contrast) {
+void grating(Canvas& c, Philox& rng, double contrast) {
   const double theta = rng.uniform(0, M_PI), freq = rng.uniform(1.0, 6.0) / c.n;
   const double phase = rng.uniform(0, 2 * M_PI);
   const Rgb a = random_colour(rng), b = random_colour(rng);
@@ -48,7 +48,7 @@ void grating(Canvas &c, Philox &rng, double contrast) {
     }
 }
 
-void disc(Canvas &c, Philox &rng) {
+void disc(Canvas& c, Philox& rng) {
   const double cx = rng.uniform(0, c.n), cy = rng.uniform(0, c.n);
   const double r = rng.uniform(0.1, 0.35) * c.n;
   const Rgb col = random_colour(rng);
@@ -60,7 +60,7 @@ void disc(Canvas &c, Philox &rng) {
     }
 }
 
-void rectangle(Canvas &c, Philox &rng) {
+void rectangle(Canvas& c, Philox& rng) {
   const double cx = rng.uniform(0, c.n), cy = rng.uniform(0, c.n);
   const double hw = rng.uniform(0.08, 0.3) * c.n, hh = rng.uniform(0.08, 0.3) * c.n;
   const double theta = rng.uniform(0, M_PI), ct = std::cos(theta), st = std::sin(theta);
@@ -74,11 +74,11 @@ void rectangle(Canvas &c, Philox &rng) {
     }
 }
 
-void texture(Canvas &c, Philox &rng) {
+void texture(Canvas& c, Philox& rng) {
   // Smooth noise: random values on a coarse lattice, bilinearly interpolated, per channel.
   const int g = 2 + static_cast<int>(rng.below(7));
   std::vector<Rgb> lattice(size_t(g + 1) * (g + 1));
-  for (auto &v : lattice)
+  for (auto& v : lattice)
     v = random_colour(rng);
   for (int y = 0; y < c.n; ++y)
     for (int x = 0; x < c.n; ++x) {
@@ -92,7 +92,7 @@ void texture(Canvas &c, Philox &rng) {
     }
 }
 
-void checkerboard(Canvas &c, Philox &rng) {
+void checkerboard(Canvas& c, Philox& rng) {
   const double cell = rng.uniform(2.0, c.n / 3.0);
   const Rgb a = random_colour(rng), b = random_colour(rng);
   const double ox = rng.uniform(0, cell), oy = rng.uniform(0, cell);
@@ -103,7 +103,7 @@ void checkerboard(Canvas &c, Philox &rng) {
     }
 }
 
-void rings(Canvas &c, Philox &rng) {
+void rings(Canvas& c, Philox& rng) {
   const double cx = rng.uniform(0.2, 0.8) * c.n, cy = rng.uniform(0.2, 0.8) * c.n;
   const double freq = rng.uniform(1.5, 5.0) / c.n;
   const Rgb a = random_colour(rng), b = random_colour(rng);
@@ -116,7 +116,7 @@ void rings(Canvas &c, Philox &rng) {
 
 } // namespace
 
-std::int64_t render_stimulus(std::uint64_t seed, std::int64_t index, int size, std::uint8_t *out) {
+std::int64_t render_stimulus(std::uint64_t seed, std::int64_t index, int size, std::uint8_t* out) {
   Philox rng(seed, Stream::image, std::uint32_t(index), std::uint32_t(std::uint64_t(index) >> 32));
   Canvas c(size);
   const auto category = static_cast<std::int64_t>(rng.below(kStimulusCategories));
@@ -153,7 +153,7 @@ std::int64_t render_stimulus(std::uint64_t seed, std::int64_t index, int size, s
   // Mild pixel noise, then quantise.
   const double noise = rng.uniform(0.0, 0.06);
   for (size_t i = 0; i < c.px.size(); ++i) {
-    const Rgb &p = c.px[i];
+    const Rgb& p = c.px[i];
     const double v[3] = {p.r, p.g, p.b};
     for (int ch = 0; ch < 3; ++ch) {
       const double q = std::clamp(v[ch] + noise * rng.normal(), 0.0, 1.0);

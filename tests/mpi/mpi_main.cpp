@@ -5,13 +5,13 @@
 
 #include "gradmap/mpi/environment.hpp"
 
-int main(int argc, char **argv) {
+int main(int argc, char** argv) {
   gradmap::mpi::Environment env(argc, argv);
   ::testing::InitGoogleTest(&argc, argv);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   if (rank != 0) {
-    auto &listeners = ::testing::UnitTest::GetInstance()->listeners();
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
     delete listeners.Release(listeners.default_result_printer());
   }
   int failed = RUN_ALL_TESTS() != 0 ? 1 : 0;

@@ -13,7 +13,7 @@ TEST(Comm, CollectiveCheckRaisesTheFailingRanksErrorOnEveryRank) {
         throw Error("bad value in block of rank " + std::to_string(last));
     });
     FAIL() << "rank " << me << " did not raise";
-  } catch (const Error &e) {
+  } catch (const Error& e) {
     EXPECT_TRUE(e.collective);
     EXPECT_STREQ(e.what(), ("bad value in block of rank " + std::to_string(last)).c_str());
   }

@@ -77,7 +77,7 @@ TEST(H5, StringsAndAttributesRoundTrip) {
   const std::string dir = shared_tmpdir(world(), "attrs");
   {
     io::OutputFile out(dir + "/a.h5", world());
-    const io::File &f = out.file();
+    const io::File& f = out.file();
     f.set_attr("/", "gradmap_schema", std::int64_t{1});
     f.create_group("/g/h");
     f.set_attr("/g", "name", std::string("hello"));
@@ -124,7 +124,7 @@ TEST(H5, OpeningMissingOrCorruptFilesNamesThemOnEveryRank) {
   try {
     io::File::open(dir + "/absent.h5", world());
     FAIL() << "no error for a missing file";
-  } catch (const Error &e) {
+  } catch (const Error& e) {
     EXPECT_TRUE(e.collective);
     EXPECT_NE(std::string(e.what()).find("file not found: " + dir + "/absent.h5"),
               std::string::npos);
@@ -135,7 +135,7 @@ TEST(H5, OpeningMissingOrCorruptFilesNamesThemOnEveryRank) {
   try {
     io::File::open(dir + "/junk.h5", world());
     FAIL() << "no error for a corrupt file";
-  } catch (const Error &e) {
+  } catch (const Error& e) {
     EXPECT_TRUE(e.collective);
     EXPECT_NE(std::string(e.what()).find("not an HDF5 file"), std::string::npos) << e.what();
   }

@@ -17,7 +17,7 @@ MPI_Comm world() {
   return MPI_COMM_WORLD;
 }
 
-std::string simulated(const std::string &name) {
+std::string simulated(const std::string& name) {
   const std::string dir = shared_tmpdir(world(), name);
   sim::SimulateOptions o;
   o.out_dir = dir;
@@ -32,10 +32,10 @@ std::string simulated(const std::string &name) {
 }
 
 // A minimal fMRI brain file written through the io layer; `nan_row` (if >= 0) gets a NaN.
-void write_brain(const std::string &path, std::int64_t nan_row, std::int64_t bad_stimulus) {
+void write_brain(const std::string& path, std::int64_t nan_row, std::int64_t bad_stimulus) {
   const std::int64_t trials = 6, voxels = 4;
   io::OutputFile out(path, world());
-  const io::File &f = out.file();
+  const io::File& f = out.file();
   f.set_attr("/", "gradmap_schema", std::int64_t{1});
   f.set_attr("/", "modality", std::string("fmri"));
   std::vector<float> resp(trials * voxels, 1.0f);
@@ -58,10 +58,10 @@ void write_brain(const std::string &path, std::int64_t nan_row, std::int64_t bad
   out.commit();
 }
 
-std::string collective_error(const std::function<void()> &f) {
+std::string collective_error(const std::function<void()>& f) {
   try {
     f();
-  } catch (const Error &e) {
+  } catch (const Error& e) {
     EXPECT_TRUE(e.collective) << e.what();
     return e.what();
   }

@@ -8,7 +8,7 @@
 
 #include "gradmap/mpi/comm.hpp"
 
-inline std::string shared_tmpdir(MPI_Comm comm, const std::string &name) {
+inline std::string shared_tmpdir(MPI_Comm comm, const std::string& name) {
   std::string dir;
   if (gradmap::mpi::rank(comm) == 0) {
     dir = (std::filesystem::temp_directory_path() /

@@ -14,6 +14,7 @@ from gmtest import gradmap, run_tests, tmpdir
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 import export_torchscript as ex  # noqa: E402
+from philox import Philox  # noqa: E402
 
 BASE = tmpdir("extract")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -35,16 +36,49 @@ def write_stimuli(path, n, size, labels=True, seed=0):
     return img
 
 
-def reference(module, images, labels, pooling, input_size=None):
-    """What gradmap must compute: design.md's preprocessing, L = sum of per-image CE, dL/dh_l."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+def resize(x, size):
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def augmented_view(x01, index, seed, out_size):
+    """The augmented view of one image [1, 3, H, W] in [0, 1], drawn as gradmap documents it."""
+    h, w = x01.shape[-2:]
+    rng = Philox(seed, "augmentation", index, 1)
+    area = rng.uniform(0.4, 1.0)
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw = int(min(max(round(np.sqrt(area * ratio) * w), 1), w))
+    ch = int(min(max(round(np.sqrt(area / ratio) * h), 1), h))
+    x0, y0 = rng.below(w - cw + 1), rng.below(h - ch + 1)
+    flip = rng.below(2) == 1
+    v = resize(x01[:, :, y0:y0 + ch, x0:x0 + cw], out_size)
+    return v.flip(3) if flip else v
+
+
+def reference(module, images, labels, pooling, input_size=None, objective="cross-entropy", seed=0):
+    """What gradmap must compute: design.md's preprocessing, the summed objective, dL/dh_l."""
+    x01 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = x01
     if input_size and x.shape[-1] != input_size:
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False,
-                          antialias=True)
+        x = resize(x, input_size)
     x = ((x - MEAN) / STD).requires_grad_(True)
     hs, out = module(x)
-    target = out.detach().argmax(1) if labels is None else torch.from_numpy(labels)
-    loss = F.cross_entropy(out, target, reduction="sum")
+    if objective == "cross-entropy":
+        target = out.detach().argmax(1) if labels is None else torch.from_numpy(labels)
+        loss = F.cross_entropy(out, target, reduction="sum")
+    else:
+        size = input_size or x01.shape[-1]
+        views = torch.cat([augmented_view(x01[i:i + 1], i, seed, size) for i in range(len(x01))])
+        with torch.no_grad():
+            teacher = module((views - MEAN) / STD)[1]
+        if objective == "cosine":
+            loss = (1 - F.cosine_similarity(out, teacher, dim=1)).sum()
+        else:  # dino: fixed random prototypes, student temperature 0.1, teacher 0.04, centre 0
+            d, k = out.shape[1], 256
+            rng = Philox(seed, "projection")
+            w = torch.tensor([rng.normal() / np.sqrt(d) for _ in range(d * k)], dtype=torch.float32).view(d, k)
+            s = F.normalize(out, dim=1) @ w / 0.1
+            t = torch.softmax(F.normalize(teacher, dim=1) @ w / 0.04, 1)
+            loss = -(t * torch.log_softmax(s, 1)).sum()
     gs = torch.autograd.grad(loss, hs)
 
     def pool(h):
@@ -59,8 +93,9 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def compare(features, module, images, labels, pooling, input_size=None, tol=1e-5):
-    acts, grads = reference(module, images, labels, pooling, input_size)
+def compare(features, module, images, labels, pooling, input_size=None, tol=1e-5,
+            objective="cross-entropy", seed=0):
+    acts, grads = reference(module, images, labels, pooling, input_size, objective, seed)
     with h5py.File(features) as f:
         names = [n.decode() if isinstance(n, bytes) else n for n in f["/features"].attrs["layers"]]
         assert names == list(module.layer_names), names
@@ -112,6 +147,21 @@ def test_batchnorm_cnn_matches_pytorch_with_self_labels():
     compare(f"{BASE}/cnn.h5", model, img, None, "mean")
 
 
+def test_self_supervised_objectives_match_pytorch():
+    vit = ex.demo_model("demo-vit", seed=7)
+    ex.export(vit, f"{BASE}/vit7.pt", 32, script=True)
+    cnn = ex.demo_model("demo-cnn", seed=8)
+    ex.export(cnn, f"{BASE}/cnn8.pt", 32, script=True)
+    img = write_stimuli(f"{BASE}/s36.h5", 21, 36, labels=False, seed=9)  # resized to 32
+    for name, model, pooling, size in (("vit7", vit, "cls", 32), ("cnn8", cnn, "mean", None)):
+        for objective in ("cosine", "dino"):
+            out = f"{BASE}/{name}-{objective}.h5"
+            gradmap(["extract", "--stimuli", f"{BASE}/s36.h5", "--model", f"torchscript:{BASE}/{name}.pt",
+                     "--objective", objective, "--seed", 42, "--pooling", pooling, "--batch-size", 4,
+                     "--out", out], ranks=2)
+            compare(out, model, img, None, pooling, input_size=size, objective=objective, seed=42)
+
+
 def test_traced_export_of_a_hooked_model():
     # The hook-and-trace path used for torchvision/timm models, on a plain nn.Sequential.
     torch.manual_seed(5)
@@ -149,6 +199,16 @@ def test_builtin_features_independent_of_ranks_and_batch_size():
                     e = rel_err(other[f"/features/{kind}/{name}"][()], x)
                     assert e < 1e-6, f"{kind}/{name}: {e:.2e}"
         assert a["/features"].attrs["model"] == "builtin:tinycnn"
+    # A self-supervised objective too: its augmentations are keyed by the global image index.
+    # Tolerance 1e-5, not 1e-6: DINO's teacher softmax at temperature 0.04 amplifies the ~1e-7
+    # batch-size-dependent rounding of float32 conv kernels (measured: 2.3e-6 at batch 1 vs 16).
+    for n, batch in ((1, 1), (3, 16)):
+        gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/dino{n}.h5",
+                 "--objective", "dino", "--seed", 3, "--batch-size", batch, "--block", 32], ranks=n)
+    with h5py.File(f"{BASE}/dino1.h5") as a, h5py.File(f"{BASE}/dino3.h5") as b:
+        for name in a["/features/gradients"]:
+            e = rel_err(b[f"/features/gradients/{name}"][()], a[f"/features/gradients/{name}"][()])
+            assert e < 1e-5, f"dino gradients/{name}: {e:.2e}"
 
 
 def test_resume_skips_completed_blocks():
@@ -225,6 +285,7 @@ def test_bad_models_and_inputs():
 
 
 run_tests([test_vit_matches_pytorch_for_each_pooling, test_vit_resizes_with_antialiasing,
-           test_batchnorm_cnn_matches_pytorch_with_self_labels, test_traced_export_of_a_hooked_model,
+           test_batchnorm_cnn_matches_pytorch_with_self_labels, test_self_supervised_objectives_match_pytorch,
+           test_traced_export_of_a_hooked_model,
            test_builtin_features_independent_of_ranks_and_batch_size, test_resume_skips_completed_blocks,
            test_bad_models_and_inputs])

@@ -11,7 +11,7 @@ TEST(Error, StacksContextInnermostFirst) {
       return 0;
     });
     FAIL() << "no exception";
-  } catch (const gradmap::Error &e) {
+  } catch (const gradmap::Error& e) {
     ASSERT_EQ(e.lines().size(), 3u);
     EXPECT_STREQ(e.what(), "dtype float32, expected uint8\n  while checking /stimuli/images\n"
                            "  while reading stimuli.h5");
@@ -23,7 +23,7 @@ TEST(Error, WrapsForeignExceptions) {
   try {
     gradmap::with_context("while parsing", []() -> int { throw std::runtime_error("boom"); });
     FAIL();
-  } catch (const gradmap::Error &e) {
+  } catch (const gradmap::Error& e) {
     EXPECT_STREQ(e.what(), "boom\n  while parsing");
   }
 }

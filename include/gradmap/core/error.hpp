@@ -11,14 +11,14 @@ class Error : public std::exception {
 public:
   explicit Error(std::string message) { lines_.push_back(std::move(message)); }
   /// Adds a line of context ("while reading X"); returns *this for rethrowing.
-  Error &context(std::string line) {
+  Error& context(std::string line) {
     lines_.push_back(std::move(line));
     joined_.clear();
     return *this;
   }
-  const std::vector<std::string> &lines() const { return lines_; }
+  const std::vector<std::string>& lines() const { return lines_; }
   /// All lines, innermost first, joined with newlines and indentation.
-  const char *what() const noexcept override;
+  const char* what() const noexcept override;
 
   /// True when every rank of the communicator raised this same error (input validation done
   /// identically on all ranks, or agreed through mpi::collective_check): main then prints it
@@ -38,13 +38,13 @@ public:
 };
 
 /// Runs f; if it throws, adds `line` as context and rethrows (as gradmap::Error).
-template <class F> auto with_context(const std::string &line, F &&f) -> decltype(f()) {
+template <class F> auto with_context(const std::string& line, F&& f) -> decltype(f()) {
   try {
     return f();
-  } catch (Error &e) {
+  } catch (Error& e) {
     e.context(line);
     throw;
-  } catch (const std::exception &e) {
+  } catch (const std::exception& e) {
     Error wrapped(e.what());
     wrapped.context(line);
     throw wrapped;

@@ -14,10 +14,10 @@ void init(int rank, int size);
 void set_level(Level level);
 Level level();
 /// Not collective. Mirrors rank 0's log lines into `path` (appending); empty closes it.
-void set_file(const std::string &path);
+void set_file(const std::string& path);
 int rank();
 /// Not collective. Prints `message` if this is rank 0 (or if all_ranks) at the given level.
-void write(Level level, const std::string &message, bool all_ranks = false);
+void write(Level level, const std::string& message, bool all_ranks = false);
 
 } // namespace gradmap::log
 

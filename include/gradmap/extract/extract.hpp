@@ -11,13 +11,14 @@
 namespace gradmap::extract {
 
 struct ExtractOptions {
-  std::string stimuli;                   ///< stimuli.h5
-  std::string out;                       ///< features.h5
-  std::string model = "builtin:tinycnn"; ///< builtin:NAME | torchscript:PATH
-  std::string objective = "cross-entropy";
-  std::string labels = "stimuli"; ///< stimuli | self
-  std::string pooling = "mean";   ///< mean | cls | patch-mean
-  std::string device = "cpu";     ///< cpu | cuda (rank r uses cuda:<node-local rank mod devices>)
+  std::string stimuli;                     ///< stimuli.h5
+  std::string out;                         ///< features.h5
+  std::string model = "builtin:tinycnn";   ///< builtin:NAME | torchscript:PATH
+  std::string objective = "cross-entropy"; ///< cross-entropy | cosine | dino
+  std::uint64_t seed = 0;                  ///< augmentations and the DINO prototype head
+  std::string labels = "stimuli";          ///< stimuli | self
+  std::string pooling = "mean";            ///< mean | cls | patch-mean
+  std::string device = "cpu"; ///< cpu | cuda (rank r uses cuda:<node-local rank mod devices>)
   std::int64_t batch_size = 16;
   std::int64_t block = 256; ///< images per resumable block
   int threads = 1;
@@ -26,9 +27,9 @@ struct ExtractOptions {
 };
 
 /// Not collective. Throws UsageError naming the option when a value is invalid.
-void validate(const ExtractOptions &opt);
+void validate(const ExtractOptions& opt);
 
 /// Collective on comm.
-void extract(const ExtractOptions &opt, MPI_Comm comm);
+void extract(const ExtractOptions& opt, MPI_Comm comm);
 
 } // namespace gradmap::extract

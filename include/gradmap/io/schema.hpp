@@ -36,13 +36,13 @@ struct FeaturesInfo {
 
 /// Which kind of gradmap file this is: "stimuli", "brain" or "features" (throws otherwise).
 /// Not collective.
-std::string file_kind(const File &f);
+std::string file_kind(const File& f);
 
 /// Collective on the file's comm.
-StimuliInfo check_stimuli(const File &f);
+StimuliInfo check_stimuli(const File& f);
 /// Collective on the file's comm. When n_stimuli >= 0, trial and test indices must be below it.
-BrainInfo check_brain(const File &f, std::int64_t n_stimuli = -1);
+BrainInfo check_brain(const File& f, std::int64_t n_stimuli = -1);
 /// Collective on the file's comm.
-FeaturesInfo check_features(const File &f);
+FeaturesInfo check_features(const File& f);
 
 } // namespace gradmap::io

@@ -11,7 +11,14 @@ namespace gradmap::model {
 /// What to extract and how (design.md's conventions).
 struct ExtractorOptions {
   std::string model = "builtin:tinycnn"; ///< builtin:NAME or torchscript:PATH
+  /// cross-entropy | cosine | dino. The self-supervised objectives compare the clean image
+  /// (student, with gradient) with an augmented view of it (teacher: the same network, no
+  /// gradient): cosine: L = sum_i 1 - cos(z_i, z'_i); dino: L = sum_i H(softmax((p'_i - c) /
+  /// tau_t), softmax(p_i / tau_s)) with p = normalize(z) W, W a fixed random prototype head
+  /// [D, K] (N(0, 1/D) from the seed), c = 0, tau_s = 0.1, tau_t = 0.04.
   std::string objective = "cross-entropy";
+  std::uint64_t seed = 0;         ///< augmentations and prototype head
+  std::int64_t prototypes = 256;  ///< K of the DINO head
   std::string labels = "stimuli"; ///< "stimuli" (from /stimuli/labels) or "self" (argmax)
   std::string pooling = "mean";   ///< mean | cls | patch-mean
   std::string device = "cpu";     ///< cpu | cuda | cuda:N ("cuda": cuda:<local_rank mod devices>)
@@ -30,22 +37,24 @@ struct BatchFeatures {
 /// Not collective: each rank owns its own extractor (its own model copy).
 class FeatureExtractor {
 public:
-  explicit FeatureExtractor(const ExtractorOptions &options);
+  explicit FeatureExtractor(const ExtractorOptions& options);
   ~FeatureExtractor();
-  FeatureExtractor(const FeatureExtractor &) = delete;
-  FeatureExtractor &operator=(const FeatureExtractor &) = delete;
+  FeatureExtractor(const FeatureExtractor&) = delete;
+  FeatureExtractor& operator=(const FeatureExtractor&) = delete;
 
-  const std::vector<std::string> &layer_names() const;
+  const std::vector<std::string>& layer_names() const;
   /// Pooled feature dimension of each layer (known after construction: a probe forward pass).
-  const std::vector<std::int64_t> &layer_dims() const;
+  const std::vector<std::int64_t>& layer_dims() const;
   /// Number of outputs (classes) of the final layer.
   std::int64_t num_outputs() const;
 
   /// Images are uint8 RGB, row-major [n, height, width, 3]; labels (n values, may be null when
-  /// the objective does not need them). Per-image results do not depend on n: the objective is
-  /// a sum of per-image losses and the model is in eval mode.
-  BatchFeatures run(const std::uint8_t *images, std::int64_t n, std::int64_t height,
-                    std::int64_t width, const std::int64_t *labels) const;
+  /// the objective does not need them); indices: the images' global indices (the key of their
+  /// augmentations). Per-image results do not depend on n: the objective is a sum of per-image
+  /// losses and the model is in eval mode.
+  BatchFeatures run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
+                    std::int64_t width, const std::int64_t* labels,
+                    const std::int64_t* indices) const;
 
 private:
   struct Impl;

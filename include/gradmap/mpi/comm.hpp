@@ -19,7 +19,7 @@
 
 namespace gradmap::mpi {
 
-[[noreturn]] void throw_mpi_error(int rc, const char *what);
+[[noreturn]] void throw_mpi_error(int rc, const char* what);
 
 inline int rank(MPI_Comm comm) {
   int r = 0;
@@ -35,7 +35,7 @@ inline int size(MPI_Comm comm) {
 /// Collective on comm. Runs f on every rank; if it throws on any rank, every rank throws the
 /// same gradmap::Error (the message of the lowest failing rank, marked collective). Use it
 /// around validation done before the first collective that depends on its result.
-void collective_check(MPI_Comm comm, const std::function<void()> &f);
+void collective_check(MPI_Comm comm, const std::function<void()>& f);
 
 /// Collective on comm. Logical AND / sum / max over ranks.
 bool all_of(MPI_Comm comm, bool local);
@@ -47,6 +47,6 @@ std::string broadcast(MPI_Comm comm, std::string s, int root = 0);
 
 /// Collective on comm. Concatenates every rank's `local` in rank order on all ranks. Counts may
 /// exceed INT_MAX elements in total: the transfer is split into pieces under 2^30 elements.
-std::vector<float> allgatherv(MPI_Comm comm, const std::vector<float> &local);
+std::vector<float> allgatherv(MPI_Comm comm, const std::vector<float>& local);
 
 } // namespace gradmap::mpi

@@ -8,10 +8,10 @@ class Environment {
 public:
   /// Collective on MPI_COMM_WORLD. Initialises MPI (thread level FUNNELED) and PETSc (options
   /// from the PETSC_OPTIONS environment variable, e.g. PETSC_OPTIONS=-log_view).
-  Environment(int &argc, char **&argv);
+  Environment(int& argc, char**& argv);
   ~Environment();
-  Environment(const Environment &) = delete;
-  Environment &operator=(const Environment &) = delete;
+  Environment(const Environment&) = delete;
+  Environment& operator=(const Environment&) = delete;
 
   MPI_Comm world() const { return MPI_COMM_WORLD; }
   /// Number of ranks on this node (MPI_COMM_TYPE_SHARED).

@@ -34,10 +34,10 @@ struct SimulateOptions {
 };
 
 /// Not collective. Throws UsageError naming the option when a value is out of range.
-void validate(const SimulateOptions &opt);
+void validate(const SimulateOptions& opt);
 
 /// Collective on comm. Writes out_dir/stimuli.h5 and out_dir/brain_fmri.h5 and/or
 /// out_dir/brain_meg.h5. The files are identical for any number of ranks.
-void simulate(const SimulateOptions &opt, MPI_Comm comm);
+void simulate(const SimulateOptions& opt, MPI_Comm comm);
 
 } // namespace gradmap::sim
