@@ -101,6 +101,26 @@ void Handle::reset() {
 File::File(std::string path, MPI_Comm comm, Handle id)
     : path_(std::move(path)), comm_(comm), id_(std::move(id)) {}
 
+namespace {
+// Opens (flags: H5F_ACC_RDONLY / H5F_ACC_RDWR) or, with create, truncates `path` with the MPI-IO
+// driver on comm; a failure on any rank is raised on every rank.
+hid_t open_mpio(const std::string& path, MPI_Comm comm, unsigned flags, bool create,
+                const std::string& failure) {
+  silence();
+  Handle fapl(GM_CHECK_H5(H5Pcreate(H5P_FILE_ACCESS)));
+  GM_CHECK_H5(H5Pset_fapl_mpio(fapl.get(), comm, MPI_INFO_NULL));
+  const hid_t id = create ? H5Fcreate(path.c_str(), flags, H5P_DEFAULT, fapl.get())
+                          : H5Fopen(path.c_str(), flags, fapl.get());
+  mpi::collective_check(comm, [&] {
+    if (id < 0) {
+      H5Eclear2(H5E_DEFAULT);
+      throw Error(failure + path);
+    }
+  });
+  return id;
+}
+} // namespace
+
 File File::open(const std::string& path, MPI_Comm comm) {
   silence();
   mpi::collective_check(comm, [&] {
@@ -112,30 +132,14 @@ File File::open(const std::string& path, MPI_Comm comm) {
     if (H5Fis_hdf5(path.c_str()) <= 0)
       throw Error("not an HDF5 file (corrupt or wrong format): " + path);
   });
-  Handle fapl(GM_CHECK_H5(H5Pcreate(H5P_FILE_ACCESS)));
-  GM_CHECK_H5(H5Pset_fapl_mpio(fapl.get(), comm, MPI_INFO_NULL));
-  hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get());
-  mpi::collective_check(comm, [&] {
-    if (id < 0) {
-      H5Eclear2(H5E_DEFAULT);
-      throw Error("cannot open HDF5 file (corrupt or truncated?): " + path);
-    }
-  });
-  return File(path, comm, Handle(id));
+  return File(path, comm,
+              Handle(open_mpio(path, comm, H5F_ACC_RDONLY, false,
+                               "cannot open HDF5 file (corrupt or truncated?): ")));
 }
 
 File File::create(const std::string& path, MPI_Comm comm) {
-  silence();
-  Handle fapl(GM_CHECK_H5(H5Pcreate(H5P_FILE_ACCESS)));
-  GM_CHECK_H5(H5Pset_fapl_mpio(fapl.get(), comm, MPI_INFO_NULL));
-  hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get());
-  mpi::collective_check(comm, [&] {
-    if (id < 0) {
-      H5Eclear2(H5E_DEFAULT);
-      throw Error("cannot create HDF5 file: " + path);
-    }
-  });
-  return File(path, comm, Handle(id));
+  return File(path, comm,
+              Handle(open_mpio(path, comm, H5F_ACC_TRUNC, true, "cannot create HDF5 file: ")));
 }
 
 File::~File() {
@@ -149,17 +153,9 @@ File::~File() {
 }
 
 File File::open_rw(const std::string& path, MPI_Comm comm) {
-  silence();
-  Handle fapl(GM_CHECK_H5(H5Pcreate(H5P_FILE_ACCESS)));
-  GM_CHECK_H5(H5Pset_fapl_mpio(fapl.get(), comm, MPI_INFO_NULL));
-  hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDWR, fapl.get());
-  mpi::collective_check(comm, [&] {
-    if (id < 0) {
-      H5Eclear2(H5E_DEFAULT);
-      throw Error("cannot open HDF5 file for writing: " + path);
-    }
-  });
-  return File(path, comm, Handle(id));
+  return File(
+      path, comm,
+      Handle(open_mpio(path, comm, H5F_ACC_RDWR, false, "cannot open HDF5 file for writing: ")));
 }
 
 void File::flush() const {
