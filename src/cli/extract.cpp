@@ -35,7 +35,18 @@ Command extract_command() {
         "batch-size", po::value<std::int64_t>()->default_value(def.batch_size),
         "images per forward/backward pass (results do not depend on it)")(
         "block", po::value<std::int64_t>()->default_value(def.block), "images per resumable block")(
-        "no-resume", po::bool_switch(), "start over even if a matching partial output exists");
+        "no-resume", po::bool_switch(), "start over even if a matching partial output exists")(
+        "projection", po::value<std::int64_t>()->default_value(0),
+        "sparse random projection of layers wider than K to K dimensions (0: off)")(
+        "pca", po::value<std::int64_t>()->default_value(0),
+        "PCA to K components by randomized SVD, fitted on training images only (0: off); the "
+        "pooled features stay in OUT-stem.pooled.h5")(
+        "split-from", po::value<std::string>()->default_value(""),
+        "brain.h5 whose /brain/test_stimuli are left out of the PCA fit")(
+        "pca-oversample", po::value<std::int64_t>()->default_value(10),
+        "randomized SVD oversampling (sketch of K + p columns)")(
+        "pca-power-iterations", po::value<int>()->default_value(2),
+        "randomized SVD power (subspace) iterations");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     extract::ExtractOptions o;
@@ -50,6 +61,11 @@ Command extract_command() {
     o.batch_size = vm["batch-size"].as<std::int64_t>();
     o.block = vm["block"].as<std::int64_t>();
     o.resume = !vm["no-resume"].as<bool>();
+    o.projection = vm["projection"].as<std::int64_t>();
+    o.pca = vm["pca"].as<std::int64_t>();
+    o.split_from = vm["split-from"].as<std::string>();
+    o.pca_oversample = vm["pca-oversample"].as<std::int64_t>();
+    o.pca_power_iterations = vm["pca-power-iterations"].as<int>();
     o.threads = threads_of(vm, ctx);
     o.local_rank = ctx.env.local_rank();
     extract::extract(o, ctx.comm);

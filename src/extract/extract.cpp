@@ -11,6 +11,7 @@
 #include "gradmap/extract/extract.hpp"
 
 #include <algorithm>
+#include <filesystem>
 #include <memory>
 #include <new>
 #include <numeric>
@@ -21,6 +22,8 @@
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/io/schema.hpp"
+#include "gradmap/linalg/pca.hpp"
+#include "gradmap/linalg/projection.hpp"
 #include "gradmap/model/features.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/mpi/partition.hpp"
@@ -29,6 +32,9 @@ namespace gradmap::extract {
 namespace {
 
 const char* const kKinds[2] = {"activations", "gradients"};
+// Philox streams (the `a` word) of the random projection (+ layer) and PCA (+ kind, layer).
+constexpr std::uint32_t kProjectionStream = 1;
+constexpr std::uint32_t kPcaStream = 0x10000;
 
 std::string fingerprint(const ExtractOptions& o, const io::StimuliInfo& s) {
   return "model=" + o.model + ";objective=" + o.objective + ";labels=" + o.labels +
@@ -56,13 +62,24 @@ void validate(const ExtractOptions& o) {
     throw UsageError("--labels: must be 'stimuli' or 'self', not '" + o.labels + "'");
   if (o.pooling != "mean" && o.pooling != "cls" && o.pooling != "patch-mean")
     throw UsageError("--pooling: must be mean, cls or patch-mean, not '" + o.pooling + "'");
+  if (o.projection < 0)
+    throw UsageError("--projection: must be 0 (off) or a positive dimension");
+  if (o.pca < 0)
+    throw UsageError("--pca: must be 0 (off) or a positive number of components");
+  if (o.pca > 0 && o.split_from.empty())
+    throw UsageError("--pca is fitted on training images only: give --split-from BRAIN.h5, whose "
+                     "/brain/test_stimuli are left out of the fit");
+  if (o.pca_oversample < 0 || o.pca_power_iterations < 0)
+    throw UsageError("--pca-oversample and --pca-power-iterations must be >= 0");
   if (o.device != "cpu" && o.device != "cuda")
     throw UsageError("--device: must be cpu or cuda, not '" + o.device + "'");
 }
 
-void extract(const ExtractOptions& o, MPI_Comm comm) {
-  validate(o);
-  StageTimer total("extract");
+namespace {
+
+// Stages 1-4 above, writing pooled (and projected) features to `path`.
+void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm comm) {
+  StageTimer total("extract.blocks");
   const int me = mpi::rank(comm), p = mpi::size(comm);
 
   // 1. Inputs and the model.
@@ -85,8 +102,16 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
   std::unique_ptr<model::FeatureExtractor> fx;
   mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(mo); });
   const auto& layers = fx->layer_names();
-  const auto& dims = fx->layer_dims();
   const int L = static_cast<int>(layers.size());
+  // Optional sparse random projection of layers wider than K; the same matrix for both kinds.
+  std::vector<std::unique_ptr<linalg::SparseProjection>> proj(L);
+  std::vector<std::int64_t> dims = fx->layer_dims();
+  for (int l = 0; l < L; ++l)
+    if (o.projection > 0 && dims[l] > o.projection) {
+      proj[l] = std::make_unique<linalg::SparseProjection>(dims[l], o.projection, o.seed,
+                                                           kProjectionStream + std::uint32_t(l));
+      dims[l] = o.projection;
+    }
   GM_INFO("extract: " << o.model << ", " << L << " layers, objective " << o.objective
                       << ", pooling " << o.pooling << ", " << si.n << " images, " << p
                       << " ranks, batch " << o.batch_size << ", device " << o.device);
@@ -104,23 +129,23 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
   const std::string fp = fingerprint(o, si);
   bool resumed = false;
   std::unique_ptr<io::OutputFile> out;
-  if (o.resume && io::OutputFile::has_partial(o.out)) {
+  if (o.resume && io::OutputFile::has_partial(path)) {
     try {
-      auto candidate = std::make_unique<io::OutputFile>(io::OutputFile::resume(o.out, comm));
+      auto candidate = std::make_unique<io::OutputFile>(io::OutputFile::resume(path, comm));
       const io::File& f = candidate->file();
       resumed =
           f.has_attr("/progress", "fingerprint") && f.attr_string("/progress", "fingerprint") == fp;
       if (resumed)
         out = std::move(candidate);
     } catch (const Error& e) {
-      GM_WARN("extract: cannot resume " << io::OutputFile::partial_name(o.out) << " (" << e.what()
+      GM_WARN("extract: cannot resume " << io::OutputFile::partial_name(path) << " (" << e.what()
                                         << "); starting over");
     }
     resumed = mpi::all_of(comm, resumed);
   }
   if (!resumed) {
     out.reset();
-    out = std::make_unique<io::OutputFile>(o.out, comm);
+    out = std::make_unique<io::OutputFile>(path, comm);
     const io::File& f = out->file();
     f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
     f.create_group("/features");
@@ -133,7 +158,9 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
     f.set_attr("/features", "objective", o.objective);
     f.set_attr("/features", "labels", o.labels);
     f.set_attr("/features", "pooling", o.pooling);
-    f.set_attr("/features", "reduction", std::string("none"));
+    f.set_attr("/features", "reduction",
+               o.projection > 0 ? "projection:" + std::to_string(o.projection)
+                                : std::string("none"));
     f.set_attr("/features", "stimuli", o.stimuli);
     f.set_attr("/features", "seed", static_cast<std::int64_t>(o.seed));
     f.write_small("/progress/blocks_done", std::vector<std::uint8_t>(nblocks, 0), {nblocks});
@@ -146,7 +173,7 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
   const auto done = done_ds.read_all<std::uint8_t>();
   const auto n_done = std::count(done.begin(), done.end(), std::uint8_t{1});
   if (resumed)
-    GM_INFO("extract: resuming " << io::OutputFile::partial_name(o.out) << ": " << n_done << "/"
+    GM_INFO("extract: resuming " << io::OutputFile::partial_name(path) << ": " << n_done << "/"
                                  << nblocks << " blocks already done");
 
   // 3. Rounds of one block per rank.
@@ -186,6 +213,10 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
                       "; try a smaller batch size");
         }
         for (int l = 0; l < L; ++l) {
+          if (proj[l]) {
+            bf.activations[l] = proj[l]->apply(bf.activations[l].data(), nb);
+            bf.gradients[l] = proj[l]->apply(bf.gradients[l].data(), nb);
+          }
           feats[0][l].insert(feats[0][l].end(), bf.activations[l].begin(), bf.activations[l].end());
           feats[1][l].insert(feats[1][l].end(), bf.gradients[l].begin(), bf.gradients[l].end());
         }
@@ -205,7 +236,109 @@ void extract(const ExtractOptions& o, MPI_Comm comm) {
 
   // 4. Done: a features.h5 that passes the validator.
   out->commit();
-  GM_INFO("extract: wrote " << o.out);
+  GM_INFO("extract: wrote " << path);
+}
+
+} // namespace
+
+// Stage 5: PCA of every (kind, layer) of the pooled file, fitted on the training images only
+// (those not in /brain/test_stimuli of --split-from), rows distributed over ranks.
+void pca_stage(const ExtractOptions& o, const std::string& pooled, MPI_Comm comm) {
+  StageTimer timer("extract.pca");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+  io::File in = io::File::open(pooled, comm);
+  const io::FeaturesInfo fi = io::check_features(in);
+  io::File brain = io::File::open(o.split_from, comm);
+  with_context("while reading the train/test split from " + o.split_from,
+               [&] { return io::check_brain(brain, fi.n); });
+  const auto test = brain.dataset("/brain/test_stimuli").read_all<std::int64_t>();
+  std::vector<std::uint8_t> is_test(static_cast<size_t>(fi.n), 0);
+  for (auto t : test)
+    is_test[t] = 1;
+  const mpi::Block mine = mpi::block_of(fi.n, p, me);
+  std::vector<std::uint8_t> fit(static_cast<size_t>(mine.size()));
+  for (auto i = mine.begin; i < mine.end; ++i)
+    fit[i - mine.begin] = is_test[i] ? 0 : 1;
+
+  io::OutputFile out(o.out, comm);
+  const io::File& f = out.file();
+  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
+  f.create_group("/features");
+  for (const char* key : {"model", "objective", "labels", "pooling", "stimuli"})
+    if (in.has_attr("/features", key))
+      f.set_attr("/features", key, in.attr_string("/features", key));
+  f.set_attr("/features", "layers", fi.layers);
+  f.set_attr("/features", "seed", static_cast<std::int64_t>(o.seed));
+  f.set_attr(
+      "/features", "reduction",
+      (o.projection > 0 ? "projection:" + std::to_string(o.projection) + "+" : std::string()) +
+          "pca:" + std::to_string(o.pca));
+  f.set_attr("/features", "pca_fit",
+             "training images: all but /brain/test_stimuli of " + o.split_from);
+  Progress progress("extract: PCA", std::int64_t(fi.kinds.size() * fi.layers.size()), "layers");
+  for (size_t k = 0; k < fi.kinds.size(); ++k)
+    for (size_t l = 0; l < fi.layers.size(); ++l) {
+      const std::string name = "/features/" + fi.kinds[k] + "/" + fi.layers[l];
+      auto src = in.dataset(name);
+      const std::int64_t d = src.shape()[1];
+      const auto x = src.read_rows<float>(mine.begin, mine.end);
+      linalg::PcaOptions po;
+      po.k = std::min<std::int64_t>(o.pca, d);
+      po.oversample = o.pca_oversample;
+      po.power_iterations = o.pca_power_iterations;
+      po.seed = o.seed;
+      po.stream = kPcaStream + std::uint32_t(k * 1024 + l);
+      if (po.k < o.pca)
+        GM_INFO("extract: " << name << " has " << d << " dimensions; keeping " << po.k
+                            << " PCA components");
+      const linalg::Pca pca = with_context("while fitting the PCA of " + name, [&] {
+        return linalg::fit_pca(comm, x.data(), mine.size(), d, fit, po);
+      });
+      const auto scores = pca.transform(x.data(), mine.size());
+      f.create_dataset(name, io::DType::f32, {fi.n, po.k},
+                       {std::min<std::int64_t>(fi.n, 1024), po.k})
+          .write_rows(scores, mine.begin);
+      const std::string red = "/reduction/" + fi.kinds[k] + "/" + fi.layers[l];
+      f.write_small(red + "/mean", pca.mean, {d});
+      f.write_small(red + "/components", pca.components, {po.k, d});
+      f.write_small(red + "/singular_values", pca.singular_values, {po.k});
+      progress.advance();
+    }
+  progress.finish();
+  out.commit();
+  GM_INFO("extract: wrote " << o.out << " (PCA fitted on " << (fi.n - std::int64_t(test.size()))
+                            << " training images)");
+}
+
+std::string pooled_name(const std::string& out) {
+  const auto dot = out.rfind('.');
+  const auto slash = out.rfind('/');
+  const bool ext = dot != std::string::npos && (slash == std::string::npos || dot > slash);
+  return (ext ? out.substr(0, dot) : out) + ".pooled.h5";
+}
+
+void extract(const ExtractOptions& o, MPI_Comm comm) {
+  validate(o);
+  if (o.pca == 0) {
+    extract_blocks(o, o.out, comm);
+    return;
+  }
+  // With PCA, the pooled features are a complete features file of their own (kept: the
+  // unreduced features), reused when it was made with the same settings.
+  const std::string pooled = pooled_name(o.out);
+  bool reuse = false;
+  if (o.resume && std::filesystem::exists(pooled)) {
+    io::File f = io::File::open(pooled, comm);
+    io::File stim = io::File::open(o.stimuli, comm);
+    const auto si = io::check_stimuli(stim);
+    reuse = f.has_attr("/progress", "fingerprint") &&
+            f.attr_string("/progress", "fingerprint") == fingerprint(o, si);
+  }
+  if (reuse)
+    GM_INFO("extract: reusing the pooled features in " << pooled);
+  else
+    extract_blocks(o, pooled, comm);
+  pca_stage(o, pooled, comm);
 }
 
 } // namespace gradmap::extract

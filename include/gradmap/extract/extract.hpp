@@ -24,6 +24,11 @@ struct ExtractOptions {
   int threads = 1;
   int local_rank = 0;
   bool resume = true;
+  std::int64_t projection = 0; ///< sparse random projection to K dims (0: off)
+  std::int64_t pca = 0;        ///< PCA components (0: off); needs split_from
+  std::string split_from;      ///< brain.h5 whose /brain/test_stimuli are left out of the PCA fit
+  std::int64_t pca_oversample = 10; ///< randomized SVD oversampling p
+  int pca_power_iterations = 2;     ///< randomized SVD power iterations q
 };
 
 /// Not collective. Throws UsageError naming the option when a value is invalid.

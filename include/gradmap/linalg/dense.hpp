@@ -1,0 +1,24 @@
+#pragma once
+// Thin row-major wrappers over BLAS/LAPACK (OpenBLAS), double precision.
+#include <cstdint>
+#include <vector>
+
+namespace gradmap::linalg {
+
+/// Not collective. C[m x n] = alpha op(A) op(B) + beta C; all row-major; op(A) is m x k.
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, double alpha,
+          const double* a, const double* b, double beta, double* c);
+
+/// Not collective. In place: G (l x l, symmetric positive definite) := R, upper triangular with
+/// G = R^T R. Returns false if G is not positive definite.
+bool cholesky_upper(std::int64_t l, double* g);
+
+/// Not collective. Y (n x l, row-major) := Y R^{-1}, R upper triangular l x l.
+void solve_right_upper(std::int64_t n, std::int64_t l, const double* r, double* y);
+
+/// Not collective. Thin SVD of A (m x n, row-major): s (min(m,n)), vt (min(m,n) x n, row-major),
+/// singular values in decreasing order. LAPACK dgesvd.
+void svd(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector<double>& s,
+         std::vector<double>& vt);
+
+} // namespace gradmap::linalg

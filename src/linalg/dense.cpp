@@ -1,0 +1,67 @@
+#include "gradmap/linalg/dense.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+
+#include "gradmap/core/error.hpp"
+
+extern "C" {
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info);
+void dgesvd_(const char* jobu, const char* jobvt, const int* m, const int* n, double* a,
+             const int* lda, double* s, double* u, const int* ldu, double* vt, const int* ldvt,
+             double* work, const int* lwork, int* info);
+}
+
+namespace gradmap::linalg {
+
+void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, double alpha,
+          const double* a, const double* b, double beta, double* c) {
+  if (m == 0 || n == 0)
+    return;
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m),
+              int(n), int(k), alpha, a, ta ? int(m) : int(k), b, tb ? int(k) : int(n), beta, c,
+              int(n));
+}
+
+bool cholesky_upper(std::int64_t l, double* g) {
+  // Row-major upper R is column-major lower L = R^T: factor "L" in Fortran terms.
+  const int n = int(l);
+  int info = 0;
+  dpotrf_("L", &n, g, &n, &info);
+  if (info != 0)
+    return false;
+  for (std::int64_t i = 0; i < l; ++i) // zero the other triangle (row-major strictly lower)
+    for (std::int64_t j = 0; j < i; ++j)
+      g[i * l + j] = 0.0;
+  return true;
+}
+
+void solve_right_upper(std::int64_t n, std::int64_t l, const double* r, double* y) {
+  if (n == 0)
+    return;
+  cblas_dtrsm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, int(n), int(l),
+              1.0, r, int(l), y, int(l));
+}
+
+void svd(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector<double>& s,
+         std::vector<double>& vt) {
+  // Row-major A (m x n) is column-major A^T (n x m) = V S U^T: its left singular vectors are
+  // A's right ones, so LAPACK's U of A^T is (column-major) V: rows of row-major VT.
+  const int M = int(n), N = int(m), mn = int(std::min(m, n));
+  s.assign(size_t(mn), 0.0);
+  std::vector<double> u(size_t(M) * mn), vdummy(1);
+  int lwork = -1, info = 0, one = 1;
+  double q = 0;
+  dgesvd_("S", "N", &M, &N, a.data(), &M, s.data(), u.data(), &M, vdummy.data(), &one, &q, &lwork,
+          &info);
+  lwork = int(q);
+  std::vector<double> work(size_t(std::max(1, lwork)));
+  dgesvd_("S", "N", &M, &N, a.data(), &M, s.data(), u.data(), &M, vdummy.data(), &one, work.data(),
+          &lwork, &info);
+  if (info != 0)
+    throw Error("LAPACK dgesvd failed (info " + std::to_string(info) + ")");
+  vt = std::move(u); // column-major M x mn: column j (contiguous) = j-th right vector of A
+}
+
+} // namespace gradmap::linalg
