@@ -23,13 +23,15 @@ Command extract_command() {
                                 "builtin:tinycnn or torchscript:PATH")(
         "objective", po::value<std::string>()->default_value(def.objective),
         "objective whose gradients are extracted: cross-entropy (labels), cosine (view "
-        "consistency with an augmented view), dino (self-distillation, fixed random prototypes)")(
+        "consistency with an augmented view), dino (self-distillation, fixed random prototypes), "
+        "or torchscript:PATH (forward(output, teacher, labels) -> per-image losses [B])")(
         "seed", po::value<std::uint64_t>()->default_value(def.seed),
         "seed of the augmentations and of the DINO prototype head")(
         "labels", po::value<std::string>()->default_value(def.labels),
         "cross-entropy targets: 'stimuli' (/stimuli/labels) or 'self' (the model's argmax)")(
         "pooling", po::value<std::string>()->default_value(def.pooling),
-        "mean (all tokens / positions), cls (token 0), patch-mean (tokens 1..T-1)")(
+        "mean (all tokens / positions), cls (token 0), patch-mean (tokens 1..T-1), "
+        "cls+patch-mean (both), grid:G (G x G average grid of a feature map)")(
         "device", po::value<std::string>()->default_value(def.device),
         "cpu, or cuda (rank r uses GPU <node-local rank> mod <GPUs on the node>)")(
         "batch-size", po::value<std::int64_t>()->default_value(def.batch_size),

@@ -60,8 +60,10 @@ void validate(const ExtractOptions& o) {
     throw UsageError("--block: must be at least 1");
   if (o.labels != "stimuli" && o.labels != "self")
     throw UsageError("--labels: must be 'stimuli' or 'self', not '" + o.labels + "'");
-  if (o.pooling != "mean" && o.pooling != "cls" && o.pooling != "patch-mean")
-    throw UsageError("--pooling: must be mean, cls or patch-mean, not '" + o.pooling + "'");
+  if (o.pooling != "mean" && o.pooling != "cls" && o.pooling != "patch-mean" &&
+      o.pooling != "cls+patch-mean" && o.pooling.rfind("grid:", 0) != 0)
+    throw UsageError("--pooling: must be mean, cls, patch-mean, cls+patch-mean or grid:G, not '" +
+                     o.pooling + "'");
   if (o.projection < 0)
     throw UsageError("--projection: must be 0 (off) or a positive dimension");
   if (o.pca < 0)
@@ -86,7 +88,11 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
   io::File stim = io::File::open(o.stimuli, comm);
   const io::StimuliInfo si =
       with_context("while checking stimuli " + o.stimuli, [&] { return io::check_stimuli(stim); });
+  // Cross-entropy needs labels; a user objective gets them when the file has them (else the
+  // model's own argmax).
   const bool need_labels = o.objective == "cross-entropy" && o.labels == "stimuli";
+  const bool pass_labels = need_labels || (o.objective.rfind("torchscript:", 0) == 0 &&
+                                           o.labels == "stimuli" && si.has_labels);
   if (need_labels && !si.has_labels)
     throw UsageError(o.stimuli + ": objective " + o.objective +
                      " needs /stimuli/labels, which is missing (or use --labels self)");
@@ -196,7 +202,7 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
     std::vector<std::int64_t> indices(static_cast<size_t>(n));
     std::iota(indices.begin(), indices.end(), i0);
     std::vector<std::int64_t> labels;
-    if (o.labels == "stimuli" && o.objective == "cross-entropy")
+    if (pass_labels)
       labels = stim.dataset("/stimuli/labels").read_rows<std::int64_t>(i0, i1);
     std::vector<std::vector<float>> feats[2];
     feats[0].resize(L);

@@ -90,7 +90,8 @@ struct FeatureExtractor::Impl {
   torch::Device device{torch::kCPU};
   TinyCnn builtin{nullptr};
   std::unique_ptr<torch::jit::script::Module> script;
-  int64_t input_size = 0; // 0: use images at their stored size
+  std::unique_ptr<torch::jit::script::Module> objective; // user objective, torchscript:PATH
+  int64_t input_size = 0;                                // 0: use images at their stored size
   std::vector<std::string> names;
   std::vector<int64_t> dims;
   int64_t outputs = 0;
@@ -120,31 +121,40 @@ struct FeatureExtractor::Impl {
     return {list, tup->elements()[1].toTensor()};
   }
 
+  // Pooling (design.md conventions): feature maps [B, C, H, W]: `mean` over positions, or
+  // `grid:G`, the average over each cell of a G x G grid (adaptive average pooling), flattened
+  // channel-major to [B, C G G]; tokens [B, T, D]: `mean` over all tokens, `cls` (token 0),
+  // `patch-mean` (tokens 1..T-1) or `cls+patch-mean` (both, concatenated: [B, 2D]).
   torch::Tensor pool(const torch::Tensor& h, size_t layer) const {
     const std::string& p = opt.pooling;
-    if (h.dim() == 4) { // [B, C, H, W]
-      if (p != "mean")
-        throw Error("pooling '" + p + "' needs token outputs [B, T, D], but layer " + names[layer] +
-                    " is a feature map [B, C, H, W]; use --pooling mean");
-      return h.mean({2, 3});
+    if (h.dim() == 4) {
+      if (p == "mean")
+        return h.mean({2, 3});
+      if (p.rfind("grid:", 0) == 0)
+        return torch::adaptive_avg_pool2d(h, {grid_, grid_}).flatten(1);
+      throw Error("pooling '" + p + "' needs token outputs [B, T, D], but layer " + names[layer] +
+                  " is a feature map [B, C, H, W]; use --pooling mean or grid:G");
     }
-    if (h.dim() == 3) { // [B, T, D]
+    if (h.dim() == 3) {
       if (p == "mean")
         return h.mean({1});
       if (p == "cls")
         return h.select(1, 0);
-      if (p == "patch-mean") {
+      if (p == "patch-mean" || p == "cls+patch-mean") {
         if (h.size(1) < 2)
-          throw Error("pooling patch-mean needs at least 2 tokens at layer " + names[layer]);
-        return h.slice(1, 1).mean({1});
+          throw Error("pooling " + p + " needs at least 2 tokens at layer " + names[layer]);
+        auto patches = h.slice(1, 1).mean({1});
+        return p == "patch-mean" ? patches : torch::cat({h.select(1, 0), patches}, 1);
       }
-      throw Error("unknown pooling '" + p + "' (mean, cls, patch-mean)");
+      throw Error("pooling '" + p + "' does not apply to token outputs [B, T, D] (layer " +
+                  names[layer] + "); use mean, cls, patch-mean or cls+patch-mean");
     }
     if (h.dim() == 2)
       return h;
     throw Error("layer " + names[layer] + " has an output of " + std::to_string(h.dim()) +
                 " dimensions; expected [B, D], [B, T, D] or [B, C, H, W]");
   }
+  int64_t grid_ = 1;
 
   static torch::Tensor resize(const torch::Tensor& x, int64_t h, int64_t w) {
     namespace F = torch::nn::functional;
@@ -255,9 +265,28 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
   } else {
     throw Error("--model must be builtin:NAME or torchscript:PATH, not '" + m + "'");
   }
-  if (options.objective != "cross-entropy" && options.objective != "cosine" &&
-      options.objective != "dino")
-    throw Error("unknown objective '" + options.objective + "' (cross-entropy, cosine, dino)");
+  if (options.objective.rfind("torchscript:", 0) == 0) {
+    const std::string path = options.objective.substr(12);
+    try {
+      I.objective = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, I.device));
+    } catch (const c10::Error& e) {
+      throw Error("cannot load TorchScript objective " + path + ": " + e.what_without_backtrace());
+    }
+    I.objective->eval();
+  } else if (options.objective != "cross-entropy" && options.objective != "cosine" &&
+             options.objective != "dino") {
+    throw Error("unknown objective '" + options.objective +
+                "' (cross-entropy, cosine, dino, torchscript:PATH)");
+  }
+  if (options.pooling.rfind("grid:", 0) == 0) {
+    try {
+      I.grid_ = std::stoll(options.pooling.substr(5));
+    } catch (const std::exception&) {
+      I.grid_ = 0;
+    }
+    if (I.grid_ < 1)
+      throw Error("--pooling " + options.pooling + ": G in grid:G must be a positive integer");
+  }
   if (options.labels != "stimuli" && options.labels != "self")
     throw Error("--labels must be 'stimuli' or 'self', not '" + options.labels + "'");
 
@@ -336,19 +365,33 @@ BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, 
       torch::NoGradGuard ng;
       teacher = I.forward(I.augmented(images, n, height, width, indices, 1)).second;
     }
-    if (out.dim() != 2)
-      throw Error("objective " + I.opt.objective + " needs a final output [B, D]");
-    // The heads are computed in float64: the sharp teacher softmax (tau_t = 0.04) amplifies
-    // rounding, and float64 keeps that from adding to the model's own float32 differences.
-    const auto z = out.to(torch::kFloat64), zt = teacher.to(torch::kFloat64);
-    if (I.opt.objective == "cosine") {
-      loss = (1.0 - F::cosine_similarity(z, zt, F::CosineSimilarityFuncOptions().dim(1))).sum();
-    } else { // dino
-      const auto W = I.prototype_head(out.size(1)).to(torch::kFloat64);
-      const auto nrm = F::NormalizeFuncOptions().dim(1);
-      const auto s = torch::mm(F::normalize(z, nrm), W) / 0.1;
-      const auto t = torch::softmax(torch::mm(F::normalize(zt, nrm), W) / 0.04, 1);
-      loss = -(t * torch::log_softmax(s, 1)).sum();
+    if (I.objective) {
+      // User objective: forward(output [B, ...], teacher [B, ...], labels [B]) -> per-image
+      // losses [B], summed here (a batch mean would make results depend on the batch size).
+      torch::Tensor lab =
+          labels ? torch::from_blob(const_cast<std::int64_t*>(labels), {n}, torch::kInt64)
+                       .clone()
+                       .to(I.device)
+                 : out.detach().argmax(-1);
+      auto r = I.objective->forward({out, teacher, lab});
+      if (!r.isTensor() || r.toTensor().dim() != 1 || r.toTensor().size(0) != n)
+        throw Error("TorchScript objective " + I.opt.objective.substr(12) +
+                    " must return per-image losses, a Tensor of shape [B]");
+      loss = r.toTensor().sum();
+    } else {
+      if (out.dim() != 2)
+        throw Error("objective " + I.opt.objective + " needs a final output [B, D]");
+      // The heads are computed in float64 (the sharp teacher softmax amplifies rounding).
+      const auto z = out.to(torch::kFloat64), zt = teacher.to(torch::kFloat64);
+      if (I.opt.objective == "cosine") {
+        loss = (1.0 - F::cosine_similarity(z, zt, F::CosineSimilarityFuncOptions().dim(1))).sum();
+      } else { // dino
+        const auto W = I.prototype_head(out.size(1)).to(torch::kFloat64);
+        const auto nrm = F::NormalizeFuncOptions().dim(1);
+        const auto s = torch::mm(F::normalize(z, nrm), W) / 0.1;
+        const auto t = torch::softmax(torch::mm(F::normalize(zt, nrm), W) / 0.04, 1);
+        loss = -(t * torch::log_softmax(s, 1)).sum();
+      }
     }
   }
   std::vector<torch::Tensor> grads =

@@ -70,7 +70,10 @@ def reference(module, images, labels, pooling, input_size=None, objective="cross
         views = torch.cat([augmented_view(x01[i:i + 1], i, seed, size) for i in range(len(x01))])
         with torch.no_grad():
             teacher = module((views - MEAN) / STD)[1]
-        if objective == "cosine":
+        if isinstance(objective, torch.nn.Module):
+            target = out.detach().argmax(1) if labels is None else torch.from_numpy(labels)
+            loss = objective(out, teacher, target).sum()
+        elif objective == "cosine":
             loss = (1 - F.cosine_similarity(out, teacher, dim=1)).sum()
         else:  # dino: fixed random prototypes, student temperature 0.1, teacher 0.04, centre 0
             d, k = out.shape[1], 256
@@ -83,9 +86,13 @@ def reference(module, images, labels, pooling, input_size=None, objective="cross
 
     def pool(h):
         if h.dim() == 4:
+            if pooling.startswith("grid:"):
+                g = int(pooling[5:])
+                return F.adaptive_avg_pool2d(h, (g, g)).flatten(1)
             return h.mean((2, 3))
         return {"mean": lambda t: t.mean(1), "cls": lambda t: t[:, 0],
-                "patch-mean": lambda t: t[:, 1:].mean(1)}[pooling](h)
+                "patch-mean": lambda t: t[:, 1:].mean(1),
+                "cls+patch-mean": lambda t: torch.cat([t[:, 0], t[:, 1:].mean(1)], 1)}[pooling](h)
     return [pool(h).detach().numpy() for h in hs], [pool(g).numpy() for g in gs]
 
 
@@ -160,6 +167,35 @@ def test_self_supervised_objectives_match_pytorch():
                      "--objective", objective, "--seed", 42, "--pooling", pooling, "--batch-size", 4,
                      "--out", out], ranks=2)
             compare(out, model, img, None, pooling, input_size=size, objective=objective, seed=42)
+
+
+class UserLoss(torch.nn.Module):
+    """A user objective: per-image losses mixing a label term and a view-consistency term."""
+
+    def forward(self, out, teacher, labels):
+        ce = F.cross_entropy(out, labels, reduction="none")
+        return ce * (1 + 0.5 * torch.tanh(out.mean(1))) + 0.05 * ((out - teacher) ** 2).sum(1)
+
+
+def test_poolings_and_a_user_objective_match_pytorch():
+    vit = ex.demo_model("demo-vit", seed=11)
+    ex.export(vit, f"{BASE}/vit11.pt", 32, script=True)
+    cnn = ex.demo_model("demo-cnn", seed=12)
+    ex.export(cnn, f"{BASE}/cnn12.pt", 32, script=True)
+    torch.jit.save(torch.jit.script(UserLoss()), f"{BASE}/userloss.pt")
+    img = write_stimuli(f"{BASE}/s32u.h5", 18, 32, seed=13)
+    with h5py.File(f"{BASE}/s32u.h5") as f:
+        labels = f["/stimuli/labels"][()]
+    cases = [("vit11", vit, "cls+patch-mean", "cross-entropy"), ("cnn12", cnn, "grid:2", "cross-entropy"),
+             ("vit11", vit, "cls", f"torchscript:{BASE}/userloss.pt"),
+             ("cnn12", cnn, "grid:3", f"torchscript:{BASE}/userloss.pt")]
+    for name, model, pooling, objective in cases:
+        out = f"{BASE}/{name}-{pooling.replace(':', '')}-{objective[:5]}.h5"
+        gradmap(["extract", "--stimuli", f"{BASE}/s32u.h5", "--model", f"torchscript:{BASE}/{name}.pt",
+                 "--pooling", pooling, "--objective", objective, "--seed", 5, "--batch-size", 5,
+                 "--out", out], ranks=2)
+        obj = UserLoss() if objective.startswith("torchscript:") else objective
+        compare(out, model, img, labels, pooling, objective=obj, seed=5)
 
 
 def test_traced_export_of_a_hooked_model():
@@ -281,11 +317,20 @@ def test_bad_models_and_inputs():
                    "pooling 'cls' needs token outputs")
     expect_failure(["extract", "--stimuli", f"{BASE}/bad32.h5", "--out", out, "--device", "cuda"],
                    "no CUDA device")
+
+    class MeanLoss(torch.nn.Module):
+        def forward(self, out, teacher, labels):
+            return F.cross_entropy(out, labels)  # a batch mean: refused
+    torch.jit.save(torch.jit.script(MeanLoss()), f"{BASE}/meanloss.pt")
+    expect_failure(["extract", "--stimuli", f"{BASE}/bad32.h5", "--out", out, "--objective",
+                    f"torchscript:{BASE}/meanloss.pt"], "must return per-image losses")
+    expect_failure(["extract", "--stimuli", f"{BASE}/bad32.h5", "--out", out, "--pooling", "grid:0"],
+                   "--pooling")
     assert not os.path.exists(out)
 
 
 run_tests([test_vit_matches_pytorch_for_each_pooling, test_vit_resizes_with_antialiasing,
            test_batchnorm_cnn_matches_pytorch_with_self_labels, test_self_supervised_objectives_match_pytorch,
-           test_traced_export_of_a_hooked_model,
+           test_poolings_and_a_user_objective_match_pytorch, test_traced_export_of_a_hooked_model,
            test_builtin_features_independent_of_ranks_and_batch_size, test_resume_skips_completed_blocks,
            test_bad_models_and_inputs])
