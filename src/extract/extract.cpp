@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <filesystem>
 #include <memory>
-#include <new>
 #include <numeric>
 
 #include "gradmap/core/error.hpp"
@@ -210,14 +209,8 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
     mpi::collective_check(comm, [&] {
       for (std::int64_t s = 0; s < n; s += o.batch_size) {
         const std::int64_t nb = std::min(o.batch_size, n - s);
-        model::BatchFeatures bf;
-        try {
-          bf = fx->run(&images[s * px], nb, si.height, si.width,
-                       labels.empty() ? nullptr : &labels[s], &indices[s]);
-        } catch (const std::bad_alloc&) {
-          throw Error("out of memory at --batch-size " + std::to_string(o.batch_size) +
-                      "; try a smaller batch size");
-        }
+        model::BatchFeatures bf = fx->run(&images[s * px], nb, si.height, si.width,
+                                          labels.empty() ? nullptr : &labels[s], &indices[s]);
         for (int l = 0; l < L; ++l) {
           if (proj[l]) {
             bf.activations[l] = proj[l]->apply(bf.activations[l].data(), nb);

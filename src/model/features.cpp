@@ -324,6 +324,29 @@ std::int64_t FeatureExtractor::num_outputs() const {
 BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
                                     std::int64_t width, const std::int64_t* labels,
                                     const std::int64_t* indices) const {
+  // LibTorch reports failed allocations (CPU and CUDA) as c10::Error: turn them into advice, and
+  // other LibTorch errors into one line without the C++ backtrace.
+  try {
+    return run_batch(images, n, height, width, labels, indices);
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    if (msg.find("out of memory") != std::string::npos ||
+        msg.find("can't allocate memory") != std::string::npos ||
+        msg.find("Cannot allocate memory") != std::string::npos)
+      throw Error("out of memory in a batch of " + std::to_string(n) + " images on " +
+                  impl_->opt.device + ": try a smaller --batch-size (" +
+                  msg.substr(0, msg.find('\n')) + ")");
+    throw Error("LibTorch error in " + impl_->opt.model + ": " + msg.substr(0, msg.find('\n')));
+  } catch (const std::bad_alloc&) {
+    throw Error("out of memory in a batch of " + std::to_string(n) +
+                " images: try a smaller --batch-size");
+  }
+}
+
+BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64_t n,
+                                          std::int64_t height, std::int64_t width,
+                                          const std::int64_t* labels,
+                                          const std::int64_t* indices) const {
   auto& I = *impl_;
   BatchFeatures bf;
   bf.n = n;

@@ -326,6 +326,21 @@ def test_bad_models_and_inputs():
                     f"torchscript:{BASE}/meanloss.pt"], "must return per-image losses")
     expect_failure(["extract", "--stimuli", f"{BASE}/bad32.h5", "--out", out, "--pooling", "grid:0"],
                    "--pooling")
+    # A batch that does not fit: under a 3 GB address-space limit, 512 images of 224x224 need a
+    # 1.6 GB activation; the message suggests a smaller batch.
+    big = f"{BASE}/big224.h5"
+    with h5py.File(big, "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f["/stimuli/images"] = np.random.default_rng(0).integers(0, 256, (512, 224, 224, 3), dtype=np.uint8)
+        f["/stimuli/ids"] = np.arange(512)
+    import subprocess
+    from gmtest import GRADMAP
+    p = subprocess.run(["bash", "-c", 'ulimit -v 3000000; exec "$0" "$@"', GRADMAP, "extract",
+                        "--stimuli", big, "--labels", "self", "--batch-size", "512", "--block", "512",
+                        "--out", out], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode != 0, p.stderr
+    assert "out of memory in a batch of 512 images" in p.stderr and "smaller --batch-size" in p.stderr, p.stderr
     assert not os.path.exists(out)
 
 

@@ -57,6 +57,9 @@ public:
                     const std::int64_t* indices) const;
 
 private:
+  BatchFeatures run_batch(const std::uint8_t* images, std::int64_t n, std::int64_t height,
+                          std::int64_t width, const std::int64_t* labels,
+                          const std::int64_t* indices) const;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
