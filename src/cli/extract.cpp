@@ -20,7 +20,11 @@ Command extract_command() {
     d.add_options()("stimuli", po::value<std::string>()->required(), "stimuli.h5")(
         "out", po::value<std::string>()->required(),
         "features.h5 to write")("model", po::value<std::string>()->default_value(def.model),
-                                "builtin:tinycnn or torchscript:PATH")(
+                                "builtin:tinycnn, builtin:tinyvit or torchscript:PATH")(
+        "weights", po::value<std::string>()->default_value(""),
+        "built-in models: load weights from this file (default: the built-in initialisation)")(
+        "save-weights", po::value<std::string>()->default_value(""),
+        "built-in models: write the weights in use to this file")(
         "objective", po::value<std::string>()->default_value(def.objective),
         "objective whose gradients are extracted: cross-entropy (labels), cosine (view "
         "consistency with an augmented view), dino (self-distillation, fixed random prototypes), "
@@ -55,6 +59,8 @@ Command extract_command() {
     o.stimuli = vm["stimuli"].as<std::string>();
     o.out = vm["out"].as<std::string>();
     o.model = vm["model"].as<std::string>();
+    o.weights = vm["weights"].as<std::string>();
+    o.save_weights = vm["save-weights"].as<std::string>();
     o.objective = vm["objective"].as<std::string>();
     o.seed = vm["seed"].as<std::uint64_t>();
     o.labels = vm["labels"].as<std::string>();

@@ -36,8 +36,8 @@ constexpr std::uint32_t kProjectionStream = 1;
 constexpr std::uint32_t kPcaStream = 0x10000;
 
 std::string fingerprint(const ExtractOptions& o, const io::StimuliInfo& s) {
-  return "model=" + o.model + ";objective=" + o.objective + ";labels=" + o.labels +
-         ";seed=" + std::to_string(o.seed) + ";pooling=" + o.pooling +
+  return "model=" + o.model + ";weights=" + o.weights + ";objective=" + o.objective +
+         ";labels=" + o.labels + ";seed=" + std::to_string(o.seed) + ";pooling=" + o.pooling +
          ";images=" + std::to_string(s.n) + "x" + std::to_string(s.height) + "x" +
          std::to_string(s.width) + ";block=" + std::to_string(o.block) + ";stimuli=" + o.stimuli;
 }
@@ -97,6 +97,7 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
                      " needs /stimuli/labels, which is missing (or use --labels self)");
   model::ExtractorOptions mo;
   mo.model = o.model;
+  mo.weights = o.weights;
   mo.objective = o.objective;
   mo.labels = o.labels;
   mo.pooling = o.pooling;
@@ -106,6 +107,13 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
   mo.local_rank = o.local_rank;
   std::unique_ptr<model::FeatureExtractor> fx;
   mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(mo); });
+  if (!o.save_weights.empty()) {
+    mpi::collective_check(comm, [&] {
+      if (me == 0)
+        fx->save_weights(o.save_weights);
+    });
+    GM_INFO("extract: wrote the weights of " << o.model << " to " << o.save_weights);
+  }
   const auto& layers = fx->layer_names();
   const int L = static_cast<int>(layers.size());
   // Optional sparse random projection of layers wider than K; the same matrix for both kinds.

@@ -15,16 +15,20 @@
 namespace gradmap::model {
 namespace {
 
+// Built-in networks: per-layer outputs in network order and the final output (logits).
+struct BuiltinNet : torch::nn::Module {
+  virtual std::pair<std::vector<torch::Tensor>, torch::Tensor> run(const torch::Tensor& x) = 0;
+  virtual std::vector<std::string> layer_names() const = 0;
+  virtual int64_t input_size() const { return 0; } // 0: any size
+};
+
 // ----------------------------------------------------------------------- built-in: tinycnn
 // Six 3x3 conv + ReLU stages (stride 2 at stages 2, 4, 6; 16-32-32-64-64-128 channels), global
-// average pooling and a linear head of 10 classes. Accepts any input size >= 8 pixels. Weights
-// are a fixed function of the model name: He-uniform (bound sqrt(6 / fan_in)) for weights and
-// PyTorch's default bound 1/sqrt(fan_in) for biases, drawn from Philox keyed by
-// (model seed, parameter index), so they are identical on every platform and rank.
-struct TinyCnnImpl : torch::nn::Module {
+// average pooling and a linear head of 10 classes. Accepts any input size >= 8 pixels.
+struct TinyCnn : BuiltinNet {
   std::vector<torch::nn::Conv2d> convs;
   torch::nn::Linear head{nullptr};
-  TinyCnnImpl() {
+  TinyCnn() {
     const int64_t ch[7] = {3, 16, 32, 32, 64, 64, 128};
     for (int i = 0; i < 6; ++i) {
       const int64_t stride = (i % 2 == 1) ? 2 : 1;
@@ -35,50 +39,148 @@ struct TinyCnnImpl : torch::nn::Module {
     }
     head = register_module("head", torch::nn::Linear(128, 10));
   }
-  std::vector<torch::Tensor> layers(torch::Tensor x) {
+  std::pair<std::vector<torch::Tensor>, torch::Tensor> run(const torch::Tensor& input) override {
     std::vector<torch::Tensor> out;
+    torch::Tensor x = input;
     for (auto& c : convs) {
       x = torch::relu(c->forward(x));
       out.push_back(x);
     }
-    return out;
+    return {out, head->forward(x.mean({2, 3}))};
   }
-  torch::Tensor output(const torch::Tensor& last) { return head->forward(last.mean({2, 3})); }
+  std::vector<std::string> layer_names() const override {
+    std::vector<std::string> n;
+    for (int i = 1; i <= 6; ++i)
+      n.push_back("conv" + std::to_string(i));
+    return n;
+  }
 };
-TORCH_MODULE(TinyCnn);
 
-constexpr std::uint64_t kTinyCnnSeed = 0x7469ULL; // "ti": the seed of builtin:tinycnn
+// ----------------------------------------------------------------------- built-in: tinyvit
+// Input 32x32 (images are resized), 4x4 patches -> 64 tokens + CLS, width 64, 4 pre-norm blocks
+// x + Attn(LN(x)), x + MLP(LN(x)) (4 heads, MLP 2x with GELU), final LN, linear head on CLS.
+// Layers: the embedded tokens and each block's output, [B, 65, 64].
+struct VitBlock : torch::nn::Module {
+  torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr};
+  torch::nn::Linear qkv{nullptr}, proj{nullptr}, fc1{nullptr}, fc2{nullptr};
+  int64_t heads;
+  VitBlock(int64_t dim, int64_t h) : heads(h) {
+    norm1 = register_module("norm1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim})));
+    qkv = register_module("qkv", torch::nn::Linear(dim, 3 * dim));
+    proj = register_module("proj", torch::nn::Linear(dim, dim));
+    norm2 = register_module("norm2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim})));
+    fc1 = register_module("fc1", torch::nn::Linear(dim, 2 * dim));
+    fc2 = register_module("fc2", torch::nn::Linear(2 * dim, dim));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    const int64_t b = x.size(0), t = x.size(1), d = x.size(2), dh = d / heads;
+    auto q = qkv->forward(norm1->forward(x)).view({b, t, 3, heads, dh}).permute({2, 0, 3, 1, 4});
+    auto att =
+        torch::softmax(torch::matmul(q[0], q[1].transpose(-2, -1)) / std::sqrt(double(dh)), -1);
+    auto y = torch::matmul(att, q[2]).transpose(1, 2).reshape({b, t, d});
+    auto h = x + proj->forward(y);
+    return h + fc2->forward(torch::gelu(fc1->forward(norm2->forward(h))));
+  }
+};
 
-void init_deterministic(torch::nn::Module& m, std::uint64_t seed) {
+struct TinyVit : BuiltinNet {
+  static constexpr int64_t kSize = 32, kPatch = 4, kDim = 64, kDepth = 4, kHeads = 4;
+  torch::nn::Conv2d embed{nullptr};
+  torch::Tensor cls, pos;
+  std::vector<std::shared_ptr<VitBlock>> blocks;
+  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Linear head{nullptr};
+  TinyVit() {
+    embed = register_module(
+        "embed", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, kDim, kPatch).stride(kPatch)));
+    cls = register_parameter("cls_token", torch::zeros({1, 1, kDim}));
+    pos = register_parameter("pos_embed",
+                             torch::zeros({1, (kSize / kPatch) * (kSize / kPatch) + 1, kDim}));
+    for (int64_t i = 0; i < kDepth; ++i)
+      blocks.push_back(register_module("block" + std::to_string(i + 1),
+                                       std::make_shared<VitBlock>(kDim, kHeads)));
+    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({kDim})));
+    head = register_module("head", torch::nn::Linear(kDim, 10));
+  }
+  std::pair<std::vector<torch::Tensor>, torch::Tensor> run(const torch::Tensor& x) override {
+    auto t = embed->forward(x).flatten(2).transpose(1, 2);
+    t = torch::cat({cls.expand({t.size(0), 1, kDim}), t}, 1) + pos;
+    std::vector<torch::Tensor> out{t};
+    for (auto& blk : blocks) {
+      t = blk->forward(t);
+      out.push_back(t);
+    }
+    return {out, head->forward(norm->forward(t).select(1, 0))};
+  }
+  std::vector<std::string> layer_names() const override {
+    std::vector<std::string> n{"embed"};
+    for (int64_t i = 1; i <= kDepth; ++i)
+      n.push_back("block" + std::to_string(i));
+    return n;
+  }
+  int64_t input_size() const override { return kSize; }
+};
+
+// Weights are a fixed function of the model: drawn from Philox keyed by (model seed, parameter
+// index), so they are identical on every platform and rank. Weights (dim >= 2): uniform with
+// bound sqrt(gain / fan_in) (gain 6: He-uniform, for ReLU nets; 3: variance-preserving, for the
+// ViT); biases: PyTorch's default bound 1/sqrt(fan_in); LayerNorm: weight 1, bias 0; token and
+// position embeddings: N(0, 0.02^2).
+void init_deterministic(torch::nn::Module& m, std::uint64_t seed, double gain) {
   torch::NoGradGuard ng;
   std::uint32_t index = 0;
   int64_t last_fan_in = 1;
   for (auto& p : m.named_parameters()) {
     auto& t = p.value();
-    const bool is_bias = t.dim() == 1;
-    // fan_in: for a bias, that of its layer's weight (the previous parameter).
-    int64_t fan_in = 1;
-    if (!is_bias) {
-      for (int64_t d = 1; d < t.dim(); ++d)
-        fan_in *= t.size(d);
+    const std::string& name = p.key();
+    sim::Philox rng(seed, sim::Stream::weights, index++);
+    auto acc = t.data_ptr<float>();
+    if (name.find("norm") != std::string::npos) {
+      t.fill_(name.size() >= 6 && name.compare(name.size() - 6, 6, "weight") == 0 ? 1.0 : 0.0);
+      continue;
     }
+    if (name.find("cls_token") != std::string::npos ||
+        name.find("pos_embed") != std::string::npos) {
+      for (int64_t i = 0; i < t.numel(); ++i)
+        acc[i] = static_cast<float>(0.02 * rng.normal());
+      continue;
+    }
+    const bool is_bias = t.dim() == 1;
+    int64_t fan_in = 1;
+    for (int64_t d = 1; d < t.dim(); ++d)
+      fan_in *= t.size(d);
     if (!is_bias)
       last_fan_in = fan_in;
     else
-      fan_in = last_fan_in;
+      fan_in = last_fan_in; // a bias follows its layer's weight
     const double bound =
-        is_bias ? 1.0 / std::sqrt(double(fan_in)) : std::sqrt(6.0 / double(fan_in));
-    sim::Philox rng(seed, sim::Stream::weights, index++);
-    auto acc = t.data_ptr<float>();
+        is_bias ? 1.0 / std::sqrt(double(fan_in)) : std::sqrt(gain / double(fan_in));
     for (int64_t i = 0; i < t.numel(); ++i)
       acc[i] = static_cast<float>(rng.uniform(-bound, bound));
   }
 }
 
+constexpr std::uint64_t kTinyCnnSeed = 0x7469ULL; // the seed of builtin:tinycnn
+constexpr std::uint64_t kTinyVitSeed = 0x7476ULL; // the seed of builtin:tinyvit
+
+std::shared_ptr<BuiltinNet> make_builtin(const std::string& name) {
+  std::shared_ptr<BuiltinNet> net;
+  if (name == "tinycnn") {
+    net = std::make_shared<TinyCnn>();
+    init_deterministic(*net, kTinyCnnSeed, 6.0);
+  } else if (name == "tinyvit") {
+    net = std::make_shared<TinyVit>();
+    init_deterministic(*net, kTinyVitSeed, 3.0);
+  } else {
+    throw Error("unknown built-in model '" + name + "' (built-in models: tinycnn, tinyvit)");
+  }
+  return net;
+}
+
 } // namespace
 
 std::vector<std::string> builtin_models() {
-  return {"tinycnn"};
+  return {"tinycnn", "tinyvit"};
 }
 
 std::string torch_version() {
@@ -88,7 +190,7 @@ std::string torch_version() {
 struct FeatureExtractor::Impl {
   ExtractorOptions opt;
   torch::Device device{torch::kCPU};
-  TinyCnn builtin{nullptr};
+  std::shared_ptr<BuiltinNet> builtin;
   std::unique_ptr<torch::jit::script::Module> script;
   std::unique_ptr<torch::jit::script::Module> objective; // user objective, torchscript:PATH
   int64_t input_size = 0;                                // 0: use images at their stored size
@@ -98,11 +200,8 @@ struct FeatureExtractor::Impl {
 
   // Forward pass: per-layer outputs in network order and the final output.
   std::pair<std::vector<torch::Tensor>, torch::Tensor> forward(const torch::Tensor& x) {
-    if (builtin) {
-      auto hs = builtin->layers(x);
-      auto out = builtin->output(hs.back());
-      return {hs, out};
-    }
+    if (builtin)
+      return builtin->run(x);
     auto r = script->forward({x});
     if (!r.isTuple())
       throw Error("TorchScript model " + opt.model +
@@ -240,16 +339,24 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
   }
   const std::string& m = options.model;
   if (m.rfind("builtin:", 0) == 0) {
-    const std::string name = m.substr(8);
-    if (name != "tinycnn")
-      throw Error("unknown built-in model '" + name + "' (built-in models: tinycnn)");
-    I.builtin = TinyCnn();
-    init_deterministic(*I.builtin, kTinyCnnSeed);
+    I.builtin = make_builtin(m.substr(8));
+    if (!options.weights.empty()) {
+      try {
+        torch::serialize::InputArchive archive;
+        archive.load_from(options.weights);
+        I.builtin->load(archive);
+      } catch (const c10::Error& e) {
+        throw Error("cannot load weights " + options.weights + " into " + m + ": " +
+                    std::string(e.what_without_backtrace()).substr(0, 300));
+      }
+    }
     I.builtin->eval();
     I.builtin->to(I.device);
-    for (int i = 1; i <= 6; ++i)
-      I.names.push_back("conv" + std::to_string(i));
+    I.names = I.builtin->layer_names();
+    I.input_size = I.builtin->input_size();
   } else if (m.rfind("torchscript:", 0) == 0) {
+    if (!options.weights.empty())
+      throw Error("--weights applies to built-in models; a TorchScript file carries its own");
     const std::string path = m.substr(12);
     try {
       I.script = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, I.device));
@@ -310,6 +417,18 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
 }
 
 FeatureExtractor::~FeatureExtractor() = default;
+
+void FeatureExtractor::save_weights(const std::string& path) const {
+  if (!impl_->builtin)
+    throw Error("--save-weights applies to built-in models");
+  try {
+    torch::serialize::OutputArchive archive;
+    impl_->builtin->save(archive);
+    archive.save_to(path);
+  } catch (const c10::Error& e) {
+    throw Error("cannot write weights " + path + ": " + e.what_without_backtrace());
+  }
+}
 
 const std::vector<std::string>& FeatureExtractor::layer_names() const {
   return impl_->names;

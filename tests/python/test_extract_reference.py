@@ -280,6 +280,99 @@ def test_resume_skips_completed_blocks():
     assert "already done" not in p.stderr
 
 
+class PyTinyCnn(torch.nn.Module):
+    """builtin:tinycnn written independently in PyTorch (same parameter names)."""
+
+    def __init__(self):
+        super().__init__()
+        ch = [3, 16, 32, 32, 64, 64, 128]
+        for i in range(6):
+            setattr(self, f"conv{i + 1}", torch.nn.Conv2d(ch[i], ch[i + 1], 3, stride=2 if i % 2 else 1, padding=1))
+        self.head = torch.nn.Linear(128, 10)
+        self.layer_names = [f"conv{i}" for i in range(1, 7)]
+
+    def forward(self, x):
+        outs = []
+        for i in range(6):
+            x = torch.relu(getattr(self, f"conv{i + 1}")(x))
+            outs.append(x)
+        return outs, self.head(x.mean((2, 3)))
+
+
+class PyVitBlock(torch.nn.Module):
+    def __init__(self, d=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.fc1, self.fc2 = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) / np.sqrt(d // self.heads), -1)
+        h = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return h + self.fc2(F.gelu(self.fc1(self.norm2(h))))
+
+
+class PyTinyVit(torch.nn.Module):
+    """builtin:tinyvit written independently in PyTorch (same parameter names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 64, 4, stride=4)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 64))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, 65, 64))
+        for i in range(4):
+            setattr(self, f"block{i + 1}", PyVitBlock())
+        self.norm = torch.nn.LayerNorm(64)
+        self.head = torch.nn.Linear(64, 10)
+        self.layer_names = ["embed"] + [f"block{i}" for i in range(1, 5)]
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) + self.pos_embed
+        outs = [t]
+        for i in range(4):
+            t = getattr(self, f"block{i + 1}")(t)
+            outs.append(t)
+        return outs, self.head(self.norm(t)[:, 0])
+
+
+def test_builtin_models_match_pytorch_reimplementations():
+    img = write_stimuli(f"{BASE}/s24.h5", 26, 24, seed=21)  # tinyvit resizes to 32
+    with h5py.File(f"{BASE}/s24.h5") as f:
+        labels = f["/stimuli/labels"][()]
+    for name, py, pooling, size in (("tinycnn", PyTinyCnn(), "mean", None),
+                                    ("tinyvit", PyTinyVit(), "patch-mean", 32)):
+        out, w = f"{BASE}/builtin-{name}.h5", f"{BASE}/{name}.weights"
+        gradmap(["extract", "--stimuli", f"{BASE}/s24.h5", "--model", f"builtin:{name}", "--pooling", pooling,
+                 "--save-weights", w, "--batch-size", 6, "--out", out], ranks=2)
+        state = {k: v for k, v in torch.jit.load(w).state_dict().items()}
+        py.load_state_dict(state)  # strict: every parameter name and shape must match
+        compare(out, py.eval(), img, labels, pooling, input_size=size)
+        # Loading the saved weights reproduces the features exactly.
+        gradmap(["extract", "--stimuli", f"{BASE}/s24.h5", "--model", f"builtin:{name}", "--pooling", pooling,
+                 "--weights", w, "--batch-size", 6, "--out", f"{out}.2"], ranks=2)
+        with h5py.File(out) as a, h5py.File(f"{out}.2") as b:
+            for k in ("activations", "gradients"):
+                for n in a[f"/features/{k}"]:
+                    assert np.array_equal(a[f"/features/{k}/{n}"][()], b[f"/features/{k}/{n}"][()])
+    expect_failure(["extract", "--stimuli", f"{BASE}/s24.h5", "--model", "builtin:tinyvit", "--weights",
+                    f"{BASE}/tinycnn.weights", "--out", f"{BASE}/never.h5"],
+                   f"cannot load weights {BASE}/tinycnn.weights into builtin:tinyvit")
+    # rank and batch independence of the ViT
+    gradmap(["extract", "--stimuli", f"{BASE}/s24.h5", "--model", "builtin:tinyvit", "--batch-size", 1,
+             "--out", f"{BASE}/vit-b1.h5"], ranks=1)
+    gradmap(["extract", "--stimuli", f"{BASE}/s24.h5", "--model", "builtin:tinyvit", "--batch-size", 16,
+             "--out", f"{BASE}/vit-b16.h5"], ranks=2)
+    with h5py.File(f"{BASE}/vit-b1.h5") as a, h5py.File(f"{BASE}/vit-b16.h5") as b:
+        for k in ("activations", "gradients"):
+            for n in a[f"/features/{k}"]:
+                e = rel_err(b[f"/features/{k}/{n}"][()], a[f"/features/{k}/{n}"][()])
+                assert e < 1e-6, (k, n, e)
+
+
 def expect_failure(args, *needles, ranks=2):
     p = gradmap(args, ranks=ranks, check=False, timeout=120)
     assert p.returncode != 0, f"exit 0 for {args}"
@@ -348,4 +441,5 @@ run_tests([test_vit_matches_pytorch_for_each_pooling, test_vit_resizes_with_anti
            test_batchnorm_cnn_matches_pytorch_with_self_labels, test_self_supervised_objectives_match_pytorch,
            test_poolings_and_a_user_objective_match_pytorch, test_traced_export_of_a_hooked_model,
            test_builtin_features_independent_of_ranks_and_batch_size, test_resume_skips_completed_blocks,
+           test_builtin_models_match_pytorch_reimplementations,
            test_bad_models_and_inputs])

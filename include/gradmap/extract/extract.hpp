@@ -11,9 +11,11 @@
 namespace gradmap::extract {
 
 struct ExtractOptions {
-  std::string stimuli;                     ///< stimuli.h5
-  std::string out;                         ///< features.h5
-  std::string model = "builtin:tinycnn";   ///< builtin:NAME | torchscript:PATH
+  std::string stimuli;                   ///< stimuli.h5
+  std::string out;                       ///< features.h5
+  std::string model = "builtin:tinycnn"; ///< builtin:NAME | torchscript:PATH
+  std::string weights;      ///< built-in models: weights file to load (default: built-in init)
+  std::string save_weights; ///< built-in models: write the weights used here (rank 0)
   std::string objective = "cross-entropy"; ///< cross-entropy | cosine | dino
   std::uint64_t seed = 0;                  ///< augmentations and the DINO prototype head
   std::string labels = "stimuli";          ///< stimuli | self

@@ -11,6 +11,7 @@ namespace gradmap::model {
 /// What to extract and how (design.md's conventions).
 struct ExtractorOptions {
   std::string model = "builtin:tinycnn"; ///< builtin:NAME or torchscript:PATH
+  std::string weights;                   ///< built-in models: load these weights (torch::save)
   /// cross-entropy | cosine | dino. The self-supervised objectives compare the clean image
   /// (student, with gradient) with an augmented view of it (teacher: the same network, no
   /// gradient): cosine: L = sum_i 1 - cos(z_i, z'_i); dino: L = sum_i H(softmax((p'_i - c) /
@@ -45,6 +46,8 @@ public:
   const std::vector<std::string>& layer_names() const;
   /// Pooled feature dimension of each layer (known after construction: a probe forward pass).
   const std::vector<std::int64_t>& layer_dims() const;
+  /// Not collective. Writes a built-in model's weights (loadable with ExtractorOptions::weights).
+  void save_weights(const std::string& path) const;
   /// Number of outputs (classes) of the final layer.
   std::int64_t num_outputs() const;
 
