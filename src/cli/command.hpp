@@ -47,6 +47,7 @@ int threads_of(const po::variables_map& vm, const Context& ctx);
 // Command definitions (one file each in src/cli/).
 Command simulate_command();
 Command extract_command();
+Command encode_command();
 Command validate_command();
 Command run_command();
 

@@ -64,4 +64,26 @@ void svd(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector<doub
   vt = std::move(u); // column-major M x mn: column j (contiguous) = j-th right vector of A
 }
 
+void svd_thin(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector<double>& u,
+              std::vector<double>& s, std::vector<double>& vt) {
+  // Row-major A (m x n) is column-major A^T (n x m) = V S U^T: LAPACK's U of A^T (n x k,
+  // column-major) is row-major V^T (k x n), and its VT (k x m, column-major) is row-major U.
+  const int M = int(n), N = int(m), k = int(std::min(m, n));
+  s.assign(size_t(k), 0.0);
+  vt.assign(size_t(k) * size_t(n), 0.0);
+  u.assign(size_t(m) * size_t(k), 0.0);
+  if (k == 0)
+    return;
+  int lwork = -1, info = 0;
+  double q = 0;
+  dgesvd_("S", "S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, &q, &lwork,
+          &info);
+  lwork = int(q);
+  std::vector<double> work(size_t(std::max(1, lwork)));
+  dgesvd_("S", "S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, work.data(),
+          &lwork, &info);
+  if (info != 0)
+    throw Error("LAPACK dgesvd failed (info " + std::to_string(info) + ")");
+}
+
 } // namespace gradmap::linalg

@@ -21,4 +21,9 @@ void solve_right_upper(std::int64_t n, std::int64_t l, const double* r, double* 
 void svd(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector<double>& s,
          std::vector<double>& vt);
 
+/// Not collective. Thin SVD A = U diag(s) V^T of A (m x n, row-major), k = min(m, n):
+/// u (m x k), s (k, decreasing), vt (k x n), all row-major. LAPACK dgesvd.
+void svd_thin(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector<double>& u,
+              std::vector<double>& s, std::vector<double>& vt);
+
 } // namespace gradmap::linalg

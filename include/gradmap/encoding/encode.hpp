@@ -1,0 +1,30 @@
+#pragma once
+// `gradmap encode` (design.md): for every kind, layer and target, ridge regression from the
+// features to the responses with a per-target penalty chosen on the training images, scored by
+// Pearson r on the test images. Targets (voxels, or sensors with all their times) are split
+// over ranks; each rank reads its column block of the responses and writes its columns of the
+// scores.
+#include <mpi.h>
+
+#include <string>
+#include <vector>
+
+namespace gradmap::encoding {
+
+struct EncodeOptions {
+  std::string features, brain, out;
+  std::vector<double> alphas; ///< empty: the default grid 10^-1 ... 10^8 (10 values)
+  std::string alpha_cv = "loo";
+  bool store_predictions = false; ///< also write the test predictions
+};
+
+/// The default alpha grid: 10 values log-spaced from 1e-1 to 1e8.
+std::vector<double> default_alphas();
+
+/// Not collective. Throws UsageError naming the option.
+void validate(const EncodeOptions& o);
+
+/// Collective on comm.
+void encode(const EncodeOptions& o, MPI_Comm comm);
+
+} // namespace gradmap::encoding

@@ -1,0 +1,46 @@
+#pragma once
+// Ridge regression for many targets in the SVD basis of the (standardised) training features.
+// With X_train = U diag(s) V^T (n x p, rank r), for a penalty a:
+//   fitted values      Yhat = U diag(f) U^T Y,          f_k = s_k^2 / (s_k^2 + a)
+//   leverages          h_i  = sum_k U_ik^2 f_k + 1/n   (1/n: the intercept, see fit_loo)
+//   LOO residuals      e_i  = (y_i - yhat_i) / (1 - h_i)  (Golub, Heath & Wahba 1979; what
+//                      scikit-learn's RidgeCV computes in its efficient leave-one-out)
+//   coefficients       W    = V diag(g) U^T Y,          g_k = s_k / (s_k^2 + a)
+// so every alpha costs one GEMM and the refit with a different alpha per target costs one more.
+#include <cstdint>
+#include <vector>
+
+namespace gradmap::encoding {
+
+/// The training side, computed once per feature set and shared by all targets.
+struct RidgeBasis {
+  std::int64_t n = 0, p = 0, r = 0, m = 0; ///< training rows, features, rank, test rows
+  std::vector<double> u;                   ///< [n, r]
+  std::vector<double> s;                   ///< [r]
+  std::vector<double> test_v;              ///< X_test V, [m, r]
+};
+
+/// Not collective. x_train [n, p], x_test [m, p], row-major, already standardised.
+RidgeBasis make_basis(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
+                      const std::vector<double>& x_test, std::int64_t m);
+
+struct RidgeScores {
+  std::vector<double> alpha;      ///< [t] chosen penalty (NaN for constant targets)
+  std::vector<double> r;          ///< [t] Pearson r of test predictions (NaN if undefined)
+  std::vector<double> r2;         ///< [t] 1 - SSE / SST on the test images
+  std::vector<double> prediction; ///< [m, t] test predictions
+};
+
+/// Not collective. y_train [n, t] (centred with training means), y_test [m, t], row-major; the
+/// features were centred too (the centring is the fit of an unpenalised intercept).
+/// Per-target alpha: the minimum mean squared LOO residual over `alphas`, the first on ties
+/// (scikit-learn's RidgeCV(alpha_per_target=True) rule).
+RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
+                    const std::vector<double>& y_test, std::int64_t t,
+                    const std::vector<double>& alphas);
+
+/// Not collective. Pearson r and R^2 of each column of prediction vs y (both [m, t]).
+void score_columns(const std::vector<double>& prediction, const std::vector<double>& y,
+                   std::int64_t m, std::int64_t t, std::vector<double>& r, std::vector<double>& r2);
+
+} // namespace gradmap::encoding

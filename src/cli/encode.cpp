@@ -1,0 +1,55 @@
+// gradmap encode: cross-validated ridge from features to brain responses (encoding::encode).
+#include <sstream>
+
+#include "command.hpp"
+#include "gradmap/core/error.hpp"
+#include "gradmap/encoding/encode.hpp"
+
+namespace gradmap::cli {
+
+Command encode_command() {
+  Command c;
+  c.name = "encode";
+  c.usage = "--features FILE --brain FILE --out FILE [--alphas a,b,c] [--alpha-cv loo]";
+  c.summary =
+      "Fits, for every kind, layer and target, a ridge regression from the features to the\n"
+      "responses (repetitions averaged; features z-scored and responses centred with\n"
+      "training statistics), alpha per target by efficient leave-one-out on the training\n"
+      "images, and scores it by Pearson r on the test images (/brain/test_stimuli).\n"
+      "Writes /<kind>/r, /<kind>/r2, /<kind>/alpha [layers, targets] to scores.h5.";
+  c.options = [](po::options_description& d) {
+    d.add_options()("features", po::value<std::string>()->required(), "features.h5")(
+        "brain", po::value<std::string>()->required(), "brain_fmri.h5 or brain_meg.h5")(
+        "out", po::value<std::string>()->required(), "scores.h5 to write")(
+        "alphas", po::value<std::string>()->default_value(""),
+        "comma-separated ridge penalties (default: 10 values, 1e-1 ... 1e8, log-spaced)")(
+        "alpha-cv", po::value<std::string>()->default_value("loo"),
+        "how alpha is chosen per target: loo (efficient leave-one-out)")(
+        "store-predictions", po::bool_switch(), "also write the test predictions");
+  };
+  c.run = [](const po::variables_map& vm, Context& ctx) {
+    encoding::EncodeOptions o;
+    o.features = vm["features"].as<std::string>();
+    o.brain = vm["brain"].as<std::string>();
+    o.out = vm["out"].as<std::string>();
+    o.alpha_cv = vm["alpha-cv"].as<std::string>();
+    o.store_predictions = vm["store-predictions"].as<bool>();
+    std::stringstream ss(vm["alphas"].as<std::string>());
+    for (std::string item; std::getline(ss, item, ',');) {
+      if (item.empty())
+        continue;
+      try {
+        size_t used = 0;
+        o.alphas.push_back(std::stod(item, &used));
+        if (used != item.size())
+          throw std::invalid_argument(item);
+      } catch (const std::exception&) {
+        throw UsageError("--alphas: '" + item + "' is not a number");
+      }
+    }
+    encoding::encode(o, ctx.comm);
+  };
+  return c;
+}
+
+} // namespace gradmap::cli

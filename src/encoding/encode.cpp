@@ -1,0 +1,211 @@
+// gradmap encode:
+// 1. Validate features and brain files against each other (image counts, split).
+// 2. Split images: training = shown in some trial and not a test image; test = test_stimuli.
+// 3. Each rank reads its column block of the responses, averages the repetitions of each image,
+//    and centres with the training means.
+// 4. Per (kind, layer): standardise the features with training statistics (population std;
+//    constant columns set to 0), build the SVD basis, select alpha per target by efficient LOO,
+//    refit, score on the test images.
+// 5. Write r, R^2 and alpha [layers, targets] per kind to scores.h5 (column blocks per rank).
+#include "gradmap/encoding/encode.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "gradmap/core/error.hpp"
+#include "gradmap/core/log.hpp"
+#include "gradmap/core/progress.hpp"
+#include "gradmap/core/timer.hpp"
+#include "gradmap/encoding/ridge.hpp"
+#include "gradmap/io/h5.hpp"
+#include "gradmap/io/schema.hpp"
+#include "gradmap/mpi/comm.hpp"
+#include "gradmap/mpi/partition.hpp"
+
+namespace gradmap::encoding {
+
+std::vector<double> default_alphas() {
+  std::vector<double> a;
+  for (int e = -1; e <= 8; ++e)
+    a.push_back(std::pow(10.0, e));
+  return a;
+}
+
+void validate(const EncodeOptions& o) {
+  if (o.features.empty())
+    throw UsageError("--features: a features file is required");
+  if (o.brain.empty())
+    throw UsageError("--brain: a brain file is required");
+  if (o.out.empty())
+    throw UsageError("--out: an output file is required");
+  if (o.alpha_cv != "loo")
+    throw UsageError("--alpha-cv: '" + o.alpha_cv +
+                     "' is not available in this build; use loo (efficient leave-one-out)");
+  for (double a : o.alphas)
+    if (!(a > 0) || !std::isfinite(a))
+      throw UsageError("--alphas: every alpha must be a positive finite number");
+}
+
+namespace {
+
+// Standardises the columns of x [N, p] with the mean and population std of the training rows;
+// returns the training and test rows.
+void standardise(const std::vector<float>& x, std::int64_t p,
+                 const std::vector<std::int64_t>& train, const std::vector<std::int64_t>& test,
+                 std::vector<double>& xtr, std::vector<double>& xte) {
+  const std::int64_t n = std::int64_t(train.size());
+  std::vector<double> mean(size_t(p), 0.0), sd(size_t(p), 0.0);
+  for (auto i : train)
+    for (std::int64_t j = 0; j < p; ++j)
+      mean[j] += x[i * p + j];
+  for (auto& v : mean)
+    v /= double(n);
+  for (auto i : train)
+    for (std::int64_t j = 0; j < p; ++j)
+      sd[j] += (x[i * p + j] - mean[j]) * (x[i * p + j] - mean[j]);
+  for (auto& v : sd)
+    v = std::sqrt(v / double(n));
+  auto fill = [&](const std::vector<std::int64_t>& rows, std::vector<double>& out) {
+    out.assign(size_t(std::int64_t(rows.size()) * p), 0.0);
+    for (size_t r = 0; r < rows.size(); ++r)
+      for (std::int64_t j = 0; j < p; ++j)
+        out[r * p + j] = sd[j] > 0 ? (x[rows[r] * p + j] - mean[j]) / sd[j] : 0.0;
+  };
+  fill(train, xtr);
+  fill(test, xte);
+}
+
+} // namespace
+
+void encode(const EncodeOptions& opt, MPI_Comm comm) {
+  validate(opt);
+  StageTimer timer("encode");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+  const std::vector<double> alphas = opt.alphas.empty() ? default_alphas() : opt.alphas;
+
+  // 1. Inputs.
+  io::File ff = io::File::open(opt.features, comm);
+  const io::FeaturesInfo fi = with_context("while checking features " + opt.features,
+                                           [&] { return io::check_features(ff); });
+  io::File bf = io::File::open(opt.brain, comm);
+  const io::BrainInfo bi =
+      with_context("while checking brain " + opt.brain, [&] { return io::check_brain(bf); });
+  if (bi.max_stimulus >= fi.n)
+    throw UsageError(opt.features + " has " + std::to_string(fi.n) + " images but " + opt.brain +
+                     " shows stimulus " + std::to_string(bi.max_stimulus) +
+                     ": the feature and brain image counts disagree (made from different "
+                     "stimuli?)");
+
+  // 2. Images and the split.
+  const auto trial_stim = bf.dataset("/brain/trial_stimulus").read_all<std::int64_t>();
+  const auto test_list = bf.dataset("/brain/test_stimuli").read_all<std::int64_t>();
+  const std::set<std::int64_t> test_set(test_list.begin(), test_list.end());
+  std::vector<std::int64_t> count(size_t(fi.n), 0);
+  for (auto s : trial_stim)
+    ++count[s];
+  std::vector<std::int64_t> train, test(test_list.begin(), test_list.end());
+  for (std::int64_t i = 0; i < fi.n; ++i)
+    if (count[i] > 0 && !test_set.count(i))
+      train.push_back(i);
+  const std::int64_t n = std::int64_t(train.size()), m = std::int64_t(test.size());
+  if (n < 3 || m < 3)
+    throw UsageError(opt.brain + ": " + std::to_string(n) + " training and " + std::to_string(m) +
+                     " test images; ridge with leave-one-out needs at least 3 of each");
+  std::vector<std::int64_t> row_of(size_t(fi.n), -1); // image -> row in train or test
+  for (std::int64_t r = 0; r < n; ++r)
+    row_of[train[r]] = r;
+  for (std::int64_t r = 0; r < m; ++r)
+    row_of[test[r]] = r;
+
+  // 3. This rank's targets: a block of voxels, or of sensors with all their times.
+  const bool meg = bi.modality == "meg";
+  const std::int64_t units = meg ? bi.sensors : bi.targets, per_unit = meg ? bi.times : 1;
+  const mpi::Block ub = mpi::block_of(units, p, me);
+  const std::int64_t t0 = ub.begin * per_unit, t = ub.size() * per_unit;
+  auto resp = bf.dataset("/brain/responses");
+  const auto raw = meg ? resp.read<double>({0, ub.begin, 0}, {bi.trials, ub.size(), bi.times})
+                       : resp.read<double>({0, ub.begin}, {bi.trials, ub.size()});
+  std::vector<double> ytr(size_t(n * t), 0.0), yte(size_t(m * t), 0.0);
+  for (std::int64_t k = 0; k < bi.trials; ++k) {
+    const std::int64_t img = trial_stim[k];
+    double* dst = test_set.count(img) ? &yte[row_of[img] * t] : &ytr[row_of[img] * t];
+    const double w = 1.0 / double(count[img]);
+    for (std::int64_t c = 0; c < t; ++c)
+      dst[c] += w * raw[k * t + c];
+  }
+  std::int64_t constant = 0;
+  for (std::int64_t c = 0; c < t; ++c) {
+    double mean = 0, var = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+      mean += ytr[i * t + c];
+    mean /= double(n);
+    for (std::int64_t i = 0; i < n; ++i) {
+      ytr[i * t + c] -= mean;
+      var += ytr[i * t + c] * ytr[i * t + c];
+    }
+    for (std::int64_t i = 0; i < m; ++i)
+      yte[i * t + c] -= mean;
+    constant += var == 0 ? 1 : 0;
+  }
+  constant = mpi::sum(comm, constant);
+  if (constant > 0)
+    GM_WARN("encode: " << constant << " targets are constant over the training images; their "
+                       << "scores are NaN");
+  GM_INFO("encode: " << fi.kinds.size() << " kinds x " << fi.layers.size() << " layers, "
+                     << bi.targets << " targets (" << bi.modality << "), " << n << " training / "
+                     << m << " test images, " << alphas.size() << " alphas, " << p << " ranks");
+
+  // 4-5. Fit every (kind, layer); write the rank's columns.
+  const std::int64_t L = std::int64_t(fi.layers.size());
+  io::OutputFile out(opt.out, comm);
+  const io::File& f = out.file();
+  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
+  f.set_attr("/", "modality", bi.modality);
+  f.set_attr("/", "features", opt.features);
+  f.set_attr("/", "brain", opt.brain);
+  f.set_attr("/", "layers", fi.layers);
+  f.set_attr("/", "alphas", alphas);
+  f.set_attr("/", "alpha_cv", opt.alpha_cv);
+  f.set_attr("/", "n_train", n);
+  f.set_attr("/", "n_test", m);
+  if (meg)
+    f.set_attr("/", "target_shape", std::vector<std::int64_t>{bi.sensors, bi.times});
+  Progress progress("encode", std::int64_t(fi.kinds.size()) * L, "feature sets");
+  for (const auto& kind : fi.kinds) {
+    std::vector<float> r_out(size_t(L * t)), r2_out(size_t(L * t)), a_out(size_t(L * t));
+    for (std::int64_t l = 0; l < L; ++l) {
+      auto ds = ff.dataset("/features/" + kind + "/" + fi.layers[l]);
+      const std::int64_t dim = ds.shape()[1];
+      const auto x = ds.read_all<float>();
+      std::vector<double> xtr, xte;
+      standardise(x, dim, train, test, xtr, xte);
+      const RidgeBasis basis = make_basis(xtr, n, dim, xte, m);
+      const RidgeScores sc = fit_loo(basis, ytr, yte, t, alphas);
+      for (std::int64_t c = 0; c < t; ++c) {
+        r_out[l * t + c] = float(sc.r[c]);
+        r2_out[l * t + c] = float(sc.r2[c]);
+        a_out[l * t + c] = float(sc.alpha[c]);
+      }
+      if (opt.store_predictions)
+        f.create_dataset("/" + kind + "/prediction/" + fi.layers[l], io::DType::f32,
+                         {m, bi.targets})
+            .write(std::vector<float>(sc.prediction.begin(), sc.prediction.end()).data(), {0, t0},
+                   {t ? m : 0, t});
+      progress.advance();
+    }
+    f.create_dataset("/" + kind + "/r", io::DType::f32, {L, bi.targets})
+        .write(r_out.data(), {0, t0}, {t ? L : 0, t});
+    f.create_dataset("/" + kind + "/r2", io::DType::f32, {L, bi.targets})
+        .write(r2_out.data(), {0, t0}, {t ? L : 0, t});
+    f.create_dataset("/" + kind + "/alpha", io::DType::f32, {L, bi.targets})
+        .write(a_out.data(), {0, t0}, {t ? L : 0, t});
+  }
+  f.write_small("/split/train_stimuli", train, {n});
+  f.write_small("/split/test_stimuli", test, {m});
+  progress.finish();
+  out.commit();
+  GM_INFO("encode: wrote " << opt.out);
+}
+
+} // namespace gradmap::encoding

@@ -1,0 +1,146 @@
+#include "gradmap/encoding/ridge.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "gradmap/linalg/dense.hpp"
+
+namespace gradmap::encoding {
+
+RidgeBasis make_basis(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
+                      const std::vector<double>& x_test, std::int64_t m) {
+  RidgeBasis b;
+  b.n = n;
+  b.p = p;
+  b.m = m;
+  std::vector<double> u, s, vt;
+  linalg::svd_thin(n, p, x_train, u, s, vt);
+  // Drop numerically null directions (they carry no fit; their residual stays in y - yhat).
+  const std::int64_t k = std::int64_t(s.size());
+  std::int64_t r = 0;
+  while (r < k && s[r] > 1e-10 * s[0])
+    ++r;
+  b.r = r;
+  b.s.assign(s.begin(), s.begin() + r);
+  b.u.resize(size_t(n * r));
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t j = 0; j < r; ++j)
+      b.u[i * r + j] = u[i * k + j];
+  // X_test V = X_test (V^T)^T: [m, p] x [p, r].
+  b.test_v.assign(size_t(m * r), 0.0);
+  linalg::gemm(false, true, m, r, p, 1.0, x_test.data(), vt.data(), 0.0, b.test_v.data());
+  return b;
+}
+
+void score_columns(const std::vector<double>& pred, const std::vector<double>& y, std::int64_t m,
+                   std::int64_t t, std::vector<double>& r, std::vector<double>& r2) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  r.assign(size_t(t), nan);
+  r2.assign(size_t(t), nan);
+  for (std::int64_t c = 0; c < t; ++c) {
+    double mp = 0, my = 0;
+    for (std::int64_t i = 0; i < m; ++i) {
+      mp += pred[i * t + c];
+      my += y[i * t + c];
+    }
+    mp /= double(m);
+    my /= double(m);
+    double spp = 0, syy = 0, spy = 0, sse = 0;
+    for (std::int64_t i = 0; i < m; ++i) {
+      const double a = pred[i * t + c] - mp, b = y[i * t + c] - my;
+      spp += a * a;
+      syy += b * b;
+      spy += a * b;
+      const double e = y[i * t + c] - pred[i * t + c];
+      sse += e * e;
+    }
+    if (spp > 0 && syy > 0)
+      r[c] = spy / std::sqrt(spp * syy);
+    if (syy > 0)
+      r2[c] = 1.0 - sse / syy;
+  }
+}
+
+RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
+                    const std::vector<double>& y_test, std::int64_t t,
+                    const std::vector<double>& alphas) {
+  const std::int64_t n = b.n, r = b.r, m = b.m;
+  RidgeScores out;
+  // U^T Y, [r, t].
+  std::vector<double> uty(size_t(r * t), 0.0);
+  linalg::gemm(true, false, r, t, n, 1.0, b.u.data(), y_train.data(), 0.0, uty.data());
+  // Residuals and 1 - h are formed from their complements, without cancellation when f -> 1
+  // (small alpha, p >= n):  y - yhat = U diag(1 - f) U^T y + (y - U U^T y),
+  //                         1 - h_i  = sum_k U_ik^2 (1 - f_k) + (1 - sum_k U_ik^2 - 1/n).
+  // The -1/n: the data were centred with the training means, i.e. an unpenalised intercept was
+  // fitted, whose direction 1/sqrt(n) has leverage 1/n. Leaving it out would make the "LOO"
+  // leak the left-out row through the centring (and, for p >= n, always pick the smallest
+  // alpha). This is scikit-learn's RidgeCV(fit_intercept=True) on standardised features.
+  std::vector<double> yperp = y_train; // y - U U^T y, [n, t]
+  linalg::gemm(false, false, n, t, r, -1.0, b.u.data(), uty.data(), 1.0, yperp.data());
+  std::vector<double> outside(static_cast<size_t>(n)); // 1 - sum_k U_ik^2
+  for (std::int64_t i = 0; i < n; ++i) {
+    double acc = 0;
+    for (std::int64_t k = 0; k < r; ++k)
+      acc += b.u[i * r + k] * b.u[i * r + k];
+    outside[i] = std::max(0.0, 1.0 - acc - 1.0 / double(n));
+  }
+  std::vector<double> best(static_cast<size_t>(t), std::numeric_limits<double>::infinity());
+  std::vector<std::int64_t> which(static_cast<size_t>(t), -1);
+  std::vector<double> d(static_cast<size_t>(r * t)), resid(static_cast<size_t>(n * t)),
+      g(static_cast<size_t>(r)), one_minus_h(static_cast<size_t>(n));
+  for (size_t a = 0; a < alphas.size(); ++a) {
+    for (std::int64_t k = 0; k < r; ++k)
+      g[k] = alphas[a] / (b.s[k] * b.s[k] + alphas[a]); // 1 - f_k
+    for (std::int64_t k = 0; k < r; ++k)
+      for (std::int64_t c = 0; c < t; ++c)
+        d[k * t + c] = g[k] * uty[k * t + c];
+    resid = yperp;
+    linalg::gemm(false, false, n, t, r, 1.0, b.u.data(), d.data(), 1.0, resid.data());
+    for (std::int64_t i = 0; i < n; ++i) {
+      double acc = outside[i];
+      for (std::int64_t k = 0; k < r; ++k)
+        acc += b.u[i * r + k] * b.u[i * r + k] * g[k];
+      one_minus_h[i] = acc;
+    }
+    std::vector<double> sse(static_cast<size_t>(t), 0.0);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const double w = 1.0 / one_minus_h[i];
+      for (std::int64_t c = 0; c < t; ++c) {
+        const double e = resid[i * t + c] * w;
+        sse[c] += e * e;
+      }
+    }
+    for (std::int64_t c = 0; c < t; ++c)
+      if (sse[c] / double(n) < best[c]) { // strict: the first alpha wins ties
+        best[c] = sse[c] / double(n);
+        which[c] = std::int64_t(a);
+      }
+  }
+  // Refit: coefficients in the V basis, B[:, c] = g(alpha_c) * U^T y_c; predictions X_test V B.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  out.alpha.assign(size_t(t), nan);
+  std::vector<double> coef(size_t(r * t), 0.0);
+  for (std::int64_t c = 0; c < t; ++c) {
+    double var = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+      var += y_train[i * t + c] * y_train[i * t + c];
+    if (which[c] < 0 || var == 0)
+      continue; // constant target: no fit (reported as NaN)
+    const double a = alphas[which[c]];
+    out.alpha[c] = a;
+    for (std::int64_t k = 0; k < r; ++k)
+      coef[k * t + c] = b.s[k] / (b.s[k] * b.s[k] + a) * uty[k * t + c];
+  }
+  out.prediction.assign(size_t(m * t), 0.0);
+  linalg::gemm(false, false, m, t, r, 1.0, b.test_v.data(), coef.data(), 0.0,
+               out.prediction.data());
+  score_columns(out.prediction, y_test, m, t, out.r, out.r2);
+  for (std::int64_t c = 0; c < t; ++c)
+    if (std::isnan(out.alpha[c]))
+      out.r[c] = out.r2[c] = nan;
+  return out;
+}
+
+} // namespace gradmap::encoding

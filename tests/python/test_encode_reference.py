@@ -1,0 +1,179 @@
+"""gradmap encode against scikit-learn: RidgeCV(alpha_per_target=True) (efficient leave-one-out)
+for the chosen alphas, Ridge for the refit predictions and test r, for n > p and p > n. gradmap
+centres and z-scores with training statistics and fits without a separate intercept, which is
+scikit-learn's fit_intercept=True on z-scored features (the centring is the intercept's fit);
+predictions then differ by the constant training mean, which r and centred R^2 do not see;
+independence from the number of ranks; recovery of the planted answer on simulated data; bad
+inputs."""
+import os
+
+import h5py
+import numpy as np
+from sklearn.linear_model import Ridge, RidgeCV
+
+from gmtest import gradmap, run_tests, tmpdir
+
+BASE = tmpdir("encode")
+ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 1e4]
+N, NTEST, REPS, T = 100, 20, 2, 25
+
+
+def make_data(seed=0):
+    rng = np.random.default_rng(seed)
+    layers = {"narrow": 30, "wide": 150}  # n_train = 80: n > p and p > n
+    feats = {k: rng.normal(size=(N, p)).astype(np.float32) * rng.uniform(0.5, 3, p).astype(np.float32)
+             for k, p in layers.items()}
+    w = rng.normal(size=(30, T)) * (rng.uniform(size=T) < 0.7)  # some targets without signal
+    clean = feats["narrow"].astype(np.float64) @ w / np.sqrt(30)
+    test = np.sort(rng.choice(N, NTEST, replace=False))
+    trial_stim = rng.permutation(np.repeat(np.arange(N), REPS))
+    y = clean[trial_stim] * rng.uniform(0.2, 2, T) + rng.normal(size=(len(trial_stim), T)) * 2
+    y[:, 7] = 3.0  # a constant target
+    with h5py.File(f"{BASE}/features.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        for k, x in feats.items():
+            f[f"/features/activations/{k}"] = x
+        f["/features"].attrs["layers"] = list(layers)
+    with h5py.File(f"{BASE}/brain.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f.attrs["modality"] = "fmri"
+        f["/brain/responses"] = y.astype(np.float32)
+        f["/brain/trial_stimulus"] = trial_stim.astype(np.int64)
+        f["/brain/test_stimuli"] = test.astype(np.int64)
+        f["/brain/roi"] = np.zeros(T, np.int32)
+        f["/brain/roi_names"] = np.array([b"V1"])
+        f["/brain/roi_level"] = np.array([1], np.int32)
+        f["/brain/voxel_ijk"] = np.stack([np.arange(T), np.zeros(T), np.zeros(T)], 1).astype(np.int32)
+        f["/brain"].attrs["volume_shape"] = np.array([T, 1, 1])
+        f["/brain"].attrs["affine"] = np.eye(4).ravel()
+    return feats, y.astype(np.float32).astype(np.float64), trial_stim, test
+
+
+FEATS, Y, TRIAL_STIM, TEST = make_data()
+
+
+def prepared(layer):
+    """design.md's data preparation, in numpy: average repetitions, split, z-score, centre."""
+    ymean = np.zeros((N, T))
+    np.add.at(ymean, TRIAL_STIM, Y)
+    ymean /= REPS
+    train = np.setdiff1d(np.arange(N), TEST)
+    x = FEATS[layer].astype(np.float64)
+    mu, sd = x[train].mean(0), x[train].std(0)
+    xs = (x - mu) / sd
+    yc = ymean - ymean[train].mean(0)
+    return xs[train], yc[train], xs[TEST], yc[TEST]  # sklearn fits its own intercept (0 here)
+
+
+def pearson(a, b):
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+
+
+def test_matches_sklearn_ridgecv_and_ridge():
+    out = f"{BASE}/scores.h5"
+    p = gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", out,
+                 "--alphas", ",".join(map(str, ALPHAS)), "--store-predictions"], ranks=2)
+    assert "1 targets are constant" in p.stderr, p.stderr
+    with h5py.File(out) as f:
+        for l, layer in enumerate(("narrow", "wide")):
+            xtr, ytr, xte, yte = prepared(layer)
+            keep = np.ones(T, bool)
+            keep[7] = False
+            cv = RidgeCV(alphas=ALPHAS, fit_intercept=True, alpha_per_target=True).fit(xtr, ytr[:, keep])
+            alpha = f["/activations/alpha"][l]
+            same = np.isclose(alpha[keep], cv.alpha_, rtol=1e-6)
+            assert same.mean() >= 0.95, (layer, alpha[keep], cv.alpha_)  # exact ties may differ
+            assert np.isnan(alpha[7]) and np.isnan(f["/activations/r"][l, 7])
+            pred = np.column_stack([Ridge(alpha=a, fit_intercept=True).fit(xtr, ytr[:, c]).predict(xte)
+                                    for c, a in zip(np.flatnonzero(keep), alpha[keep])])
+            got = f[f"/activations/prediction/{layer}"][()][:, keep]
+            assert np.abs(got - pred).max() / np.abs(pred).max() < 1e-4, layer
+            r = f["/activations/r"][l][keep]
+            assert np.abs(r - pearson(pred, yte[:, keep])).max() < 1e-4, layer
+            r2 = 1 - ((yte[:, keep] - pred) ** 2).sum(0) / ((yte[:, keep] - yte[:, keep].mean(0)) ** 2).sum(0)
+            assert np.abs(f["/activations/r2"][l][keep] - r2).max() < 1e-4
+        assert f.attrs["n_train"] == N - NTEST and list(f["/split/test_stimuli"][()]) == list(TEST)
+
+
+def test_fixed_alpha_equals_sklearn_ridge():
+    out = f"{BASE}/fixed.h5"
+    gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", out,
+             "--alphas", "25", "--store-predictions"], ranks=1)
+    xtr, ytr, xte, _ = prepared("wide")
+    ref = Ridge(alpha=25, fit_intercept=True).fit(xtr, ytr).predict(xte)
+    with h5py.File(out) as f:
+        got = f["/activations/prediction/wide"][()]
+        keep = np.arange(T) != 7
+        assert np.abs(got[:, keep] - ref[:, keep]).max() / np.abs(ref).max() < 1e-5
+
+
+def test_independent_of_the_number_of_ranks():
+    outs = []
+    for n in (1, 2, 3):
+        outs.append(f"{BASE}/n{n}.h5")
+        gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5",
+                 "--out", outs[-1]], ranks=n)
+    with h5py.File(outs[0]) as a:
+        for o in outs[1:]:
+            with h5py.File(o) as b:
+                for d in ("r", "r2", "alpha"):
+                    x, y = a[f"/activations/{d}"][()], b[f"/activations/{d}"][()]
+                    assert np.allclose(x, y, rtol=1e-6, atol=1e-6, equal_nan=True), (o, d)
+
+
+def test_recovers_the_planted_layers_on_simulated_data():
+    cfg = f"{BASE}/sim.ini"
+    with open(cfg, "w") as f:
+        f.write("[simulate]\nimages = 500\ntest-images = 100\nvoxels = 700\nsensors = 6\ntimes = 20\n")
+    gradmap(["run", "--config", cfg, "--out", f"{BASE}/sim"], ranks=2)
+    for modality in ("fmri", "meg"):
+        gradmap(["encode", "--features", f"{BASE}/sim/features.h5", "--brain",
+                 f"{BASE}/sim/data/brain_{modality}.h5", "--out", f"{BASE}/sim/scores_{modality}.h5"], ranks=2)
+    with h5py.File(f"{BASE}/sim/scores_fmri.h5") as s, h5py.File(f"{BASE}/sim/data/brain_fmri.h5") as b:
+        roi, noise = b["/brain/roi"][()], b["/truth/noise_target"][()]
+        for kind, truth in (("activations", "roi_layer_activations"), ("gradients", "roi_layer_gradients")):
+            r = s[f"/{kind}/r"][()]
+            planted = b[f"/truth/{truth}"][()]
+            for k, layer in enumerate(planted):
+                if layer < 0:
+                    continue
+                best = int(np.nanmean(r[:, (roi == k) & (noise == 0)], 1).argmax())
+                assert best == layer, f"{kind}: ROI {k} peaks at layer {best}, planted {layer}"
+            assert abs(np.nanmean(r[:, noise == 1])) < 0.03
+            assert np.nanmean(r[:, noise == 1].max(0)) < 0.25
+    with h5py.File(f"{BASE}/sim/scores_meg.h5") as s, h5py.File(f"{BASE}/sim/data/brain_meg.h5") as b:
+        assert s["/activations/r"].shape == (6, 6 * 20) and list(s.attrs["target_shape"]) == [6, 20]
+        times, noise = b["/brain/times"][()], b["/truth/noise_target"][()] == 1
+        curves = {k: np.nanmean(s[f"/{k}/r"][()].reshape(6, 6, 20)[:, ~noise], 1)
+                  for k in ("activations", "gradients")}  # layer x time
+        assert curves["activations"].max() > 0.2
+        assert abs(np.nanmean(s["/activations/r"][()].reshape(6, 6, 20)[:, noise])) < 0.05
+        # design.md's top-layer criterion: the gradient response peaks after the activation one.
+        # (The order of the activation peaks across layers is NOT recovered at this size: the
+        # reference network's pooled layer features are too correlated; see the issue notes.)
+        top = [times[curves[k][-1].argmax()] for k in ("activations", "gradients")]
+        assert top[1] > top[0], top
+
+
+def test_bad_inputs():
+    def fails(args, needle):
+        p = gradmap(args, ranks=2, check=False)
+        assert p.returncode != 0 and needle in p.stderr, p.stderr
+        assert p.stderr.count("gradmap: error") == 1
+    with h5py.File(f"{BASE}/few.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f["/features/activations/narrow"] = FEATS["narrow"][:50]
+    out = f"{BASE}/bad.h5"
+    common = ["--brain", f"{BASE}/brain.h5", "--out", out]
+    fails(["encode", "--features", f"{BASE}/few.h5", *common], "image counts disagree")
+    fails(["encode", "--features", f"{BASE}/features.h5", *common, "--alphas", "1,-2"], "--alphas")
+    fails(["encode", "--features", f"{BASE}/features.h5", *common, "--alphas", "1,x"], "'x' is not a number")
+    fails(["encode", "--features", f"{BASE}/features.h5", *common, "--alpha-cv", "bogus"], "--alpha-cv")
+    fails(["encode", "--features", f"{BASE}/nope.h5", *common], f"file not found: {BASE}/nope.h5")
+    assert not os.path.exists(out)
+
+
+run_tests([test_matches_sklearn_ridgecv_and_ridge, test_fixed_alpha_equals_sklearn_ridge,
+           test_independent_of_the_number_of_ranks, test_recovers_the_planted_layers_on_simulated_data,
+           test_bad_inputs])
