@@ -4,7 +4,8 @@
 //   1. simulate  -> OUT/data/{stimuli,brain_fmri,brain_meg}.h5  (when [run] data = simulate)
 //   2. extract   -> OUT/features.h5; for simulated data with the model, objective, labels and
 //                   pooling recorded in /truth unless [extract] sets them
-//   3. validate the stage outputs against the schema
+//   3. encode    -> OUT/scores_fmri.h5, OUT/scores_meg.h5 (one per brain file; [encode] section)
+//   4. validate the stage outputs against the schema
 #include <filesystem>
 
 #include "command.hpp"
@@ -80,6 +81,15 @@ Command run_command() {
       break;
     }
     run_stage("extract", config, extract_args, ctx);
+
+    for (const char* modality : {"fmri", "meg"}) {
+      const std::string brain = data_dir + "/brain_" + modality + ".h5";
+      if (std::filesystem::exists(brain))
+        run_stage("encode", config,
+                  {"--features", out + "/features.h5", "--brain", brain, "--out",
+                   out + "/scores_" + modality + ".h5"},
+                  ctx);
+    }
 
     // Validate what the stages wrote, as any later stage will before reading it.
     std::vector<std::string> files;

@@ -77,6 +77,10 @@ times = 8
     with open(f"{out}/gradmap.log") as f:
         log = f.read()
     assert "stage simulate started" in log and "stage extract finished" in log
+    assert "stage encode finished" in log
+    for modality in ("fmri", "meg"):
+        with h5py.File(f"{out}/scores_{modality}.h5") as f:
+            assert f["/activations/r"].shape[0] == 6 and f["/gradients/r"].shape[0] == 6
 
 
 run_tests([test_help_for_every_command, test_version, test_config_sections_and_command_line_override,
