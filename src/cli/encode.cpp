@@ -24,7 +24,9 @@ Command encode_command() {
         "alphas", po::value<std::string>()->default_value(""),
         "comma-separated ridge penalties (default: 10 values, 1e-1 ... 1e8, log-spaced)")(
         "alpha-cv", po::value<std::string>()->default_value("loo"),
-        "how alpha is chosen per target: loo (efficient leave-one-out)")(
+        "how alpha is chosen per target: loo (efficient leave-one-out) or kfold (K-fold CV over "
+        "training images)")("folds", po::value<int>()->default_value(5), "kfold: number of folds")(
+        "seed", po::value<std::uint64_t>()->default_value(0), "kfold: seed of the fold assignment")(
         "store-predictions", po::bool_switch(), "also write the test predictions");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
@@ -33,6 +35,8 @@ Command encode_command() {
     o.brain = vm["brain"].as<std::string>();
     o.out = vm["out"].as<std::string>();
     o.alpha_cv = vm["alpha-cv"].as<std::string>();
+    o.folds = vm["folds"].as<int>();
+    o.seed = vm["seed"].as<std::uint64_t>();
     o.store_predictions = vm["store-predictions"].as<bool>();
     std::stringstream ss(vm["alphas"].as<std::string>());
     for (std::string item; std::getline(ss, item, ',');) {

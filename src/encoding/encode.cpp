@@ -22,6 +22,7 @@
 #include "gradmap/io/schema.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/mpi/partition.hpp"
+#include "gradmap/sim/philox.hpp"
 
 namespace gradmap::encoding {
 
@@ -39,9 +40,10 @@ void validate(const EncodeOptions& o) {
     throw UsageError("--brain: a brain file is required");
   if (o.out.empty())
     throw UsageError("--out: an output file is required");
-  if (o.alpha_cv != "loo")
-    throw UsageError("--alpha-cv: '" + o.alpha_cv +
-                     "' is not available in this build; use loo (efficient leave-one-out)");
+  if (o.alpha_cv != "loo" && o.alpha_cv != "kfold")
+    throw UsageError("--alpha-cv: must be loo or kfold, not '" + o.alpha_cv + "'");
+  if (o.alpha_cv == "kfold" && o.folds < 2)
+    throw UsageError("--folds: at least 2 folds are needed");
   for (double a : o.alphas)
     if (!(a > 0) || !std::isfinite(a))
       throw UsageError("--alphas: every alpha must be a positive finite number");
@@ -112,6 +114,22 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   if (n < 3 || m < 3)
     throw UsageError(opt.brain + ": " + std::to_string(n) + " training and " + std::to_string(m) +
                      " test images; ridge with leave-one-out needs at least 3 of each");
+  // K-fold: training images dealt to folds by a seeded permutation (contiguous runs of it), the
+  // same for every target, layer, kind and rank count.
+  std::vector<std::int32_t> fold(static_cast<size_t>(n), 0);
+  if (opt.alpha_cv == "kfold") {
+    if (n < 2 * std::int64_t(opt.folds))
+      throw UsageError(opt.brain + ": " + std::to_string(n) + " training images are too few for " +
+                       std::to_string(opt.folds) + " folds (need at least 2 per fold)");
+    std::vector<std::int64_t> perm(static_cast<size_t>(n));
+    for (std::int64_t i = 0; i < n; ++i)
+      perm[i] = i;
+    sim::Philox rng(opt.seed, sim::Stream::folds);
+    for (std::int64_t i = n - 1; i > 0; --i)
+      std::swap(perm[i], perm[rng.below(std::uint32_t(i + 1))]);
+    for (std::int64_t j = 0; j < n; ++j)
+      fold[perm[j]] = std::int32_t(j * opt.folds / n);
+  }
   std::vector<std::int64_t> row_of(size_t(fi.n), -1); // image -> row in train or test
   for (std::int64_t r = 0; r < n; ++r)
     row_of[train[r]] = r;
@@ -181,7 +199,9 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       std::vector<double> xtr, xte;
       standardise(x, dim, train, test, xtr, xte);
       const RidgeBasis basis = make_basis(xtr, n, dim, xte, m);
-      const RidgeScores sc = fit_loo(basis, ytr, yte, t, alphas);
+      const RidgeScores sc = opt.alpha_cv == "kfold"
+                                 ? fit_kfold(basis, xtr, dim, ytr, yte, t, alphas, fold, opt.folds)
+                                 : fit_loo(basis, ytr, yte, t, alphas);
       for (std::int64_t c = 0; c < t; ++c) {
         r_out[l * t + c] = float(sc.r[c]);
         r2_out[l * t + c] = float(sc.r2[c]);
@@ -203,6 +223,10 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   }
   f.write_small("/split/train_stimuli", train, {n});
   f.write_small("/split/test_stimuli", test, {m});
+  if (opt.alpha_cv == "kfold") {
+    f.write_small("/split/fold", fold, {n}); // fold of each training image (order of train_stimuli)
+    f.set_attr("/", "folds", std::int64_t{opt.folds});
+  }
   progress.finish();
   out.commit();
   GM_INFO("encode: wrote " << opt.out);

@@ -62,14 +62,70 @@ void score_columns(const std::vector<double>& pred, const std::vector<double>& y
   }
 }
 
+namespace {
+
+// U^T Y, [r, t].
+std::vector<double> project_targets(const RidgeBasis& b, const std::vector<double>& y,
+                                    std::int64_t t) {
+  std::vector<double> uty(static_cast<size_t>(b.r * t), 0.0);
+  linalg::gemm(true, false, b.r, t, b.n, 1.0, b.u.data(), y.data(), 0.0, uty.data());
+  return uty;
+}
+
+// Refit on all training images with each target's alpha (index into alphas; -1: none) and score
+// on the test images: coefficients in the V basis B[:, c] = g(alpha_c) * U^T y_c, predictions
+// X_test V B.
+RidgeScores refit(const RidgeBasis& b, const std::vector<double>& y_train,
+                  const std::vector<double>& y_test, std::int64_t t,
+                  const std::vector<double>& alphas, const std::vector<std::int64_t>& which) {
+  const std::int64_t n = b.n, r = b.r, m = b.m;
+  const auto uty = project_targets(b, y_train, t);
+  RidgeScores out;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  out.alpha.assign(static_cast<size_t>(t), nan);
+  std::vector<double> coef(static_cast<size_t>(r * t), 0.0);
+  for (std::int64_t c = 0; c < t; ++c) {
+    double var = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+      var += y_train[i * t + c] * y_train[i * t + c];
+    if (which[c] < 0 || var == 0)
+      continue; // constant target: no fit (reported as NaN)
+    const double a = alphas[which[c]];
+    out.alpha[c] = a;
+    for (std::int64_t k = 0; k < r; ++k)
+      coef[k * t + c] = b.s[k] / (b.s[k] * b.s[k] + a) * uty[k * t + c];
+  }
+  out.prediction.assign(static_cast<size_t>(m * t), 0.0);
+  linalg::gemm(false, false, m, t, r, 1.0, b.test_v.data(), coef.data(), 0.0,
+               out.prediction.data());
+  score_columns(out.prediction, y_test, m, t, out.r, out.r2);
+  for (std::int64_t c = 0; c < t; ++c)
+    if (std::isnan(out.alpha[c]))
+      out.r[c] = out.r2[c] = nan;
+  return out;
+}
+
+// Per target, the first alpha with the smallest criterion (err [alphas, t]).
+std::vector<std::int64_t> argmin_first(const std::vector<double>& err, std::int64_t n_alphas,
+                                       std::int64_t t) {
+  std::vector<std::int64_t> which(static_cast<size_t>(t), -1);
+  std::vector<double> best(static_cast<size_t>(t), std::numeric_limits<double>::infinity());
+  for (std::int64_t a = 0; a < n_alphas; ++a)
+    for (std::int64_t c = 0; c < t; ++c)
+      if (err[a * t + c] < best[c]) { // strict: the first alpha wins ties
+        best[c] = err[a * t + c];
+        which[c] = a;
+      }
+  return which;
+}
+
+} // namespace
+
 RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
                     const std::vector<double>& y_test, std::int64_t t,
                     const std::vector<double>& alphas) {
-  const std::int64_t n = b.n, r = b.r, m = b.m;
-  RidgeScores out;
-  // U^T Y, [r, t].
-  std::vector<double> uty(size_t(r * t), 0.0);
-  linalg::gemm(true, false, r, t, n, 1.0, b.u.data(), y_train.data(), 0.0, uty.data());
+  const std::int64_t n = b.n, r = b.r;
+  const auto uty = project_targets(b, y_train, t);
   // Residuals and 1 - h are formed from their complements, without cancellation when f -> 1
   // (small alpha, p >= n):  y - yhat = U diag(1 - f) U^T y + (y - U U^T y),
   //                         1 - h_i  = sum_k U_ik^2 (1 - f_k) + (1 - sum_k U_ik^2 - 1/n).
@@ -86,8 +142,7 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
       acc += b.u[i * r + k] * b.u[i * r + k];
     outside[i] = std::max(0.0, 1.0 - acc - 1.0 / double(n));
   }
-  std::vector<double> best(static_cast<size_t>(t), std::numeric_limits<double>::infinity());
-  std::vector<std::int64_t> which(static_cast<size_t>(t), -1);
+  std::vector<double> err(alphas.size() * static_cast<size_t>(t), 0.0); // mean squared LOO
   std::vector<double> d(static_cast<size_t>(r * t)), resid(static_cast<size_t>(n * t)),
       g(static_cast<size_t>(r)), one_minus_h(static_cast<size_t>(n));
   for (size_t a = 0; a < alphas.size(); ++a) {
@@ -113,34 +168,57 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
       }
     }
     for (std::int64_t c = 0; c < t; ++c)
-      if (sse[c] / double(n) < best[c]) { // strict: the first alpha wins ties
-        best[c] = sse[c] / double(n);
-        which[c] = std::int64_t(a);
-      }
+      err[a * t + c] = sse[c] / double(n);
   }
-  // Refit: coefficients in the V basis, B[:, c] = g(alpha_c) * U^T y_c; predictions X_test V B.
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  out.alpha.assign(size_t(t), nan);
-  std::vector<double> coef(size_t(r * t), 0.0);
-  for (std::int64_t c = 0; c < t; ++c) {
-    double var = 0;
+  return refit(b, y_train, y_test, t, alphas, argmin_first(err, std::int64_t(alphas.size()), t));
+}
+
+RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<double>& x_train, std::int64_t p,
+                      const std::vector<double>& y_train, const std::vector<double>& y_test,
+                      std::int64_t t, const std::vector<double>& alphas,
+                      const std::vector<std::int32_t>& fold, int folds) {
+  const std::int64_t n = b.n, na = std::int64_t(alphas.size());
+  std::vector<double> err(static_cast<size_t>(na * t), 0.0);
+  for (int f = 0; f < folds; ++f) {
+    std::vector<std::int64_t> tr, va;
     for (std::int64_t i = 0; i < n; ++i)
-      var += y_train[i * t + c] * y_train[i * t + c];
-    if (which[c] < 0 || var == 0)
-      continue; // constant target: no fit (reported as NaN)
-    const double a = alphas[which[c]];
-    out.alpha[c] = a;
-    for (std::int64_t k = 0; k < r; ++k)
-      coef[k * t + c] = b.s[k] / (b.s[k] * b.s[k] + a) * uty[k * t + c];
+      (fold[i] == f ? va : tr).push_back(i);
+    const std::int64_t ntr = std::int64_t(tr.size()), nva = std::int64_t(va.size());
+    // Centre with this fold's training means: the intercept of the fold's fit.
+    std::vector<double> mx(static_cast<size_t>(p), 0.0), my(static_cast<size_t>(t), 0.0);
+    for (auto i : tr) {
+      for (std::int64_t j = 0; j < p; ++j)
+        mx[j] += x_train[i * p + j] / double(ntr);
+      for (std::int64_t c = 0; c < t; ++c)
+        my[c] += y_train[i * t + c] / double(ntr);
+    }
+    auto take = [&](const std::vector<std::int64_t>& rows, const std::vector<double>& src,
+                    std::int64_t w, const std::vector<double>& mean) {
+      std::vector<double> out(static_cast<size_t>(std::int64_t(rows.size()) * w));
+      for (size_t r = 0; r < rows.size(); ++r)
+        for (std::int64_t j = 0; j < w; ++j)
+          out[r * w + j] = src[rows[r] * w + j] - mean[j];
+      return out;
+    };
+    const RidgeBasis fb =
+        make_basis(take(tr, x_train, p, mx), ntr, p, take(va, x_train, p, mx), nva);
+    const auto yf = take(tr, y_train, t, my), yv = take(va, y_train, t, my);
+    const auto uty = project_targets(fb, yf, t);
+    std::vector<double> coef(static_cast<size_t>(fb.r * t)), pred(static_cast<size_t>(nva * t));
+    for (std::int64_t a = 0; a < na; ++a) {
+      for (std::int64_t k = 0; k < fb.r; ++k)
+        for (std::int64_t c = 0; c < t; ++c)
+          coef[k * t + c] = fb.s[k] / (fb.s[k] * fb.s[k] + alphas[a]) * uty[k * t + c];
+      linalg::gemm(false, false, nva, t, fb.r, 1.0, fb.test_v.data(), coef.data(), 0.0,
+                   pred.data());
+      for (std::int64_t i = 0; i < nva; ++i)
+        for (std::int64_t c = 0; c < t; ++c) {
+          const double e = yv[i * t + c] - pred[i * t + c];
+          err[a * t + c] += e * e / double(n);
+        }
+    }
   }
-  out.prediction.assign(size_t(m * t), 0.0);
-  linalg::gemm(false, false, m, t, r, 1.0, b.test_v.data(), coef.data(), 0.0,
-               out.prediction.data());
-  score_columns(out.prediction, y_test, m, t, out.r, out.r2);
-  for (std::int64_t c = 0; c < t; ++c)
-    if (std::isnan(out.alpha[c]))
-      out.r[c] = out.r2[c] = nan;
-  return out;
+  return refit(b, y_train, y_test, t, alphas, argmin_first(err, na, t));
 }
 
 } // namespace gradmap::encoding

@@ -108,6 +108,36 @@ def test_fixed_alpha_equals_sklearn_ridge():
         assert np.abs(got[:, keep] - ref[:, keep]).max() / np.abs(ref).max() < 1e-5
 
 
+def test_kfold_matches_a_loop_over_the_same_folds():
+    out = f"{BASE}/kfold.h5"
+    gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", out,
+             "--alphas", ",".join(map(str, ALPHAS)), "--alpha-cv", "kfold", "--folds", 4, "--seed", 3,
+             "--store-predictions"], ranks=2)
+    with h5py.File(out) as f:
+        fold = f["/split/fold"][()]
+        assert sorted(np.bincount(fold)) == [20, 20, 20, 20] and f.attrs["folds"] == 4
+        keep = np.arange(T) != 7
+        for l, layer in enumerate(("narrow", "wide")):
+            xtr, ytr, xte, yte = prepared(layer)
+            err = np.zeros((len(ALPHAS), keep.sum()))
+            for a, alpha in enumerate(ALPHAS):  # the per-target K-fold selection, written out
+                for k in range(4):
+                    tr, va = fold != k, fold == k
+                    pred = Ridge(alpha=alpha, fit_intercept=True).fit(xtr[tr], ytr[tr][:, keep]).predict(xtr[va])
+                    err[a] += ((ytr[va][:, keep] - pred) ** 2).sum(0)
+            expect = np.array(ALPHAS)[err.argmin(0)]
+            got = f["/activations/alpha"][l][keep]
+            assert np.isclose(got, expect, rtol=1e-6).mean() >= 0.95, (layer, got, expect)
+            pred = np.column_stack([Ridge(alpha=a, fit_intercept=True).fit(xtr, ytr[:, c]).predict(xte)
+                                    for c, a in zip(np.flatnonzero(keep), got)])
+            assert np.abs(f["/activations/r"][l][keep] - pearson(pred, yte[:, keep])).max() < 1e-4
+    # the fold assignment does not depend on the number of ranks
+    gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out",
+             f"{BASE}/kfold1.h5", "--alpha-cv", "kfold", "--folds", 4, "--seed", 3], ranks=1)
+    with h5py.File(out) as a, h5py.File(f"{BASE}/kfold1.h5") as b:
+        assert np.array_equal(a["/split/fold"][()], b["/split/fold"][()])
+
+
 def test_independent_of_the_number_of_ranks():
     outs = []
     for n in (1, 2, 3):
@@ -170,10 +200,13 @@ def test_bad_inputs():
     fails(["encode", "--features", f"{BASE}/features.h5", *common, "--alphas", "1,-2"], "--alphas")
     fails(["encode", "--features", f"{BASE}/features.h5", *common, "--alphas", "1,x"], "'x' is not a number")
     fails(["encode", "--features", f"{BASE}/features.h5", *common, "--alpha-cv", "bogus"], "--alpha-cv")
+    fails(["encode", "--features", f"{BASE}/features.h5", *common, "--alpha-cv", "kfold", "--folds", 50],
+          "too few for 50 folds")
     fails(["encode", "--features", f"{BASE}/nope.h5", *common], f"file not found: {BASE}/nope.h5")
     assert not os.path.exists(out)
 
 
 run_tests([test_matches_sklearn_ridgecv_and_ridge, test_fixed_alpha_equals_sklearn_ridge,
+           test_kfold_matches_a_loop_over_the_same_folds,
            test_independent_of_the_number_of_ranks, test_recovers_the_planted_layers_on_simulated_data,
            test_bad_inputs])

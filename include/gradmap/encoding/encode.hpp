@@ -6,6 +6,7 @@
 // scores.
 #include <mpi.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -13,8 +14,10 @@ namespace gradmap::encoding {
 
 struct EncodeOptions {
   std::string features, brain, out;
-  std::vector<double> alphas; ///< empty: the default grid 10^-1 ... 10^8 (10 values)
-  std::string alpha_cv = "loo";
+  std::vector<double> alphas;     ///< empty: the default grid 10^-1 ... 10^8 (10 values)
+  std::string alpha_cv = "loo";   ///< loo | kfold
+  int folds = 5;                  ///< kfold: number of folds of training images
+  std::uint64_t seed = 0;         ///< kfold: fold assignment
   bool store_predictions = false; ///< also write the test predictions
 };
 

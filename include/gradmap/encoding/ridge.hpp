@@ -39,6 +39,16 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
                     const std::vector<double>& y_test, std::int64_t t,
                     const std::vector<double>& alphas);
 
+/// Not collective. Per-target alpha by K-fold cross-validation over the training rows (fold[i]
+/// in [0, folds)): in each fold the ridge is fitted on the other folds, centred with their means
+/// (the fold's intercept), and the squared errors on the held-out rows are summed; the first
+/// alpha with the smallest total wins. x_train [n, p] is the standardised training features the
+/// basis was built from. Then refit on all training rows as fit_loo does.
+RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<double>& x_train, std::int64_t p,
+                      const std::vector<double>& y_train, const std::vector<double>& y_test,
+                      std::int64_t t, const std::vector<double>& alphas,
+                      const std::vector<std::int32_t>& fold, int folds);
+
 /// Not collective. Pearson r and R^2 of each column of prediction vs y (both [m, t]).
 void score_columns(const std::vector<double>& prediction, const std::vector<double>& y,
                    std::int64_t m, std::int64_t t, std::vector<double>& r, std::vector<double>& r2);

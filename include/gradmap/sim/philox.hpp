@@ -40,7 +40,8 @@ enum class Stream : std::uint32_t {
   permutation = 8,
   bootstrap = 9,
   projection = 10,
-  augmentation = 11
+  augmentation = 11,
+  folds = 12
 };
 
 /// A sequential generator over one (seed, stream, a, b) address: draw i uses counter
