@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <map>
 #include <set>
 
 #include "gradmap/core/error.hpp"
@@ -76,6 +78,78 @@ void standardise(const std::vector<float>& x, std::int64_t p,
   };
   fill(train, xtr);
   fill(test, xte);
+}
+
+// Noise ceiling per target from the repetitions of the test images (Allen et al. 2022, NSD's
+// ncsnr, generalised to responses that are not z-scored):
+//   noise variance  s2n = mean over test images with >= 2 trials of their trial variance (ddof 1)
+//   signal variance s2s = max(0, s2t - s2n), s2t the variance over all test trials (ddof 1)
+//   ncsnr = sqrt(s2s / s2n);  NC = ncsnr^2 / (ncsnr^2 + mean_i 1/k_i)
+// NC is the share of variance of the trial-averaged test responses that a perfect model could
+// explain (a ceiling for R^2; sqrt(NC) for r). Split-half (MEG): per test image, the mean of
+// its first and of its second half of trials, correlated over images; Spearman-Brown
+// 2 r / (1 + r).
+void noise_ceiling(const std::vector<double>& raw, std::int64_t t,
+                   const std::vector<std::int64_t>& trial_stim,
+                   const std::vector<std::int64_t>& test, std::vector<double>& nc,
+                   std::vector<double>& split_half) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  nc.assign(static_cast<size_t>(t), nan);
+  split_half.assign(static_cast<size_t>(t), nan);
+  std::map<std::int64_t, std::vector<std::int64_t>> trials; // test image -> its trials
+  for (auto i : test)
+    trials[i];
+  for (std::int64_t k = 0; k < std::int64_t(trial_stim.size()); ++k) {
+    auto it = trials.find(trial_stim[k]);
+    if (it != trials.end())
+      it->second.push_back(k);
+  }
+  double inv_k = 0;
+  std::int64_t all = 0, repeated = 0;
+  for (const auto& [img, ks] : trials) {
+    inv_k += 1.0 / double(ks.size());
+    all += std::int64_t(ks.size());
+    repeated += ks.size() >= 2 ? 1 : 0;
+  }
+  inv_k /= double(trials.size());
+  if (repeated < 2)
+    return; // no repetitions: no ceiling
+  for (std::int64_t c = 0; c < t; ++c) {
+    double s2n = 0, sum = 0, sum2 = 0;
+    std::vector<double> h1, h2;
+    for (const auto& [img, ks] : trials) {
+      double m = 0;
+      for (auto k : ks)
+        m += raw[k * t + c] / double(ks.size());
+      for (auto k : ks) {
+        sum += raw[k * t + c];
+        sum2 += raw[k * t + c] * raw[k * t + c];
+      }
+      if (ks.size() < 2)
+        continue;
+      double v = 0;
+      for (auto k : ks)
+        v += (raw[k * t + c] - m) * (raw[k * t + c] - m);
+      s2n += v / double(ks.size() - 1) / double(repeated);
+      const size_t half = ks.size() / 2;
+      double a = 0, b = 0;
+      for (size_t j = 0; j < ks.size(); ++j)
+        (j < half ? a : b) += raw[ks[j] * t + c];
+      h1.push_back(a / double(half));
+      h2.push_back(b / double(ks.size() - half));
+    }
+    const double s2t = (sum2 - sum * sum / double(all)) / double(all - 1);
+    if (s2n > 0) {
+      const double snr2 = std::max(0.0, s2t - s2n) / s2n;
+      nc[c] = snr2 / (snr2 + inv_k);
+    }
+    std::vector<double> rr, unused;
+    const std::int64_t nh = std::int64_t(h1.size());
+    std::vector<double> p1(h1), p2(h2);
+    score_columns(p1, p2, nh, 1, rr, unused);
+    if (!std::isnan(rr[0]))
+      split_half[c] = 2 * rr[0] / (1 + rr[0]);
+  }
 }
 
 } // namespace
@@ -152,6 +226,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     for (std::int64_t c = 0; c < t; ++c)
       dst[c] += w * raw[k * t + c];
   }
+  std::vector<double> nc, split_half;
+  noise_ceiling(raw, t, trial_stim, test, nc, split_half);
   std::int64_t constant = 0;
   for (std::int64_t c = 0; c < t; ++c) {
     double mean = 0, var = 0;
@@ -216,11 +292,24 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     }
     f.create_dataset("/" + kind + "/r", io::DType::f32, {L, bi.targets})
         .write(r_out.data(), {0, t0}, {t ? L : 0, t});
+    // r normalised by sqrt(NC), the ceiling of r for the averaged test responses.
+    std::vector<float> rn(r_out.size());
+    for (std::int64_t l = 0; l < L; ++l)
+      for (std::int64_t c = 0; c < t; ++c)
+        rn[l * t + c] = nc[c] > 0 ? float(r_out[l * t + c] / std::sqrt(nc[c])) : NAN;
+    f.create_dataset("/" + kind + "/r_normalised", io::DType::f32, {L, bi.targets})
+        .write(rn.data(), {0, t0}, {t ? L : 0, t});
     f.create_dataset("/" + kind + "/r2", io::DType::f32, {L, bi.targets})
         .write(r2_out.data(), {0, t0}, {t ? L : 0, t});
     f.create_dataset("/" + kind + "/alpha", io::DType::f32, {L, bi.targets})
         .write(a_out.data(), {0, t0}, {t ? L : 0, t});
   }
+  auto write_targets = [&](const std::string& name, const std::vector<double>& v) {
+    std::vector<float> buf(v.begin(), v.end());
+    f.create_dataset(name, io::DType::f32, {bi.targets}).write(buf.data(), {t0}, {t});
+  };
+  write_targets("/noise_ceiling/nc", nc);
+  write_targets("/noise_ceiling/split_half", split_half);
   f.write_small("/split/train_stimuli", train, {n});
   f.write_small("/split/test_stimuli", test, {m});
   if (opt.alpha_cv == "kfold") {

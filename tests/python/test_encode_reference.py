@@ -108,6 +108,31 @@ def test_fixed_alpha_equals_sklearn_ridge():
         assert np.abs(got[:, keep] - ref[:, keep]).max() / np.abs(ref).max() < 1e-5
 
 
+def numpy_noise_ceiling(y, trial_stim, test):
+    """NSD's ncsnr noise ceiling and the Spearman-Brown split-half, as documented (numpy)."""
+    groups = [np.flatnonzero(trial_stim == i) for i in test]
+    rep = [g for g in groups if len(g) >= 2]
+    s2n = np.mean([y[g].var(0, ddof=1) for g in rep], 0)
+    s2t = y[np.concatenate(groups)].var(0, ddof=1)
+    snr2 = np.maximum(0, s2t - s2n) / s2n
+    nc = snr2 / (snr2 + np.mean([1 / len(g) for g in groups]))
+    h1 = np.array([y[g[:len(g) // 2]].mean(0) for g in rep])
+    h2 = np.array([y[g[len(g) // 2:]].mean(0) for g in rep])
+    r = pearson(h1, h2)
+    return nc, 2 * r / (1 + r)
+
+
+def test_noise_ceiling_matches_numpy():
+    with h5py.File(f"{BASE}/scores.h5") as f:
+        nc, sh = numpy_noise_ceiling(Y, TRIAL_STIM, TEST)
+        keep = np.arange(T) != 7
+        assert np.allclose(f["/noise_ceiling/nc"][()][keep], nc[keep], rtol=1e-4, atol=1e-6)
+        assert np.allclose(f["/noise_ceiling/split_half"][()][keep], sh[keep], rtol=1e-4, atol=1e-6)
+        rn = f["/activations/r_normalised"][()][:, keep]
+        ok = nc[keep] > 0
+        assert np.allclose(rn[:, ok], f["/activations/r"][()][:, keep][:, ok] / np.sqrt(nc[keep][ok]), rtol=1e-5)
+
+
 def test_kfold_matches_a_loop_over_the_same_folds():
     out = f"{BASE}/kfold.h5"
     gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", out,
@@ -172,6 +197,9 @@ def test_recovers_the_planted_layers_on_simulated_data():
                 assert best == layer, f"{kind}: ROI {k} peaks at layer {best}, planted {layer}"
             assert abs(np.nanmean(r[:, noise == 1])) < 0.03
             assert np.nanmean(r[:, noise == 1].max(0)) < 0.25
+        # The planted noise ceiling: snr / (snr + 1/repetitions) = 0.5 / (0.5 + 0.5)
+        nc = s["/noise_ceiling/nc"][()]
+        assert abs(nc[noise == 0].mean() - 0.5) < 0.05 and nc[noise == 1].mean() < 0.12
     with h5py.File(f"{BASE}/sim/scores_meg.h5") as s, h5py.File(f"{BASE}/sim/data/brain_meg.h5") as b:
         assert s["/activations/r"].shape == (6, 6 * 20) and list(s.attrs["target_shape"]) == [6, 20]
         times, noise = b["/brain/times"][()], b["/truth/noise_target"][()] == 1
@@ -207,6 +235,6 @@ def test_bad_inputs():
 
 
 run_tests([test_matches_sklearn_ridgecv_and_ridge, test_fixed_alpha_equals_sklearn_ridge,
-           test_kfold_matches_a_loop_over_the_same_folds,
+           test_noise_ceiling_matches_numpy, test_kfold_matches_a_loop_over_the_same_folds,
            test_independent_of_the_number_of_ranks, test_recovers_the_planted_layers_on_simulated_data,
            test_bad_inputs])
