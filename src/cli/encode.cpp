@@ -1,4 +1,6 @@
 // gradmap encode: cross-validated ridge from features to brain responses (encoding::encode).
+#include <unistd.h>
+
 #include <sstream>
 
 #include "command.hpp"
@@ -27,7 +29,12 @@ Command encode_command() {
         "how alpha is chosen per target: loo (efficient leave-one-out) or kfold (K-fold CV over "
         "training images)")("folds", po::value<int>()->default_value(5), "kfold: number of folds")(
         "seed", po::value<std::uint64_t>()->default_value(0), "kfold: seed of the fold assignment")(
-        "store-predictions", po::bool_switch(), "also write the test predictions");
+        "store-predictions", po::bool_switch(), "also write the test predictions")(
+        "memory-gb", po::value<double>()->default_value(0),
+        "memory budget per rank in GiB; targets are processed in chunks that fit (default: 80% "
+        "of the node's memory divided by its ranks)")(
+        "max-chunk", po::value<std::int64_t>()->default_value(0),
+        "at most this many voxels (or MEG sensors) per round (0: as many as the budget allows)");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     encoding::EncodeOptions o;
@@ -38,6 +45,14 @@ Command encode_command() {
     o.folds = vm["folds"].as<int>();
     o.seed = vm["seed"].as<std::uint64_t>();
     o.store_predictions = vm["store-predictions"].as<bool>();
+    o.memory_gb = vm["memory-gb"].as<double>();
+    o.max_chunk = vm["max-chunk"].as<std::int64_t>();
+    if (o.memory_gb < 0)
+      throw UsageError("--memory-gb: must be positive");
+    if (o.memory_gb == 0) {
+      const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
+      o.memory_gb = 0.8 * phys / double(ctx.env.local_size()) / double(1 << 30);
+    }
     std::stringstream ss(vm["alphas"].as<std::string>());
     for (std::string item; std::getline(ss, item, ',');) {
       if (item.empty())

@@ -210,48 +210,78 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   for (std::int64_t r = 0; r < m; ++r)
     row_of[test[r]] = r;
 
-  // 3. This rank's targets: a block of voxels, or of sensors with all their times.
+  // 3. This rank's targets: a block of voxels, or of sensors with all their times, processed in
+  //    chunks that fit the memory budget.
   const bool meg = bi.modality == "meg";
   const std::int64_t units = meg ? bi.sensors : bi.targets, per_unit = meg ? bi.times : 1;
   const mpi::Block ub = mpi::block_of(units, p, me);
-  const std::int64_t t0 = ub.begin * per_unit, t = ub.size() * per_unit;
-  auto resp = bf.dataset("/brain/responses");
-  const auto raw = meg ? resp.read<double>({0, ub.begin, 0}, {bi.trials, ub.size(), bi.times})
-                       : resp.read<double>({0, ub.begin}, {bi.trials, ub.size()});
-  std::vector<double> ytr(size_t(n * t), 0.0), yte(size_t(m * t), 0.0);
-  for (std::int64_t k = 0; k < bi.trials; ++k) {
-    const std::int64_t img = trial_stim[k];
-    double* dst = test_set.count(img) ? &yte[row_of[img] * t] : &ytr[row_of[img] * t];
-    const double w = 1.0 / double(count[img]);
-    for (std::int64_t c = 0; c < t; ++c)
-      dst[c] += w * raw[k * t + c];
+  const std::int64_t L = std::int64_t(fi.layers.size()), K = std::int64_t(fi.kinds.size());
+  const std::int64_t A = std::int64_t(alphas.size());
+  std::int64_t pmax = 0, basis_bytes = 0;
+  for (auto d : fi.dims) {
+    const std::int64_t r = std::min(n, d);
+    pmax = std::max(pmax, d);
+    basis_bytes += 8 * ((n + m) * r + r + (opt.alpha_cv == "kfold" ? n * d : 0));
   }
-  std::vector<double> nc, split_half;
-  noise_ceiling(raw, t, trial_stim, test, nc, split_half);
-  std::int64_t constant = 0;
-  for (std::int64_t c = 0; c < t; ++c) {
-    double mean = 0, var = 0;
-    for (std::int64_t i = 0; i < n; ++i)
-      mean += ytr[i * t + c];
-    mean /= double(n);
-    for (std::int64_t i = 0; i < n; ++i) {
-      ytr[i * t + c] -= mean;
-      var += ytr[i * t + c] * ytr[i * t + c];
-    }
-    for (std::int64_t i = 0; i < m; ++i)
-      yte[i * t + c] -= mean;
-    constant += var == 0 ? 1 : 0;
-  }
-  constant = mpi::sum(comm, constant);
-  if (constant > 0)
-    GM_WARN("encode: " << constant << " targets are constant over the training images; their "
-                       << "scores are NaN");
-  GM_INFO("encode: " << fi.kinds.size() << " kinds x " << fi.layers.size() << " layers, "
-                     << bi.targets << " targets (" << bi.modality << "), " << n << " training / "
-                     << m << " test images, " << alphas.size() << " alphas, " << p << " ranks");
+  basis_bytes *= K;
+  const std::int64_t rmax = std::min(n, pmax);
+  // Per target: its trials, the averaged/centred responses and the solver's work arrays
+  // (U^T y, residuals, predictions, LOO errors) in double, and the outputs in float.
+  const std::int64_t per_target = 8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 16 * K * L;
+  // Working set of one basis computation: the features, their standardised copies, the SVD.
+  const std::int64_t one_basis = 8 * (fi.n * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
+  const double budget = opt.memory_gb * double(1 << 30);
+  const bool cache = double(basis_bytes) <= budget / 2;
+  const double fixed = (cache ? double(basis_bytes) : 0.0) + double(one_basis);
+  std::int64_t chunk_units = std::int64_t((budget - fixed) / double(per_target * per_unit));
+  auto gib = [](double b) {
+    return std::to_string(int(b / double(1 << 30) * 100) / 100.0) + " GiB";
+  };
+  if (chunk_units < 1)
+    throw UsageError("encode needs about " + gib(fixed + double(per_target * per_unit)) +
+                     " per rank for " + std::to_string(n) + " training images x " +
+                     std::to_string(pmax) + " features, but --memory-gb allows " + gib(budget) +
+                     "; raise --memory-gb, reduce the features (extract --pca), or use more nodes");
+  if (opt.max_chunk > 0)
+    chunk_units = std::min(chunk_units, opt.max_chunk);
+  std::int64_t rounds = (ub.size() + chunk_units - 1) / chunk_units;
+  GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &rounds, 1, MPI_INT64_T, MPI_MAX, comm));
+  GM_INFO("encode: " << K << " kinds x " << L << " layers, " << bi.targets << " targets ("
+                     << bi.modality << "), " << n << " training / " << m << " test images, " << A
+                     << " alphas, " << p << " ranks");
+  GM_INFO("encode: memory per rank: training side "
+          << gib(double(basis_bytes)) << (cache ? " (cached)" : " (recomputed per chunk)") << ", "
+          << per_target * per_unit << " bytes per target unit; budget " << gib(budget) << " -> "
+          << rounds << " round(s) of up to " << chunk_units << " units");
+  if (!cache)
+    GM_WARN("encode: the training side (" << gib(double(basis_bytes)) << ") exceeds half the "
+                                          << "memory budget; it is recomputed for each chunk");
 
-  // 4-5. Fit every (kind, layer); write the rank's columns.
-  const std::int64_t L = std::int64_t(fi.layers.size());
+  // The training side of every (kind, layer): standardised features and their SVD basis.
+  struct Side {
+    std::int64_t dim = 0;
+    std::vector<double> xtr; // kfold only
+    RidgeBasis basis;
+  };
+  auto build = [&](std::int64_t k, std::int64_t l) {
+    auto ds = ff.dataset("/features/" + fi.kinds[k] + "/" + fi.layers[l]);
+    Side side;
+    side.dim = ds.shape()[1];
+    const auto x = ds.read_all<float>();
+    std::vector<double> xtr, xte;
+    standardise(x, side.dim, train, test, xtr, xte);
+    side.basis = make_basis(xtr, n, side.dim, xte, m);
+    if (opt.alpha_cv == "kfold")
+      side.xtr = std::move(xtr);
+    return side;
+  };
+  std::vector<Side> cached;
+  if (cache)
+    for (std::int64_t k = 0; k < K; ++k)
+      for (std::int64_t l = 0; l < L; ++l)
+        cached.push_back(build(k, l));
+
+  // 4. Outputs (collective creation), then the chunks.
   io::OutputFile out(opt.out, comm);
   const io::File& f = out.file();
   f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
@@ -265,58 +295,95 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   f.set_attr("/", "n_test", m);
   if (meg)
     f.set_attr("/", "target_shape", std::vector<std::int64_t>{bi.sensors, bi.times});
-  Progress progress("encode", std::int64_t(fi.kinds.size()) * L, "feature sets");
+  const char* const outputs[4] = {"r", "r_normalised", "r2", "alpha"};
+  std::vector<io::Dataset> out_ds;
   for (const auto& kind : fi.kinds) {
-    std::vector<float> r_out(size_t(L * t)), r2_out(size_t(L * t)), a_out(size_t(L * t));
-    for (std::int64_t l = 0; l < L; ++l) {
-      auto ds = ff.dataset("/features/" + kind + "/" + fi.layers[l]);
-      const std::int64_t dim = ds.shape()[1];
-      const auto x = ds.read_all<float>();
-      std::vector<double> xtr, xte;
-      standardise(x, dim, train, test, xtr, xte);
-      const RidgeBasis basis = make_basis(xtr, n, dim, xte, m);
-      const RidgeScores sc = opt.alpha_cv == "kfold"
-                                 ? fit_kfold(basis, xtr, dim, ytr, yte, t, alphas, fold, opt.folds)
-                                 : fit_loo(basis, ytr, yte, t, alphas);
-      for (std::int64_t c = 0; c < t; ++c) {
-        r_out[l * t + c] = float(sc.r[c]);
-        r2_out[l * t + c] = float(sc.r2[c]);
-        a_out[l * t + c] = float(sc.alpha[c]);
-      }
-      if (opt.store_predictions)
-        f.create_dataset("/" + kind + "/prediction/" + fi.layers[l], io::DType::f32,
-                         {m, bi.targets})
-            .write(std::vector<float>(sc.prediction.begin(), sc.prediction.end()).data(), {0, t0},
-                   {t ? m : 0, t});
-      progress.advance();
-    }
-    f.create_dataset("/" + kind + "/r", io::DType::f32, {L, bi.targets})
-        .write(r_out.data(), {0, t0}, {t ? L : 0, t});
-    // r normalised by sqrt(NC), the ceiling of r for the averaged test responses.
-    std::vector<float> rn(r_out.size());
-    for (std::int64_t l = 0; l < L; ++l)
-      for (std::int64_t c = 0; c < t; ++c)
-        rn[l * t + c] = nc[c] > 0 ? float(r_out[l * t + c] / std::sqrt(nc[c])) : NAN;
-    f.create_dataset("/" + kind + "/r_normalised", io::DType::f32, {L, bi.targets})
-        .write(rn.data(), {0, t0}, {t ? L : 0, t});
-    f.create_dataset("/" + kind + "/r2", io::DType::f32, {L, bi.targets})
-        .write(r2_out.data(), {0, t0}, {t ? L : 0, t});
-    f.create_dataset("/" + kind + "/alpha", io::DType::f32, {L, bi.targets})
-        .write(a_out.data(), {0, t0}, {t ? L : 0, t});
+    for (const char* name : outputs)
+      out_ds.push_back(f.create_dataset("/" + kind + "/" + name, io::DType::f32, {L, bi.targets},
+                                        {L, std::min<std::int64_t>(bi.targets, 4096)}));
+    if (opt.store_predictions)
+      for (const auto& layer : fi.layers)
+        out_ds.push_back(
+            f.create_dataset("/" + kind + "/prediction/" + layer, io::DType::f32, {m, bi.targets}));
   }
-  auto write_targets = [&](const std::string& name, const std::vector<double>& v) {
-    std::vector<float> buf(v.begin(), v.end());
-    f.create_dataset(name, io::DType::f32, {bi.targets}).write(buf.data(), {t0}, {t});
-  };
-  write_targets("/noise_ceiling/nc", nc);
-  write_targets("/noise_ceiling/split_half", split_half);
+  auto nc_ds = f.create_dataset("/noise_ceiling/nc", io::DType::f32, {bi.targets});
+  auto sh_ds = f.create_dataset("/noise_ceiling/split_half", io::DType::f32, {bi.targets});
+  auto resp = bf.dataset("/brain/responses");
+  std::int64_t constant = 0;
+  Progress progress("encode", ub.size(), meg ? "sensors" : "voxels",
+                    ub.size() > 0 ? double(units) / double(ub.size()) : 1.0);
+  for (std::int64_t round = 0; round < rounds; ++round) {
+    const std::int64_t u0 = std::min(ub.end, ub.begin + round * chunk_units);
+    const std::int64_t u1 = std::min(ub.end, u0 + chunk_units);
+    const std::int64_t t0 = u0 * per_unit, t = (u1 - u0) * per_unit;
+    const auto raw = meg ? resp.read<double>({0, u0, 0}, {t ? bi.trials : 0, u1 - u0, bi.times})
+                         : resp.read<double>({0, u0}, {t ? bi.trials : 0, u1 - u0});
+    std::vector<double> ytr(static_cast<size_t>(n * t), 0.0), yte(static_cast<size_t>(m * t), 0.0);
+    for (std::int64_t k = 0; k < bi.trials && t > 0; ++k) {
+      const std::int64_t img = trial_stim[k];
+      double* dst = test_set.count(img) ? &yte[row_of[img] * t] : &ytr[row_of[img] * t];
+      const double w = 1.0 / double(count[img]);
+      for (std::int64_t c = 0; c < t; ++c)
+        dst[c] += w * raw[k * t + c];
+    }
+    std::vector<double> nc, split_half;
+    noise_ceiling(raw, t, trial_stim, test, nc, split_half);
+    for (std::int64_t c = 0; c < t; ++c) {
+      double mean = 0, var = 0;
+      for (std::int64_t i = 0; i < n; ++i)
+        mean += ytr[i * t + c];
+      mean /= double(n);
+      for (std::int64_t i = 0; i < n; ++i) {
+        ytr[i * t + c] -= mean;
+        var += ytr[i * t + c] * ytr[i * t + c];
+      }
+      for (std::int64_t i = 0; i < m; ++i)
+        yte[i * t + c] -= mean;
+      constant += var == 0 ? 1 : 0;
+    }
+    // 5. Fit every (kind, layer) on this chunk; write the chunk's columns.
+    size_t next_ds = 0;
+    for (std::int64_t k = 0; k < K; ++k) {
+      std::vector<std::vector<float>> buf(4, std::vector<float>(static_cast<size_t>(L * t)));
+      std::vector<std::vector<float>> preds;
+      for (std::int64_t l = 0; l < L; ++l) {
+        Side fresh;
+        const Side& side = cache ? cached[k * L + l] : (fresh = build(k, l));
+        const RidgeScores sc =
+            opt.alpha_cv == "kfold"
+                ? fit_kfold(side.basis, side.xtr, side.dim, ytr, yte, t, alphas, fold, opt.folds)
+                : fit_loo(side.basis, ytr, yte, t, alphas);
+        for (std::int64_t c = 0; c < t; ++c) {
+          buf[0][l * t + c] = float(sc.r[c]);
+          // r normalised by sqrt(NC), the ceiling of r for the averaged test responses.
+          buf[1][l * t + c] = nc[c] > 0 ? float(sc.r[c] / std::sqrt(nc[c])) : NAN;
+          buf[2][l * t + c] = float(sc.r2[c]);
+          buf[3][l * t + c] = float(sc.alpha[c]);
+        }
+        if (opt.store_predictions)
+          preds.emplace_back(sc.prediction.begin(), sc.prediction.end());
+      }
+      for (int o = 0; o < 4; ++o)
+        out_ds[next_ds++].write(buf[o].data(), {0, t0}, {t ? L : 0, t});
+      for (std::int64_t l = 0; opt.store_predictions && l < L; ++l)
+        out_ds[next_ds++].write(preds[l].data(), {0, t0}, {t ? m : 0, t});
+    }
+    const std::vector<float> ncf(nc.begin(), nc.end()), shf(split_half.begin(), split_half.end());
+    nc_ds.write(ncf.data(), {t0}, {t});
+    sh_ds.write(shf.data(), {t0}, {t});
+    progress.advance(u1 - u0);
+  }
+  progress.finish();
+  constant = mpi::sum(comm, constant);
+  if (constant > 0)
+    GM_WARN("encode: " << constant << " targets are constant over the training images; their "
+                       << "scores are NaN");
   f.write_small("/split/train_stimuli", train, {n});
   f.write_small("/split/test_stimuli", test, {m});
   if (opt.alpha_cv == "kfold") {
     f.write_small("/split/fold", fold, {n}); // fold of each training image (order of train_stimuli)
     f.set_attr("/", "folds", std::int64_t{opt.folds});
   }
-  progress.finish();
   out.commit();
   GM_INFO("encode: wrote " << opt.out);
 }

@@ -163,6 +163,21 @@ def test_kfold_matches_a_loop_over_the_same_folds():
         assert np.array_equal(a["/split/fold"][()], b["/split/fold"][()])
 
 
+def test_chunked_targets_give_identical_results_and_budget_is_enforced():
+    one, many = f"{BASE}/chunk1.h5", f"{BASE}/chunk4.h5"
+    gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", one], ranks=2)
+    p = gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", many,
+                 "--max-chunk", 4], ranks=2)
+    assert "4 round(s) of up to 4 units" in p.stderr, p.stderr  # 13 voxels on rank 0 -> 4 rounds
+    with h5py.File(one) as a, h5py.File(many) as b:
+        for d in ("/activations/r", "/activations/alpha", "/noise_ceiling/nc"):
+            assert np.array_equal(a[d][()], b[d][()], equal_nan=True), d
+    p = gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out",
+                 f"{BASE}/tiny.h5", "--memory-gb", "0.0001"], ranks=2, check=False)
+    assert p.returncode != 0 and "per rank for 80 training images x 150 features" in p.stderr, p.stderr
+    assert "raise --memory-gb" in p.stderr and not os.path.exists(f"{BASE}/tiny.h5")
+
+
 def test_independent_of_the_number_of_ranks():
     outs = []
     for n in (1, 2, 3):
@@ -236,5 +251,6 @@ def test_bad_inputs():
 
 run_tests([test_matches_sklearn_ridgecv_and_ridge, test_fixed_alpha_equals_sklearn_ridge,
            test_noise_ceiling_matches_numpy, test_kfold_matches_a_loop_over_the_same_folds,
+           test_chunked_targets_give_identical_results_and_budget_is_enforced,
            test_independent_of_the_number_of_ranks, test_recovers_the_planted_layers_on_simulated_data,
            test_bad_inputs])

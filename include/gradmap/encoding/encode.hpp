@@ -19,6 +19,8 @@ struct EncodeOptions {
   int folds = 5;                  ///< kfold: number of folds of training images
   std::uint64_t seed = 0;         ///< kfold: fold assignment
   bool store_predictions = false; ///< also write the test predictions
+  double memory_gb = 4.0;         ///< memory budget per rank (GiB): targets are chunked to fit
+  std::int64_t max_chunk = 0;     ///< at most this many target units per round (0: budget only)
 };
 
 /// The default alpha grid: 10 values log-spaced from 1e-1 to 1e8.
