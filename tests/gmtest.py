@@ -15,10 +15,10 @@ MPIEXEC = os.environ.get("MPIEXEC", "mpiexec")
 MPIEXEC_FLAGS = shlex.split(os.environ.get("MPIEXEC_FLAGS", "--oversubscribe"))
 
 
-def gradmap(args, ranks=1, timeout=300, check=True, cwd=None):
+def gradmap(args, ranks=1, timeout=300, check=True, cwd=None, env=None):
     """Runs `mpiexec -n ranks gradmap args...`; returns the CompletedProcess (text)."""
     cmd = [MPIEXEC, "-n", str(ranks), *MPIEXEC_FLAGS, GRADMAP, *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {}))
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")

@@ -4,12 +4,16 @@
 #include <cmath>
 #include <limits>
 
+#include "gradmap/core/profile.hpp"
 #include "gradmap/linalg/dense.hpp"
 
 namespace gradmap::encoding {
 
 RidgeBasis make_basis(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
                       const std::vector<double>& x_test, std::int64_t m) {
+  ProfileEvent ev("gm.ridge.svd");
+  ProfileEvent::add_flops(4.0 * double(n) * double(p) * double(std::min(n, p)) +
+                          2.0 * double(m) * double(p) * double(std::min(n, p)));
   RidgeBasis b;
   b.n = n;
   b.p = p;
@@ -78,7 +82,9 @@ std::vector<double> project_targets(const RidgeBasis& b, const std::vector<doubl
 RidgeScores refit(const RidgeBasis& b, const std::vector<double>& y_train,
                   const std::vector<double>& y_test, std::int64_t t,
                   const std::vector<double>& alphas, const std::vector<std::int64_t>& which) {
+  ProfileEvent ev("gm.ridge.refit");
   const std::int64_t n = b.n, r = b.r, m = b.m;
+  ProfileEvent::add_flops(2.0 * double(r) * double(t) * double(n + m));
   const auto uty = project_targets(b, y_train, t);
   RidgeScores out;
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -124,7 +130,9 @@ std::vector<std::int64_t> argmin_first(const std::vector<double>& err, std::int6
 RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
                     const std::vector<double>& y_test, std::int64_t t,
                     const std::vector<double>& alphas) {
+  ProfileEvent ev("gm.ridge.loo");
   const std::int64_t n = b.n, r = b.r;
+  ProfileEvent::add_flops(2.0 * double(n) * double(r) * double(t) * double(alphas.size() + 2));
   const auto uty = project_targets(b, y_train, t);
   // Residuals and 1 - h are formed from their complements, without cancellation when f -> 1
   // (small alpha, p >= n):  y - yhat = U diag(1 - f) U^T y + (y - U U^T y),
@@ -177,6 +185,7 @@ RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<double>& x_train, s
                       const std::vector<double>& y_train, const std::vector<double>& y_test,
                       std::int64_t t, const std::vector<double>& alphas,
                       const std::vector<std::int32_t>& fold, int folds) {
+  ProfileEvent ev("gm.ridge.kfold");
   const std::int64_t n = b.n, na = std::int64_t(alphas.size());
   std::vector<double> err(static_cast<size_t>(na * t), 0.0);
   for (int f = 0; f < folds; ++f) {

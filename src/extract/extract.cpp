@@ -17,6 +17,7 @@
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
+#include "gradmap/core/profile.hpp"
 #include "gradmap/core/progress.hpp"
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
@@ -217,6 +218,7 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
     mpi::collective_check(comm, [&] {
       for (std::int64_t s = 0; s < n; s += o.batch_size) {
         const std::int64_t nb = std::min(o.batch_size, n - s);
+        ProfileEvent ev("gm.extract.batch");
         model::BatchFeatures bf = fx->run(&images[s * px], nb, si.height, si.width,
                                           labels.empty() ? nullptr : &labels[s], &indices[s]);
         for (int l = 0; l < L; ++l) {

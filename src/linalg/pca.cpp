@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "gradmap/core/error.hpp"
+#include "gradmap/core/profile.hpp"
 #include "gradmap/linalg/dense.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/sim/philox.hpp"
@@ -58,6 +59,7 @@ std::vector<float> Pca::transform(const float* x, std::int64_t n) const {
 
 Pca fit_pca(MPI_Comm comm, const float* x, std::int64_t n_local, std::int64_t d,
             const std::vector<std::uint8_t>& fit, const PcaOptions& opt) {
+  ProfileEvent ev("gm.pca.fit");
   Pca p;
   p.d = d;
   p.k = opt.k;

@@ -98,8 +98,10 @@ def test_matches_sklearn_ridgecv_and_ridge():
 
 def test_fixed_alpha_equals_sklearn_ridge():
     out = f"{BASE}/fixed.h5"
-    gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", out,
-             "--alphas", "25", "--store-predictions"], ranks=1)
+    p = gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", out,
+                 "--alphas", "25", "--store-predictions"], ranks=1, env={"PETSC_OPTIONS": "-log_view"})
+    # PETSc's profile lists gradmap's phases with their flops
+    assert "gm.ridge.loo" in p.stdout and "gm.ridge.svd" in p.stdout, p.stdout[-2000:]
     xtr, ytr, xte, _ = prepared("wide")
     ref = Ridge(alpha=25, fit_intercept=True).fit(xtr, ytr).predict(xte)
     with h5py.File(out) as f:
