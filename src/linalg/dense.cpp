@@ -46,22 +46,8 @@ void solve_right_upper(std::int64_t n, std::int64_t l, const double* r, double* 
 
 void svd(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector<double>& s,
          std::vector<double>& vt) {
-  // Row-major A (m x n) is column-major A^T (n x m) = V S U^T: its left singular vectors are
-  // A's right ones, so LAPACK's U of A^T is (column-major) V: rows of row-major VT.
-  const int M = int(n), N = int(m), mn = int(std::min(m, n));
-  s.assign(size_t(mn), 0.0);
-  std::vector<double> u(size_t(M) * mn), vdummy(1);
-  int lwork = -1, info = 0, one = 1;
-  double q = 0;
-  dgesvd_("S", "N", &M, &N, a.data(), &M, s.data(), u.data(), &M, vdummy.data(), &one, &q, &lwork,
-          &info);
-  lwork = int(q);
-  std::vector<double> work(size_t(std::max(1, lwork)));
-  dgesvd_("S", "N", &M, &N, a.data(), &M, s.data(), u.data(), &M, vdummy.data(), &one, work.data(),
-          &lwork, &info);
-  if (info != 0)
-    throw Error("LAPACK dgesvd failed (info " + std::to_string(info) + ")");
-  vt = std::move(u); // column-major M x mn: column j (contiguous) = j-th right vector of A
+  std::vector<double> u;
+  svd_thin(m, n, std::move(a), u, s, vt);
 }
 
 void svd_thin(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector<double>& u,
@@ -76,8 +62,7 @@ void svd_thin(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector
     return;
   int lwork = -1, info = 0;
   double q = 0;
-  dgesvd_("S", "S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, &q, &lwork,
-          &info);
+  dgesvd_("S", "S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, &q, &lwork, &info);
   lwork = int(q);
   std::vector<double> work(size_t(std::max(1, lwork)));
   dgesvd_("S", "S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, work.data(),
