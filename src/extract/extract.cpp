@@ -193,11 +193,12 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
   // 3. Rounds of one block per rank.
   const mpi::Block mine = mpi::block_of(nblocks, p, me);
   const std::int64_t rounds = (nblocks + p - 1) / p;
-  std::int64_t todo = 0;
+  std::int64_t remaining = 0;
   for (auto b = mine.begin; b < mine.end; ++b)
-    todo += done[b] ? 0 : std::min(o.block, si.n - b * o.block);
-  const std::int64_t global_todo = mpi::sum(comm, todo);
-  Progress progress("extract", todo, "images", todo > 0 ? double(global_todo) / double(todo) : 1.0);
+    remaining += done[b] ? 0 : std::min(o.block, si.n - b * o.block);
+  const std::int64_t global_remaining = mpi::sum(comm, remaining);
+  Progress progress("extract", remaining, "images",
+                    remaining > 0 ? double(global_remaining) / double(remaining) : 1.0);
   auto images_ds = stim.dataset("/stimuli/images");
   const std::int64_t px = si.height * si.width * 3;
   for (std::int64_t r = 0; r < rounds; ++r) {
