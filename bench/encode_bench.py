@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Benchmark: `gradmap encode` against scikit-learn's RidgeCV(alpha_per_target=True) on the same
+data in the same session, with a same-session DGEMM peak for reference.
+
+Usage: /usr/bin/python3 bench/encode_bench.py [--train 10000] [--test 1000] [--features 1024]
+       [--targets 20000] [--alphas 10] [--cv loo|kfold] [--gradmap build/src/gradmap]
+
+The data: random features (float32) and responses = features @ W + noise, written in gradmap's
+schema (one repetition per image). Both solvers see z-scored features; the baseline is the
+efficient leave-one-out that gradmap's default reproduces (scikit-learn has no per-target K-fold).
+Prints wall times, peak RSS (ru_maxrss of the children), the ratio baseline / gradmap, the
+1 -> 2 rank speed-up, and the DGEMM rate of this machine's BLAS measured in the same session.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+
+
+def dgemm_peak(n=2048):
+    a = np.random.default_rng(0).normal(size=(n, n))
+    a @ a
+    t = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    return 3 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9
+
+
+# Runs a command and reports the peak RSS of its process tree (largest waited-for descendant).
+WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print('maxrss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+        "sys.exit(r.returncode)")
+
+
+def run(cmd, env=None):
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", WRAP, *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    rss_kb = int(re.findall(r"maxrss_kb (\d+)", p.stderr)[-1])
+    return wall, rss_kb / 1024 / 1024, p
+
+
+SKLEARN = r"""
+import sys, time, h5py, numpy as np
+from sklearn.linear_model import RidgeCV
+f, b, alphas = sys.argv[1], sys.argv[2], [float(a) for a in sys.argv[3].split(',')]
+with h5py.File(f) as ff, h5py.File(b) as bb:
+    x = ff['/features/activations/layer'][()].astype(np.float64)
+    y = bb['/brain/responses'][()].astype(np.float64)
+    test = bb['/brain/test_stimuli'][()]
+train = np.setdiff1d(np.arange(len(x)), test)
+mu, sd = x[train].mean(0), x[train].std(0)
+x = (x - mu) / sd
+t = time.perf_counter()
+m = RidgeCV(alphas=alphas, fit_intercept=True, alpha_per_target=True).fit(x[train], y[train])
+p = m.predict(x[test])
+print('fit_s', time.perf_counter() - t)
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=10000)
+    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--features", type=int, default=1024)
+    ap.add_argument("--targets", type=int, default=20000)
+    ap.add_argument("--alphas", type=int, default=10)
+    ap.add_argument("--cv", default="loo")
+    ap.add_argument("--gradmap", default="build/src/gradmap")
+    ap.add_argument("--skip-sklearn", action="store_true")
+    a = ap.parse_args()
+    d = tempfile.mkdtemp(prefix="gradmap-encode-bench-")
+    n = a.train + a.test
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, a.features)).astype(np.float32)
+    with h5py.File(f"{d}/features.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f["/features/activations/layer"] = x
+    with h5py.File(f"{d}/brain.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f.attrs["modality"] = "fmri"
+        y = f.create_dataset("/brain/responses", (n, a.targets), np.float32, chunks=(n, 256))
+        for c in range(0, a.targets, 2000):
+            w = rng.normal(size=(a.features, min(2000, a.targets - c))).astype(np.float32) / np.sqrt(a.features)
+            y[:, c:c + w.shape[1]] = x @ w + rng.normal(size=(n, w.shape[1])).astype(np.float32)
+        f["/brain/trial_stimulus"] = np.arange(n, dtype=np.int64)
+        f["/brain/test_stimuli"] = np.arange(a.train, n, dtype=np.int64)
+        f["/brain/roi"] = np.zeros(a.targets, np.int32)
+        f["/brain/roi_names"] = np.array([b"all"])
+        f["/brain/roi_level"] = np.array([1], np.int32)
+        f["/brain/voxel_ijk"] = np.stack([np.arange(a.targets) % 100, np.arange(a.targets) // 100,
+                                          np.zeros(a.targets)], 1).astype(np.int32)
+        f["/brain"].attrs["volume_shape"] = np.array([100, a.targets // 100 + 1, 1])
+        f["/brain"].attrs["affine"] = np.eye(4).ravel()
+    alphas = ",".join(f"{v:g}" for v in np.logspace(-1, 8, a.alphas))
+    peak = dgemm_peak()
+    print(f"data: {a.train} train + {a.test} test images x {a.features} features x {a.targets} targets, "
+          f"{a.alphas} alphas, cv {a.cv}; cores {os.cpu_count()}, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
+    print(f"DGEMM (numpy, same BLAS, this session): {peak:.1f} GFlop/s")
+    flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    res = {}
+    for ranks in (1, 2):
+        threads = max(1, os.cpu_count() // ranks)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                   PETSC_OPTIONS="-log_view")
+        wall, rss, p = run(["mpiexec", "-n", str(ranks), *flags, "--oversubscribe", a.gradmap, "encode",
+                            "--features", f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out",
+                            f"{d}/scores{ranks}.h5", "--alphas", alphas, "--alpha-cv", a.cv,
+                            "--threads", str(threads)], env)
+        m = re.search(r"gm\.ridge\.(loo|kfold)\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M)
+        res[ranks] = wall
+        rate = f", {m.group(1)} phase {float(m.group(2)):.1f} s at {int(m.group(3)) / 1000:.1f} GFlop/s" if m else ""
+        print(f"gradmap encode -n {ranks} x {threads} threads: {wall:.1f} s wall, peak RSS {rss:.2f} GiB{rate}")
+    print(f"speed-up 1 -> 2 ranks: {res[1] / res[2]:.2f}x")
+    if not a.skip_sklearn:
+        env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()), OPENBLAS_NUM_THREADS=str(os.cpu_count()))
+        wall, rss, p = run([sys.executable, "-c", SKLEARN, f"{d}/features.h5", f"{d}/brain.h5", alphas], env)
+        print(f"scikit-learn RidgeCV(alpha_per_target=True): {wall:.1f} s wall "
+              f"({p.stdout.strip()}), peak RSS {rss:.2f} GiB")
+        print(f"ratio scikit-learn / gradmap (1 rank): {wall / res[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
