@@ -328,19 +328,24 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     }
     std::vector<double> nc, split_half;
     noise_ceiling(raw, t, trial_stim, test, nc, split_half);
-    for (std::int64_t c = 0; c < t; ++c) {
-      double mean = 0, var = 0;
-      for (std::int64_t i = 0; i < n; ++i)
-        mean += ytr[i * t + c];
-      mean /= double(n);
-      for (std::int64_t i = 0; i < n; ++i) {
-        ytr[i * t + c] -= mean;
-        var += ytr[i * t + c] * ytr[i * t + c];
+    // Centre with the training means (row-major passes; per column the order of summation is
+    // the row order, as in a column loop).
+    std::vector<double> mean(static_cast<size_t>(t), 0.0), var(static_cast<size_t>(t), 0.0);
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t c = 0; c < t; ++c)
+        mean[c] += ytr[i * t + c];
+    for (std::int64_t c = 0; c < t; ++c)
+      mean[c] /= double(n);
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t c = 0; c < t; ++c) {
+        ytr[i * t + c] -= mean[c];
+        var[c] += ytr[i * t + c] * ytr[i * t + c];
       }
-      for (std::int64_t i = 0; i < m; ++i)
-        yte[i * t + c] -= mean;
-      constant += var == 0 ? 1 : 0;
-    }
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t c = 0; c < t; ++c)
+        yte[i * t + c] -= mean[c];
+    for (std::int64_t c = 0; c < t; ++c)
+      constant += var[c] == 0 ? 1 : 0;
     // 5. Fit every (kind, layer) on this chunk; write the chunk's columns.
     size_t next_ds = 0;
     for (std::int64_t k = 0; k < K; ++k) {

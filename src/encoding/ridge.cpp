@@ -39,30 +39,35 @@ RidgeBasis make_basis(const std::vector<double>& x_train, std::int64_t n, std::i
 
 void score_columns(const std::vector<double>& pred, const std::vector<double>& y, std::int64_t m,
                    std::int64_t t, std::vector<double>& r, std::vector<double>& r2) {
+  // Row-major passes with per-column accumulators (per column, the sums run in row order).
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  r.assign(size_t(t), nan);
-  r2.assign(size_t(t), nan);
+  r.assign(static_cast<size_t>(t), nan);
+  r2.assign(static_cast<size_t>(t), nan);
+  std::vector<double> mp(static_cast<size_t>(t), 0.0), my(static_cast<size_t>(t), 0.0);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t c = 0; c < t; ++c) {
+      mp[c] += pred[i * t + c];
+      my[c] += y[i * t + c];
+    }
   for (std::int64_t c = 0; c < t; ++c) {
-    double mp = 0, my = 0;
-    for (std::int64_t i = 0; i < m; ++i) {
-      mp += pred[i * t + c];
-      my += y[i * t + c];
-    }
-    mp /= double(m);
-    my /= double(m);
-    double spp = 0, syy = 0, spy = 0, sse = 0;
-    for (std::int64_t i = 0; i < m; ++i) {
-      const double a = pred[i * t + c] - mp, b = y[i * t + c] - my;
-      spp += a * a;
-      syy += b * b;
-      spy += a * b;
+    mp[c] /= double(m);
+    my[c] /= double(m);
+  }
+  std::vector<double> spp(static_cast<size_t>(t), 0.0), syy(spp), spy(spp), sse(spp);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t c = 0; c < t; ++c) {
+      const double a = pred[i * t + c] - mp[c], b = y[i * t + c] - my[c];
+      spp[c] += a * a;
+      syy[c] += b * b;
+      spy[c] += a * b;
       const double e = y[i * t + c] - pred[i * t + c];
-      sse += e * e;
+      sse[c] += e * e;
     }
-    if (spp > 0 && syy > 0)
-      r[c] = spy / std::sqrt(spp * syy);
-    if (syy > 0)
-      r2[c] = 1.0 - sse / syy;
+  for (std::int64_t c = 0; c < t; ++c) {
+    if (spp[c] > 0 && syy[c] > 0)
+      r[c] = spy[c] / std::sqrt(spp[c] * syy[c]);
+    if (syy[c] > 0)
+      r2[c] = 1.0 - sse[c] / syy[c];
   }
 }
 
@@ -90,11 +95,12 @@ RidgeScores refit(const RidgeBasis& b, const std::vector<double>& y_train,
   const double nan = std::numeric_limits<double>::quiet_NaN();
   out.alpha.assign(static_cast<size_t>(t), nan);
   std::vector<double> coef(static_cast<size_t>(r * t), 0.0);
+  std::vector<double> var(static_cast<size_t>(t), 0.0); // row-major pass, row order per column
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t c = 0; c < t; ++c)
+      var[c] += y_train[i * t + c] * y_train[i * t + c];
   for (std::int64_t c = 0; c < t; ++c) {
-    double var = 0;
-    for (std::int64_t i = 0; i < n; ++i)
-      var += y_train[i * t + c] * y_train[i * t + c];
-    if (which[c] < 0 || var == 0)
+    if (which[c] < 0 || var[c] == 0)
       continue; // constant target: no fit (reported as NaN)
     const double a = alphas[which[c]];
     out.alpha[c] = a;
