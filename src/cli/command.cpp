@@ -118,7 +118,7 @@ void apply_common(const po::variables_map& vm, Context& ctx) {
     log::set_level(log::Level::warn);
   if (vm.count("log-file"))
     log::set_file(vm["log-file"].as<std::string>());
-  const int threads = vm.count("threads") ? vm["threads"].as<int>() : ctx.env.default_threads();
+  const int threads = threads_of(vm, ctx);
   if (threads < 1)
     throw UsageError("--threads: must be at least 1");
   mpi::Environment::set_blas_threads(threads);

@@ -64,21 +64,23 @@ Command run_command() {
     const std::string data_dir = out + "/data";
     run_stage("simulate", config, {"--out", data_dir}, ctx);
 
-    // The extract settings that reproduce the features the simulated responses came from.
+    // The extract settings that reproduce the features the simulated responses came from
+    // (recorded in /truth), unless the config's [extract] section sets them.
     std::vector<std::string> extract_args = {"--stimuli", data_dir + "/stimuli.h5", "--out",
                                              out + "/features.h5"};
-    for (const char* name : {"brain_fmri.h5", "brain_meg.h5"}) {
-      if (!std::filesystem::exists(data_dir + "/" + name))
-        continue;
-      io::File brain = io::File::open(data_dir + "/" + name, ctx.comm);
-      const auto extract_vm =
+    std::string brain_path = data_dir + "/brain_fmri.h5";
+    if (!std::filesystem::exists(brain_path))
+      brain_path = data_dir + "/brain_meg.h5";
+    if (std::filesystem::exists(brain_path)) {
+      io::File brain = io::File::open(brain_path, ctx.comm);
+      // Placeholders satisfy the required options; only the defaulted flags are wanted here.
+      const auto configured =
           parse(*find_command("extract"), {"--config", config, "--stimuli", "-", "--out", "-"});
       for (const char* key : {"model", "objective", "labels", "pooling"})
-        if (brain.has_attr("/truth", key) && (*extract_vm)[key].defaulted()) {
+        if (brain.has_attr("/truth", key) && (*configured)[key].defaulted()) {
           extract_args.push_back(std::string("--") + key);
           extract_args.push_back(brain.attr_string("/truth", key));
         }
-      break;
     }
     run_stage("extract", config, extract_args, ctx);
 

@@ -33,7 +33,6 @@ namespace {
 
 constexpr std::int64_t kChunk = 16;     // images per network batch (fixed: rank-independent)
 constexpr double kLatencySigma = 0.025; // s, width of the MEG response time course
-const char* const kKinds[2] = {"activations", "gradients"};
 
 struct Matrix { // row-major [rows, cols], double
   std::int64_t rows = 0, cols = 0;
