@@ -32,7 +32,7 @@ namespace gradmap::sim {
 namespace {
 
 constexpr std::int64_t kChunk = 16;     // images per network batch (fixed: rank-independent)
-constexpr double kLatencySigma = 0.025; // s, width of the MEG response time course
+constexpr double kLatencySigma = 0.025; // s, widest MEG response time course
 
 struct Matrix { // row-major [rows, cols], double
   std::int64_t rows = 0, cols = 0;
@@ -85,6 +85,103 @@ std::vector<double> project(const Matrix& z, Philox rng) {
   for (double& x : s)
     x = sd > 0 ? (x - mean) / sd : 0.0;
   return s;
+}
+
+// The part of the latent u (z-scored, length N) that the other layers' features cannot predict:
+// u - O (O^T O + alpha I)^{-1} O^T u, O = [Z_m for m != skip] (z-scored columns), re-standardised.
+// Plain loops in a fixed order (no threaded BLAS), so every rank count gives the same bits. Used
+// for the MEG latents: the features of a small network's layers predict each other too well for a
+// layer's latency to be identifiable otherwise (docs/simulation.md).
+std::vector<double> layer_specific(std::vector<double> u, const std::vector<Matrix>& layers,
+                                   size_t skip) {
+  std::vector<const Matrix*> others;
+  std::int64_t P = 0;
+  for (size_t m = 0; m < layers.size(); ++m)
+    if (m != skip) {
+      others.push_back(&layers[m]);
+      P += layers[m].cols;
+    }
+  const std::int64_t N = static_cast<std::int64_t>(u.size());
+  if (P == 0)
+    return u;
+  std::vector<double> row(static_cast<size_t>(P)), g(static_cast<size_t>(P * P), 0.0),
+      b(static_cast<size_t>(P), 0.0);
+  auto fill_row = [&](std::int64_t r) {
+    std::int64_t c0 = 0;
+    for (const Matrix* m : others) {
+      std::copy_n(&m->v[static_cast<size_t>(r * m->cols)], m->cols, &row[c0]);
+      c0 += m->cols;
+    }
+  };
+  for (std::int64_t r = 0; r < N; ++r) { // G = O^T O (upper triangle), b = O^T u
+    fill_row(r);
+    for (std::int64_t i = 0; i < P; ++i) {
+      const double x = row[i];
+      b[i] += x * u[r];
+      for (std::int64_t j = i; j < P; ++j)
+        g[i * P + j] += x * row[j];
+    }
+  }
+  // Ridge residual for penalty alpha: solve (G + alpha I) x = b by Cholesky, r = u - O x.
+  auto residual = [&](double alpha) {
+    std::vector<double> R = g, x = b, res(u);
+    for (std::int64_t i = 0; i < P; ++i)
+      R[i * P + i] += alpha;
+    for (std::int64_t j = 0; j < P; ++j) { // R^T R = G + alpha I, R upper, in place
+      double d = R[j * P + j];
+      for (std::int64_t k = 0; k < j; ++k)
+        d -= R[k * P + j] * R[k * P + j];
+      d = std::sqrt(d);
+      R[j * P + j] = d;
+      for (std::int64_t i = j + 1; i < P; ++i) {
+        double v = R[j * P + i];
+        for (std::int64_t k = 0; k < j; ++k)
+          v -= R[k * P + j] * R[k * P + i];
+        R[j * P + i] = v / d;
+      }
+    }
+    for (std::int64_t i = 0; i < P; ++i) { // R^T y = b
+      double v = x[i];
+      for (std::int64_t k = 0; k < i; ++k)
+        v -= R[k * P + i] * x[k];
+      x[i] = v / R[i * P + i];
+    }
+    for (std::int64_t i = P - 1; i >= 0; --i) { // R x = y
+      double v = x[i];
+      for (std::int64_t k = i + 1; k < P; ++k)
+        v -= R[i * P + k] * x[k];
+      x[i] = v / R[i * P + i];
+    }
+    for (std::int64_t r = 0; r < N; ++r) {
+      fill_row(r);
+      double fit = 0;
+      for (std::int64_t i = 0; i < P; ++i)
+        fit += row[i] * x[i];
+      res[r] -= fit;
+    }
+    return res;
+  };
+  // alpha = 0.2 N, raised 4x at a time while less than 1% of u's variance is left (a
+  // layer its neighbours predict almost exactly, like the top layer's gradient).
+  std::vector<double> res;
+  double kept = 0;
+  for (double alpha = 0.2 * double(N); kept < 0.01 && alpha < 1e6 * double(N); alpha *= 4) {
+    res = residual(alpha);
+    double mean = 0, var = 0;
+    for (double x : res)
+      mean += x;
+    mean /= double(N);
+    for (double x : res)
+      var += (x - mean) * (x - mean);
+    kept = var / double(N); // u has unit variance
+  }
+  double mean = 0;
+  for (double x : res)
+    mean += x;
+  mean /= double(N);
+  for (double& x : res)
+    x = kept > 0 ? (x - mean) / std::sqrt(kept) : 0.0;
+  return res;
 }
 
 // Fisher-Yates shuffle of [0, n) from rng.
@@ -352,27 +449,38 @@ void simulate_meg(const SimulateOptions& o, const Features& feats, const Design&
   for (std::int64_t k = 0; k < NT; ++k)
     times[k] = o.tmin + double(k) / o.sfreq;
 
-  // Planted latencies (s): the forward sweep for activations; for gradients either late and in
-  // the forward order (misaligned), or top-down after the forward sweep (aligned).
+  // Planted latencies (s), spread over the post-stimulus part of the epoch [t0, t1] =
+  // [0.05, tmax - 0.05] (the whole epoch if that is under 4 samples): the forward sweep for
+  // activations on its first 45%; for gradients the last 45%, either in the forward order
+  // (misaligned) or top-down (aligned). The time courses are Gaussians of width sigma = 0.35 x the
+  // latency spacing (at most 25 ms), so that each layer's latent dominates the response at its own
+  // latency.
+  const bool short_epoch = times.back() - 0.05 - 0.05 < 4.0 / o.sfreq; // then: the whole epoch
+  const double first = short_epoch ? times.front() : 0.05,
+               t1 = short_epoch ? times.back() : times.back() - 0.05;
+  const double span = 0.45 * (t1 - first), step = L > 1 ? span / (L - 1) : span;
+  const double sigma = std::min(kLatencySigma, 0.35 * step);
   std::vector<double> lat[2];
   lat[0].assign(L, NAN);
   lat[1].assign(L, NAN);
   if (o.scenario != "null")
     for (int l = 0; l < L; ++l) {
-      lat[0][l] = 0.07 + 0.03 * l;
-      lat[1][l] = o.scenario == "aligned" ? 0.30 + 0.03 * (L - 1 - l) : 0.30 + 0.03 * l;
+      lat[0][l] = first + step * l;
+      lat[1][l] = t1 - span + step * (o.scenario == "aligned" ? (L - 1 - l) : l);
     }
   // Latent image signal of each (kind, layer) and each sensor's mixing weights (unit norm).
   std::vector<std::vector<double>> latent(static_cast<size_t>(2 * L));
   for (int k = 0; k < 2; ++k)
     for (int l = 0; l < L; ++l)
       if (!std::isnan(lat[k][l]))
-        latent[k * L + l] = project(
-            feats.kind[k][l], Philox(o.seed, Stream::sensor, 1u << 20, std::uint32_t(k * L + l)));
+        latent[k * L + l] =
+            layer_specific(project(feats.kind[k][l], Philox(o.seed, Stream::sensor, 1u << 20,
+                                                            std::uint32_t(k * L + l))),
+                           feats.kind[k], static_cast<size_t>(l));
   std::vector<double> bump(static_cast<size_t>(2 * L * NT), 0.0);
   for (int c = 0; c < 2 * L; ++c)
     for (std::int64_t k = 0; k < NT && !latent[c].empty(); ++k) {
-      const double z = (times[k] - lat[c / L][c % L]) / kLatencySigma;
+      const double z = (times[k] - lat[c / L][c % L]) / sigma;
       bump[c * NT + k] = std::exp(-0.5 * z * z);
     }
   // Sensor mixing weights, scaled per sensor so that its signal variance at its peak time,
