@@ -11,7 +11,7 @@ namespace gradmap::cli {
 
 const std::vector<Command>& commands() {
   static const std::vector<Command> all = {simulate_command(), extract_command(), encode_command(),
-                                           validate_command(), run_command()};
+                                           stats_command(), validate_command(), run_command()};
 
   return all;
 }

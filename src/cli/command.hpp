@@ -49,6 +49,7 @@ Command simulate_command();
 Command extract_command();
 Command encode_command();
 Command validate_command();
+Command stats_command();
 Command run_command();
 
 } // namespace gradmap::cli

@@ -18,7 +18,11 @@ Command encode_command() {
       "responses (repetitions averaged; features z-scored and responses centred with\n"
       "training statistics), alpha per target by efficient leave-one-out on the training\n"
       "images, and scores it by Pearson r on the test images (/brain/test_stimuli).\n"
-      "Writes /<kind>/r, /<kind>/r2, /<kind>/alpha [layers, targets] to scores.h5.";
+      "While the test predictions are in memory, B permutations of the test images give\n"
+      "each target's exceedance count (p = (1 + count) / (B + 1)), the max over targets and\n"
+      "the ROI (fMRI) or time-point (MEG) means per permutation, and bootstrap resamples\n"
+      "the group means for confidence intervals (docs/statistics.md).\n"
+      "Writes /<kind>/{r,r2,alpha,exceed} [layers, targets] and the replicates to scores.h5.";
   c.options = [](po::options_description& d) {
     d.add_options()("features", po::value<std::string>()->required(), "features.h5")(
         "brain", po::value<std::string>()->required(), "brain_fmri.h5 or brain_meg.h5")(
@@ -28,7 +32,14 @@ Command encode_command() {
         "alpha-cv", po::value<std::string>()->default_value("loo"),
         "how alpha is chosen per target: loo (efficient leave-one-out) or kfold (K-fold CV over "
         "training images)")("folds", po::value<int>()->default_value(5), "kfold: number of folds")(
-        "seed", po::value<std::uint64_t>()->default_value(0), "kfold: seed of the fold assignment")(
+        "seed", po::value<std::uint64_t>()->default_value(0),
+        "seed of the fold assignment (kfold), the permutations and the bootstrap resamples")(
+        "permutations", po::value<int>()->default_value(1000),
+        "test-image permutations for the p-values and hierarchy nulls (0: none)")(
+        "bootstraps", po::value<int>()->default_value(1000),
+        "bootstrap resamples of the test images for confidence intervals (0: none)")(
+        "store-resamples", po::bool_switch(),
+        "also write the permutations and bootstrap counts (/resamples), for audits")(
         "store-predictions", po::bool_switch(), "also write the test predictions")(
         "memory-gb", po::value<double>()->default_value(0),
         "memory budget per rank in GiB; targets are processed in chunks that fit (default: 80% "
@@ -45,6 +56,9 @@ Command encode_command() {
     o.folds = vm["folds"].as<int>();
     o.seed = vm["seed"].as<std::uint64_t>();
     o.store_predictions = vm["store-predictions"].as<bool>();
+    o.permutations = vm["permutations"].as<int>();
+    o.bootstraps = vm["bootstraps"].as<int>();
+    o.store_resamples = vm["store-resamples"].as<bool>();
     o.memory_gb = vm["memory-gb"].as<double>();
     o.max_chunk = vm["max-chunk"].as<std::int64_t>();
     if (o.memory_gb < 0)

@@ -5,7 +5,8 @@
 //   2. extract   -> OUT/features.h5; for simulated data with the model, objective, labels and
 //                   pooling recorded in /truth unless [extract] sets them
 //   3. encode    -> OUT/scores_fmri.h5, OUT/scores_meg.h5 (one per brain file; [encode] section)
-//   4. validate the stage outputs against the schema
+//   4. stats     -> OUT/stats/stats.h5, OUT/stats/summary.json ([stats] section)
+//   5. validate the stage outputs against the schema
 #include <filesystem>
 
 #include "command.hpp"
@@ -92,6 +93,13 @@ Command run_command() {
                    out + "/scores_" + modality + ".h5"},
                   ctx);
     }
+
+    std::vector<std::string> stats_args{"--out", out + "/stats"};
+    for (const char* modality : {"fmri", "meg"})
+      if (std::filesystem::exists(out + "/scores_" + modality + ".h5"))
+        stats_args.insert(stats_args.end(),
+                          {"--scores", out + "/scores_" + std::string(modality) + ".h5"});
+    run_stage("stats", config, stats_args, ctx);
 
     // Validate what the stages wrote, as any later stage will before reading it.
     std::vector<std::string> files;

@@ -6,7 +6,10 @@
 // 4. Per (kind, layer): standardise the features with training statistics (population std;
 //    constant columns set to 0), build the SVD basis, select alpha per target by efficient LOO,
 //    refit, score on the test images.
-// 5. Write r, R^2 and alpha [layers, targets] per kind to scores.h5 (column blocks per rank).
+// 5. While the test predictions are in memory: permutation exceedance counts per target, the
+//    max-statistic and group (ROI / time point) means per permutation and bootstrap resample.
+// 6. Write r, R^2, alpha, p [layers, targets] per kind to scores.h5 (column blocks per rank),
+//    and the reduced null and bootstrap replicates.
 #include "gradmap/encoding/encode.hpp"
 
 #include <algorithm>
@@ -19,6 +22,7 @@
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/progress.hpp"
 #include "gradmap/core/timer.hpp"
+#include "gradmap/encoding/nulls.hpp"
 #include "gradmap/encoding/ridge.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/io/schema.hpp"
@@ -49,6 +53,10 @@ void validate(const EncodeOptions& o) {
   for (double a : o.alphas)
     if (!(a > 0) || !std::isfinite(a))
       throw UsageError("--alphas: every alpha must be a positive finite number");
+  if (o.permutations < 0 || o.permutations > 10000000)
+    throw UsageError("--permutations: must be between 0 and 10^7");
+  if (o.bootstraps < 0 || o.bootstraps > 10000000)
+    throw UsageError("--bootstraps: must be between 0 and 10^7");
 }
 
 namespace {
@@ -152,6 +160,64 @@ void noise_ceiling(const std::vector<double>& raw, std::int64_t t,
   }
 }
 
+// Reduces the replicates over ranks and writes them (identical on every rank):
+//   /<kind>/null_max [L, B], /<kind>/null_group [L, G, B], /<kind>/boot_group [L, G, Bb],
+//   /<kind>/group_r [L, G], /<kind>/group_n [L, G], /groups/{value, names}.
+void write_nulls(const io::File& f, const EncodeOptions& opt, const Resamples& rs,
+                 const std::vector<std::string>& kinds, std::int64_t L, std::int64_t G,
+                 std::vector<NullAccumulator>& acc, bool meg, const io::File& bf, MPI_Comm comm) {
+  const std::int64_t B = rs.permutations, Bb = rs.bootstraps;
+  for (auto& a : acc)
+    reduce_nulls(a, comm);
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    std::vector<float> mx;
+    std::vector<double> perm, boot, obs;
+    std::vector<std::int64_t> cnt;
+    for (std::int64_t l = 0; l < L; ++l) {
+      const NullAccumulator& a = acc[k * size_t(L) + size_t(l)];
+      mx.insert(mx.end(), a.null_max.begin(), a.null_max.end());
+      for (std::int64_t g = 0; g < G; ++g) {
+        const double inv = a.n[g] > 0 ? 1.0 / double(a.n[g]) : std::nan("");
+        for (std::int64_t b = 0; b < B; ++b)
+          perm.push_back(a.perm_sum[g * B + b] * inv);
+        for (std::int64_t b = 0; b < Bb; ++b)
+          boot.push_back(a.boot_sum[g * Bb + b] * inv);
+        obs.push_back(a.obs_sum[g] * inv);
+        cnt.push_back(a.n[g]);
+      }
+    }
+    const std::string base = "/" + kinds[k] + "/";
+    if (B > 0) {
+      f.write_small(base + "null_max", mx, {L, B});
+      f.write_small(base + "null_group", perm, {L, G, B});
+    }
+    if (Bb > 0)
+      f.write_small(base + "boot_group", boot, {L, G, Bb});
+    f.write_small(base + "group_r", obs, {L, G});
+    f.write_small(base + "group_n", cnt, {L, G});
+  }
+  if (meg) {
+    f.write_small("/groups/value", bf.dataset("/brain/times").read_all<double>(), {G});
+    f.set_attr("/groups", "by", std::string("time"));
+  } else {
+    const auto level = bf.dataset("/brain/roi_level").read_all<double>();
+    f.write_small("/groups/value", level, {G});
+    f.write_strings("/groups/names", bf.dataset("/brain/roi_names").read_strings());
+    f.set_attr("/groups", "by", std::string("roi"));
+  }
+  f.set_attr("/", "permutations", B);
+  f.set_attr("/", "bootstraps", Bb);
+  f.set_attr("/", "seed", static_cast<std::int64_t>(opt.seed));
+  if (opt.store_resamples) {
+    const std::vector<std::int32_t> perm(rs.perm.begin(), rs.perm.end()),
+        count(rs.count.begin(), rs.count.end());
+    if (B > 0)
+      f.write_small("/resamples/permutations", perm, {B, rs.m});
+    if (Bb > 0)
+      f.write_small("/resamples/bootstrap_counts", count, {Bb, rs.m});
+  }
+}
+
 } // namespace
 
 void encode(const EncodeOptions& opt, MPI_Comm comm) {
@@ -210,9 +276,25 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   for (std::int64_t r = 0; r < m; ++r)
     row_of[test[r]] = r;
 
+  // Groups of targets for the hierarchy statistics: the ROI of each voxel, or the time point of
+  // each (sensor, time) target.
+  const bool meg = bi.modality == "meg";
+  std::vector<std::int32_t> group;
+  std::int64_t G = 0;
+  if (meg) {
+    G = bi.times;
+    group.resize(static_cast<size_t>(bi.targets));
+    for (std::int64_t c = 0; c < bi.targets; ++c)
+      group[c] = std::int32_t(c % bi.times);
+  } else {
+    const auto roi = bf.dataset("/brain/roi").read_all<std::int64_t>();
+    G = bf.dataset("/brain/roi_names").shape()[0];
+    group.assign(roi.begin(), roi.end());
+  }
+  const Resamples rs = make_resamples(m, opt.permutations, opt.bootstraps, opt.seed);
+
   // 3. This rank's targets: a block of voxels, or of sensors with all their times, processed in
   //    chunks that fit the memory budget.
-  const bool meg = bi.modality == "meg";
   const std::int64_t units = meg ? bi.sensors : bi.targets, per_unit = meg ? bi.times : 1;
   const mpi::Block ub = mpi::block_of(units, p, me);
   const std::int64_t L = std::int64_t(fi.layers.size()), K = std::int64_t(fi.kinds.size());
@@ -227,12 +309,14 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   const std::int64_t rmax = std::min(n, pmax);
   // Per target: its trials, the averaged/centred responses and the solver's work arrays
   // (U^T y, residuals, predictions, LOO errors) in double, and the outputs in float.
-  const std::int64_t per_target = 8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 16 * K * L;
+  const std::int64_t per_target = 8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 20 * K * L;
   // Working set of one basis computation: the features, their standardised copies, the SVD.
   const std::int64_t one_basis = 8 * (fi.n * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
   const double budget = opt.memory_gb * double(1 << 30);
   const bool cache = double(basis_bytes) <= budget / 2;
-  const double fixed = (cache ? double(basis_bytes) : 0.0) + double(one_basis);
+  const std::int64_t null_bytes = 4 * m * (opt.permutations + opt.bootstraps) +
+                                  8 * K * L * G * (opt.permutations + opt.bootstraps);
+  const double fixed = (cache ? double(basis_bytes) : 0.0) + double(one_basis) + double(null_bytes);
   std::int64_t chunk_units = std::int64_t((budget - fixed) / double(per_target * per_unit));
   auto gib = [](double b) {
     return std::to_string(int(b / double(1 << 30) * 100) / 100.0) + " GiB";
@@ -306,6 +390,15 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         out_ds.push_back(
             f.create_dataset("/" + kind + "/prediction/" + layer, io::DType::f32, {m, bi.targets}));
   }
+  const bool nulls = opt.permutations > 0 || opt.bootstraps > 0;
+  std::vector<io::Dataset> exceed_ds;
+  if (opt.permutations > 0)
+    for (const auto& kind : fi.kinds)
+      exceed_ds.push_back(f.create_dataset("/" + kind + "/exceed", io::DType::i32, {L, bi.targets},
+                                           {L, std::min<std::int64_t>(bi.targets, 4096)}));
+  std::vector<NullAccumulator> acc;
+  for (std::int64_t kl = 0; nulls && kl < K * L; ++kl)
+    acc.emplace_back(rs, int(G));
   auto nc_ds = f.create_dataset("/noise_ceiling/nc", io::DType::f32, {bi.targets});
   auto sh_ds = f.create_dataset("/noise_ceiling/split_half", io::DType::f32, {bi.targets});
   auto resp = bf.dataset("/brain/responses");
@@ -351,6 +444,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     for (std::int64_t k = 0; k < K; ++k) {
       std::vector<std::vector<float>> buf(4, std::vector<float>(static_cast<size_t>(L * t)));
       std::vector<std::vector<float>> preds;
+      std::vector<std::int32_t> exceed(static_cast<size_t>(L * t), -1);
       for (std::int64_t l = 0; l < L; ++l) {
         Side fresh;
         const Side& side = cache ? cached[k * L + l] : (fresh = build(k, l));
@@ -367,11 +461,16 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         }
         if (opt.store_predictions)
           preds.emplace_back(sc.prediction.begin(), sc.prediction.end());
+        if (nulls)
+          accumulate_nulls(rs, sc.prediction, yte, t, group.data() + t0, acc[k * L + l],
+                           exceed.data() + l * t);
       }
       for (int o = 0; o < 4; ++o)
         out_ds[next_ds++].write(buf[o].data(), {0, t0}, {t ? L : 0, t});
       for (std::int64_t l = 0; opt.store_predictions && l < L; ++l)
         out_ds[next_ds++].write(preds[l].data(), {0, t0}, {t ? m : 0, t});
+      if (opt.permutations > 0)
+        exceed_ds[k].write(exceed.data(), {0, t0}, {t ? L : 0, t});
     }
     const std::vector<float> ncf(nc.begin(), nc.end()), shf(split_half.begin(), split_half.end());
     nc_ds.write(ncf.data(), {t0}, {t});
@@ -383,6 +482,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   if (constant > 0)
     GM_WARN("encode: " << constant << " targets are constant over the training images; their "
                        << "scores are NaN");
+  if (nulls)
+    write_nulls(f, opt, rs, fi.kinds, L, G, acc, meg, bf, comm);
   f.write_small("/split/train_stimuli", train, {n});
   f.write_small("/split/test_stimuli", test, {m});
   if (opt.alpha_cv == "kfold") {

@@ -1,5 +1,6 @@
 #include "gradmap/mpi/environment.hpp"
 
+#include <omp.h>
 #include <petscsys.h>
 
 #include <cstdlib>
@@ -46,6 +47,7 @@ int Environment::default_threads() const {
 
 void Environment::set_blas_threads(int n) {
   openblas_set_num_threads(n);
+  omp_set_num_threads(n);
   const std::string v = std::to_string(n);
   setenv("OMP_NUM_THREADS", v.c_str(), 1);
 }

@@ -1,0 +1,58 @@
+#pragma once
+// Permutation and bootstrap replicates of the test-set scores, computed while the test
+// predictions are in memory (design.md, docs/statistics.md).
+//
+// Permutation b pairs the prediction of test row perm_b(i) with the response of test row i:
+// r_b = Pearson(pred[perm_b], y). The same permutations serve every target, layer and kind, and
+// do not depend on the rank count (Philox keyed by seed and b), so that max-statistics over
+// targets and group aggregates are valid joint nulls. Bootstrap b resamples the test rows with
+// replacement (counts c_{b,i}, sum m) and gives the weighted Pearson r of each target.
+//
+// Per target the permutation p-value needs only the exceedance count #{b: r_b >= r}; what the
+// statistics stage needs beyond it is reduced over targets here:
+//   null_max[b]     = max over the (kind, layer)'s targets of r_b (max-statistic FWER)
+//   perm_sum[g, b]  = sum over the targets of group g of r_b
+//   boot_sum[g, b]  = sum over the targets of group g of the bootstrap r
+//   obs_sum[g], n[g] = the same for the observed r, and the number of scored targets
+// Groups are ROIs (fMRI) or time points (MEG: the sensor-mean latency curve).
+#include <mpi.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace gradmap::encoding {
+
+struct Resamples {
+  std::int64_t m = 0;
+  int permutations = 0, bootstraps = 0;
+  std::vector<std::uint32_t> perm;  ///< [permutations, m]
+  std::vector<std::uint32_t> count; ///< [bootstraps, m]
+};
+
+/// Not collective; identical on every rank. Permutation b: Fisher-Yates from
+/// Philox(seed, Stream::permutation, b); bootstrap b: m draws below(m) from
+/// Philox(seed, Stream::bootstrap, b).
+Resamples make_resamples(std::int64_t m, int permutations, int bootstraps, std::uint64_t seed);
+
+struct NullAccumulator {
+  int groups = 0;
+  std::vector<float> null_max;  ///< [B], -inf until a target is scored
+  std::vector<double> perm_sum; ///< [groups, B]
+  std::vector<double> boot_sum; ///< [groups, Bb]
+  std::vector<double> obs_sum;  ///< [groups]
+  std::vector<std::int64_t> n;  ///< [groups]
+  NullAccumulator(const Resamples& rs, int groups);
+};
+
+/// Not collective. pred and y: [m, t] row-major (this rank's chunk of targets); group[c] in
+/// [-1, groups) (-1: in no group). Adds the chunk to acc and writes exceed[c] = #{b: r_b >= r}
+/// (-1 where r is undefined: a constant prediction or response). Threads over replicates
+/// (OpenMP); the result does not depend on the thread count.
+void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
+                      const std::vector<double>& y, std::int64_t t, const std::int32_t* group,
+                      NullAccumulator& acc, std::int32_t* exceed);
+
+/// Collective: max of null_max, sums of the rest, on every rank.
+void reduce_nulls(NullAccumulator& acc, MPI_Comm comm);
+
+} // namespace gradmap::encoding

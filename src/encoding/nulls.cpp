@@ -1,0 +1,190 @@
+// Permutation and bootstrap replicates of test-set Pearson r (see nulls.hpp).
+//
+// Kernel: a block of TB targets is standardised (population std over the m test rows) and laid
+// out row-major [m][TB] in float, so that a replicate is m fused multiply-adds over TB
+// contiguous lanes, the block (2 x m x TB floats) staying in cache across replicates:
+//   permutation  r_b = (1/m) sum_i zp[perm_b(i)] zy[i]   (means and variances do not move)
+//   bootstrap    r_b = (m Sxy - Sx Sy) / sqrt((m Sxx - Sx^2)(m Syy - Sy^2)), S weighted by c_{b,i}
+// The observed r used for the exceedance count is computed by the same kernel (identity
+// permutation), so r_b >= r compares like with like. Replicates are split over OpenMP threads;
+// every per-(group, replicate) sum is accumulated in target order by the thread that owns the
+// replicate, so results do not depend on the thread count.
+#include "gradmap/encoding/nulls.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "gradmap/mpi/comm.hpp"
+#include "gradmap/sim/philox.hpp"
+
+namespace gradmap::encoding {
+
+namespace {
+constexpr std::int64_t TB = 64; // targets per block (lanes)
+}
+
+Resamples make_resamples(std::int64_t m, int permutations, int bootstraps, std::uint64_t seed) {
+  Resamples rs;
+  rs.m = m;
+  rs.permutations = permutations;
+  rs.bootstraps = bootstraps;
+  rs.perm.resize(static_cast<size_t>(std::int64_t(permutations) * m));
+  rs.count.assign(static_cast<size_t>(std::int64_t(bootstraps) * m), 0);
+  for (int b = 0; b < permutations; ++b) {
+    std::uint32_t* p = &rs.perm[static_cast<size_t>(std::int64_t(b) * m)];
+    for (std::int64_t i = 0; i < m; ++i)
+      p[i] = std::uint32_t(i);
+    sim::Philox rng(seed, sim::Stream::permutation, std::uint32_t(b));
+    for (std::int64_t i = m - 1; i > 0; --i)
+      std::swap(p[i], p[rng.below(std::uint32_t(i + 1))]);
+  }
+  for (int b = 0; b < bootstraps; ++b) {
+    std::uint32_t* c = &rs.count[static_cast<size_t>(std::int64_t(b) * m)];
+    sim::Philox rng(seed, sim::Stream::bootstrap, std::uint32_t(b));
+    for (std::int64_t i = 0; i < m; ++i)
+      ++c[rng.below(std::uint32_t(m))];
+  }
+  return rs;
+}
+
+NullAccumulator::NullAccumulator(const Resamples& rs, int g)
+    : groups(g),
+      null_max(static_cast<size_t>(rs.permutations), -std::numeric_limits<float>::infinity()),
+      perm_sum(static_cast<size_t>(g) * static_cast<size_t>(rs.permutations), 0.0),
+      boot_sum(static_cast<size_t>(g) * static_cast<size_t>(rs.bootstraps), 0.0),
+      obs_sum(static_cast<size_t>(g), 0.0), n(static_cast<size_t>(g), 0) {}
+
+void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
+                      const std::vector<double>& y, std::int64_t t, const std::int32_t* group,
+                      NullAccumulator& acc, std::int32_t* exceed) {
+  const std::int64_t m = rs.m;
+  const int B = rs.permutations, Bb = rs.bootstraps;
+  const float inv_m = 1.0f / float(m);
+  std::vector<float> zp(static_cast<size_t>(m * TB)), zy(static_cast<size_t>(m * TB));
+  for (std::int64_t c0 = 0; c0 < t; c0 += TB) {
+    const std::int64_t w = std::min(TB, t - c0);
+    // Standardise the block (double), store as float lanes; lanes past w and undefined targets
+    // are zero.
+    bool valid[TB] = {};
+    std::fill(zp.begin(), zp.end(), 0.0f);
+    std::fill(zy.begin(), zy.end(), 0.0f);
+    for (std::int64_t j = 0; j < w; ++j) {
+      const std::int64_t c = c0 + j;
+      double mp = 0, my = 0;
+      for (std::int64_t i = 0; i < m; ++i) {
+        mp += pred[i * t + c];
+        my += y[i * t + c];
+      }
+      mp /= double(m);
+      my /= double(m);
+      double vp = 0, vy = 0;
+      for (std::int64_t i = 0; i < m; ++i) {
+        vp += (pred[i * t + c] - mp) * (pred[i * t + c] - mp);
+        vy += (y[i * t + c] - my) * (y[i * t + c] - my);
+      }
+      const double sp = std::sqrt(vp / double(m)), sy = std::sqrt(vy / double(m));
+      // Relative tolerance: a prediction that is constant up to rounding is constant.
+      valid[j] = sp > 1e-12 * (std::abs(mp) + 1e-300) && sy > 1e-12 * (std::abs(my) + 1e-300) &&
+                 std::isfinite(sp) && std::isfinite(sy);
+      if (!valid[j])
+        continue;
+      for (std::int64_t i = 0; i < m; ++i) {
+        zp[i * TB + j] = float((pred[i * t + c] - mp) / sp);
+        zy[i * TB + j] = float((y[i * t + c] - my) / sy);
+      }
+    }
+    float obs[TB] = {};
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < TB; ++j)
+        obs[j] += zp[i * TB + j] * zy[i * TB + j];
+    for (std::int64_t j = 0; j < TB; ++j)
+      obs[j] *= inv_m;
+    std::int32_t g[TB];
+    for (std::int64_t j = 0; j < TB; ++j)
+      g[j] = (j < w && valid[j]) ? group[c0 + j] : -1;
+    for (std::int64_t j = 0; j < w; ++j)
+      if (valid[j] && g[j] >= 0) {
+        acc.obs_sum[g[j]] += obs[j];
+        ++acc.n[g[j]];
+      }
+    std::int64_t exc[TB] = {};
+#pragma omp parallel
+    {
+      std::int64_t mine[TB] = {};
+#pragma omp for schedule(static) nowait
+      for (int b = 0; b < B; ++b) {
+        const std::uint32_t* perm = &rs.perm[static_cast<size_t>(std::int64_t(b) * m)];
+        float a[TB] = {};
+        for (std::int64_t i = 0; i < m; ++i) {
+          const float* xp = &zp[perm[i] * TB];
+          const float* xy = &zy[i * TB];
+          for (std::int64_t j = 0; j < TB; ++j)
+            a[j] += xp[j] * xy[j];
+        }
+        float mx = acc.null_max[b];
+        for (std::int64_t j = 0; j < w; ++j) {
+          if (!valid[j])
+            continue;
+          const float rb = a[j] * inv_m;
+          mine[j] += rb >= obs[j] ? 1 : 0;
+          mx = std::max(mx, rb);
+          if (g[j] >= 0)
+            acc.perm_sum[static_cast<size_t>(g[j]) * B + b] += rb;
+        }
+        acc.null_max[b] = mx;
+      }
+#pragma omp for schedule(static) nowait
+      for (int b = 0; b < Bb; ++b) {
+        const std::uint32_t* cnt = &rs.count[static_cast<size_t>(std::int64_t(b) * m)];
+        float sx[TB] = {}, sy[TB] = {}, sxx[TB] = {}, syy[TB] = {}, sxy[TB] = {};
+        for (std::int64_t i = 0; i < m; ++i) {
+          if (cnt[i] == 0)
+            continue;
+          const float k = float(cnt[i]);
+          const float* xp = &zp[i * TB];
+          const float* xy = &zy[i * TB];
+          for (std::int64_t j = 0; j < TB; ++j) {
+            const float kx = k * xp[j], ky = k * xy[j];
+            sx[j] += kx;
+            sy[j] += ky;
+            sxx[j] += kx * xp[j];
+            syy[j] += ky * xy[j];
+            sxy[j] += kx * xy[j];
+          }
+        }
+        for (std::int64_t j = 0; j < w; ++j) {
+          if (!valid[j] || g[j] < 0)
+            continue;
+          const double fm = double(m);
+          const double num = fm * sxy[j] - double(sx[j]) * sy[j];
+          const double den =
+              (fm * sxx[j] - double(sx[j]) * sx[j]) * (fm * syy[j] - double(sy[j]) * sy[j]);
+          // A resample of identical rows has no variance: it adds r = 0 (rare for m >= 10).
+          acc.boot_sum[static_cast<size_t>(g[j]) * Bb + b] += den > 0 ? num / std::sqrt(den) : 0.0;
+        }
+      }
+#pragma omp critical
+      for (std::int64_t j = 0; j < TB; ++j)
+        exc[j] += mine[j];
+    }
+    for (std::int64_t j = 0; j < w; ++j)
+      exceed[c0 + j] = valid[j] ? std::int32_t(exc[j]) : -1;
+  }
+}
+
+void reduce_nulls(NullAccumulator& acc, MPI_Comm comm) {
+  constexpr size_t piece = size_t(1) << 26; // elements per message (< 2 GiB for 8-byte types)
+  auto all = [&](void* data, size_t count, MPI_Datatype type, size_t bytes, MPI_Op op) {
+    for (size_t o = 0; o < count; o += piece)
+      GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, static_cast<char*>(data) + o * bytes,
+                                 int(std::min(piece, count - o)), type, op, comm));
+  };
+  all(acc.null_max.data(), acc.null_max.size(), MPI_FLOAT, 4, MPI_MAX);
+  all(acc.perm_sum.data(), acc.perm_sum.size(), MPI_DOUBLE, 8, MPI_SUM);
+  all(acc.boot_sum.data(), acc.boot_sum.size(), MPI_DOUBLE, 8, MPI_SUM);
+  all(acc.obs_sum.data(), acc.obs_sum.size(), MPI_DOUBLE, 8, MPI_SUM);
+  all(acc.n.data(), acc.n.size(), MPI_INT64_T, 8, MPI_SUM);
+}
+
+} // namespace gradmap::encoding

@@ -1,0 +1,502 @@
+// gradmap stats: see stats.hpp and docs/statistics.md for the definitions.
+// Every rank reads the scores and computes the same numbers (the per-target arrays are at most
+// kinds x layers x targets doubles, the replicates layers x groups x B): the heavy, per-target
+// replicate work was done, distributed, inside encode. Outputs are written collectively.
+#include "gradmap/stats/stats.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <limits>
+#include <numeric>
+#include <sstream>
+
+#include "gradmap/core/error.hpp"
+#include "gradmap/core/log.hpp"
+#include "gradmap/core/timer.hpp"
+#include "gradmap/io/h5.hpp"
+#include "gradmap/mpi/comm.hpp"
+
+namespace gradmap::stats {
+
+namespace {
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+}
+
+std::vector<double> fdr(const std::vector<double>& p, bool by) {
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < p.size(); ++i)
+    if (!std::isnan(p[i]))
+      idx.push_back(i);
+  std::vector<double> q(p.size(), kNaN);
+  const size_t n = idx.size();
+  if (n == 0)
+    return q;
+  std::stable_sort(idx.begin(), idx.end(), [&](size_t a, size_t b) { return p[a] < p[b]; });
+  double cm = 1.0;
+  if (by) {
+    cm = 0;
+    for (size_t i = 1; i <= n; ++i)
+      cm += 1.0 / double(i);
+  }
+  double running = 1.0;
+  for (size_t k = n; k-- > 0;) { // step-up: q_(k) = min_{j >= k} cm n p_(j) / j
+    running = std::min(running, cm * double(n) * p[idx[k]] / double(k + 1));
+    q[idx[k]] = std::min(1.0, running);
+  }
+  return q;
+}
+
+std::vector<double> average_ranks(const std::vector<double>& x) {
+  std::vector<size_t> idx(x.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](size_t a, size_t b) { return x[a] < x[b]; });
+  std::vector<double> r(x.size());
+  for (size_t i = 0; i < idx.size();) {
+    size_t j = i;
+    while (j + 1 < idx.size() && x[idx[j + 1]] == x[idx[i]])
+      ++j;
+    const double avg = 0.5 * double(i + j) + 1.0;
+    for (size_t k = i; k <= j; ++k)
+      r[idx[k]] = avg;
+    i = j + 1;
+  }
+  return r;
+}
+
+double spearman(const std::vector<double>& x, const std::vector<double>& y) {
+  if (x.size() != y.size() || x.size() < 2)
+    return kNaN;
+  const auto rx = average_ranks(x), ry = average_ranks(y);
+  const double n = double(x.size()), mean = (n + 1) / 2;
+  double sxy = 0, sxx = 0, syy = 0;
+  for (size_t i = 0; i < rx.size(); ++i) {
+    sxy += (rx[i] - mean) * (ry[i] - mean);
+    sxx += (rx[i] - mean) * (rx[i] - mean);
+    syy += (ry[i] - mean) * (ry[i] - mean);
+  }
+  return sxx > 0 && syy > 0 ? sxy / std::sqrt(sxx * syy) : kNaN;
+}
+
+double quantile(std::vector<double> x, double q) {
+  x.erase(std::remove_if(x.begin(), x.end(), [](double v) { return !std::isfinite(v); }), x.end());
+  if (x.empty())
+    return kNaN;
+  std::sort(x.begin(), x.end());
+  const double pos = q * double(x.size() - 1);
+  const size_t lo = size_t(std::floor(pos)), hi = std::min(x.size() - 1, lo + 1);
+  return x[lo] + (pos - double(lo)) * (x[hi] - x[lo]);
+}
+
+void validate(const StatsOptions& o) {
+  if (o.scores.empty())
+    throw UsageError("--scores: at least one scores.h5 is required");
+  if (o.out.empty())
+    throw UsageError("--out: an output directory is required");
+  if (!(o.q > 0 && o.q < 1))
+    throw UsageError("--q: must be in (0, 1)");
+  if (!(o.alpha > 0 && o.alpha < 1))
+    throw UsageError("--alpha: must be in (0, 1)");
+  if (!(o.ci > 0 && o.ci < 1))
+    throw UsageError("--ci: must be in (0, 1)");
+}
+
+namespace {
+
+// A statistic with its bootstrap replicates and its p-value.
+struct Stat {
+  double value = kNaN, lo = kNaN, hi = kNaN, p = kNaN;
+  std::vector<double> boot;
+};
+
+void finish_ci(Stat& s, double ci) {
+  s.lo = quantile(s.boot, (1 - ci) / 2);
+  s.hi = quantile(s.boot, 1 - (1 - ci) / 2);
+}
+
+// Two-sided bootstrap p-value of H0: statistic = h0, from the share of replicates on either
+// side of h0: p = min(1, 2 min((1 + #{b <= h0}), (1 + #{b >= h0})) / (B + 1)).
+double boot_p(const std::vector<double>& boot, double h0) {
+  double below = 1, above = 1, n = 1;
+  for (double b : boot) {
+    if (!std::isfinite(b))
+      continue;
+    below += b <= h0 ? 1 : 0;
+    above += b >= h0 ? 1 : 0;
+    n += 1;
+  }
+  return std::min(1.0, 2 * std::min(below, above) / n);
+}
+
+// Two-sided permutation p-value: (1 + #{|null| >= |value|}) / (B + 1); an undefined null
+// replicate (constant peak layers) counts as 0.
+double perm_p(const std::vector<double>& null, double value) {
+  if (null.empty() || std::isnan(value))
+    return kNaN;
+  double c = 1;
+  for (double v : null)
+    c += std::abs(std::isnan(v) ? 0.0 : v) >= std::abs(value) - 1e-12 ? 1 : 0;
+  return c / double(null.size() + 1);
+}
+
+// Peak (argmax over layers, the first on ties) of a [L, G, R] replicate array at (g, b), or of
+// [L, G] when R = 1. Returns -1 if all are NaN.
+int peak_layer(const std::vector<double>& a, std::int64_t L, std::int64_t G, std::int64_t R,
+               std::int64_t g, std::int64_t b) {
+  int best = -1;
+  double v = -std::numeric_limits<double>::infinity();
+  for (std::int64_t l = 0; l < L; ++l) {
+    const double x = a[(l * G + g) * R + b];
+    if (!std::isnan(x) && x > v) {
+      v = x;
+      best = int(l);
+    }
+  }
+  return best;
+}
+
+struct KindData {
+  std::string name;
+  std::vector<float> r;                               // [L, T]
+  std::vector<std::int32_t> exceed;                   // [L, T]
+  std::vector<float> null_max;                        // [L, B]
+  std::vector<double> null_group, boot_group;         // [L, G, B], [L, G, Bb]
+  std::vector<double> group_r;                        // [L, G]
+  std::vector<double> p, q_bh, q_by, p_fwer;          // [L, T], within the (kind, layer) family
+  std::vector<double> q_bh_all, q_by_all, p_fwer_all; // [L, T], across kinds and layers
+};
+
+// Hierarchy statistic of one kind: rho(level, peak) over groups (fMRI), or rho(layer, peak
+// latency) over layers (MEG), for the observed group means, each permutation and each bootstrap.
+struct Hierarchy {
+  Stat rho;
+  std::vector<double> null; // per permutation
+  std::vector<double> peak; // fMRI: best layer per ROI; MEG: peak latency per layer
+};
+
+Hierarchy hierarchy(const KindData& kd, bool meg, std::int64_t L, std::int64_t G, std::int64_t B,
+                    std::int64_t Bb, const std::vector<double>& value,
+                    const std::vector<std::int64_t>& group_n) {
+  // One replicate: a [L, G, R] array at column b -> the statistic and the peaks.
+  auto one = [&](const std::vector<double>& a, std::int64_t R, std::int64_t b,
+                 std::vector<double>* peaks) {
+    std::vector<double> x, y;
+    if (meg) {
+      for (std::int64_t l = 0; l < L; ++l) {
+        double best = -std::numeric_limits<double>::infinity();
+        double tau = kNaN;
+        for (std::int64_t g = 0; g < G; ++g) {
+          const double v = a[(l * G + g) * R + b];
+          if (!std::isnan(v) && v > best) {
+            best = v;
+            tau = value[g];
+          }
+        }
+        x.push_back(double(l));
+        y.push_back(tau);
+      }
+      if (peaks)
+        *peaks = y;
+    } else {
+      if (peaks)
+        peaks->assign(static_cast<size_t>(G), kNaN);
+      for (std::int64_t g = 0; g < G; ++g) {
+        if (group_n[g] == 0)
+          continue;
+        const int pl = peak_layer(a, L, G, R, g, b);
+        if (pl < 0)
+          continue;
+        x.push_back(value[g]);
+        y.push_back(double(pl));
+        if (peaks)
+          (*peaks)[g] = pl;
+      }
+    }
+    for (double v : y)
+      if (std::isnan(v))
+        return kNaN;
+    return spearman(x, y);
+  };
+  Hierarchy h;
+  h.rho.value = one(kd.group_r, 1, 0, &h.peak);
+  for (std::int64_t b = 0; b < B; ++b)
+    h.null.push_back(one(kd.null_group, B, b, nullptr));
+  for (std::int64_t b = 0; b < Bb; ++b)
+    h.rho.boot.push_back(one(kd.boot_group, Bb, b, nullptr));
+  h.rho.p = perm_p(h.null, h.rho.value);
+  return h;
+}
+
+std::string num(double v) {
+  if (!std::isfinite(v))
+    return "null";
+  std::ostringstream s;
+  s << std::setprecision(10) << v;
+  return s.str();
+}
+
+std::string json_stat(const Stat& s) {
+  return "{\"value\": " + num(s.value) + ", \"ci\": [" + num(s.lo) + ", " + num(s.hi) +
+         "], \"p\": " + num(s.p) + "}";
+}
+
+} // namespace
+
+void stats(const StatsOptions& o, MPI_Comm comm) {
+  validate(o);
+  StageTimer timer("stats");
+  const bool root = mpi::rank(comm) == 0;
+  io::make_directories(o.out);
+  io::OutputFile out(o.out + "/stats.h5", comm);
+  const io::File& f = out.file();
+  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "q", std::vector<double>{o.q});
+  f.set_attr("/", "alpha", std::vector<double>{o.alpha});
+  f.set_attr("/", "ci", std::vector<double>{o.ci});
+  std::ostringstream summary;
+  summary << "{\n  \"q\": " << num(o.q) << ", \"alpha\": " << num(o.alpha)
+          << ", \"ci_level\": " << num(o.ci);
+  bool seen[2] = {false, false};
+  for (const auto& path : o.scores) {
+    io::File sf = io::File::open(path, comm);
+    auto need = [&](const std::string& name) {
+      if (!sf.exists(name))
+        throw UsageError(path + ": " + name + " is missing (was it written by gradmap encode " +
+                         "with --permutations and --bootstraps > 0?)");
+    };
+    need("/groups/value");
+    const std::string modality = sf.attr_string("/", "modality");
+    const bool meg = modality == "meg";
+    if (seen[meg])
+      throw UsageError("--scores: two " + modality + " scores files; give one per modality");
+    seen[meg] = true;
+    const auto layers = sf.attr_strings("/", "layers");
+    const std::int64_t L = std::int64_t(layers.size());
+    const std::int64_t B = sf.attr_int("/", "permutations"), Bb = sf.attr_int("/", "bootstraps");
+    if (B < 1 || Bb < 1)
+      throw UsageError(path + ": encode ran with " + std::to_string(B) + " permutations and " +
+                       std::to_string(Bb) + " bootstraps; stats needs both");
+    const auto value = sf.dataset("/groups/value").read_all<double>();
+    const std::int64_t G = std::int64_t(value.size());
+    std::vector<KindData> kinds;
+    for (const char* name : {"activations", "gradients"})
+      if (sf.exists(std::string("/") + name + "/r")) {
+        KindData kd;
+        kd.name = name;
+        const std::string base = std::string("/") + name + "/";
+        for (const char* d : {"exceed", "null_max", "null_group", "boot_group", "group_r"})
+          need(base + d);
+        kd.r = sf.dataset(base + "r").read_all<float>();
+        kd.exceed = sf.dataset(base + "exceed").read_all<std::int32_t>();
+        kd.null_max = sf.dataset(base + "null_max").read_all<float>();
+        kd.null_group = sf.dataset(base + "null_group").read_all<double>();
+        kd.boot_group = sf.dataset(base + "boot_group").read_all<double>();
+        kd.group_r = sf.dataset(base + "group_r").read_all<double>();
+        kinds.push_back(std::move(kd));
+      }
+    if (kinds.empty())
+      throw UsageError(path + ": no /activations or /gradients scores");
+    const std::int64_t T = std::int64_t(kinds[0].r.size()) / std::max<std::int64_t>(L, 1);
+    const auto group_n = sf.dataset("/" + kinds[0].name + "/group_n").read_all<std::int64_t>();
+    const std::string mod = "/" + modality;
+
+    // Per-target p-values, FDR within each (kind, layer) and across all, max-stat FWER.
+    std::vector<float> global_max(static_cast<size_t>(B), -INFINITY);
+    for (auto& kd : kinds)
+      for (std::int64_t l = 0; l < L; ++l)
+        for (std::int64_t b = 0; b < B; ++b)
+          global_max[b] = std::max(global_max[b], kd.null_max[l * B + b]);
+    std::vector<double> all_p;
+    for (auto& kd : kinds) {
+      kd.p.assign(static_cast<size_t>(L * T), kNaN);
+      kd.p_fwer = kd.p_fwer_all = kd.q_bh = kd.q_by = kd.p;
+      for (std::int64_t l = 0; l < L; ++l) {
+        std::vector<float> mx(kd.null_max.begin() + l * B, kd.null_max.begin() + (l + 1) * B),
+            gm(global_max);
+        std::sort(mx.begin(), mx.end());
+        std::sort(gm.begin(), gm.end());
+        std::vector<double> pl(static_cast<size_t>(T), kNaN);
+        for (std::int64_t t = 0; t < T; ++t) {
+          const std::int32_t e = kd.exceed[l * T + t];
+          const float r = kd.r[l * T + t];
+          if (e < 0 || std::isnan(r))
+            continue;
+          pl[t] = (1.0 + e) / double(B + 1);
+          // #{b: max_b >= r} by binary search in the sorted maxima.
+          auto ge = [&](const std::vector<float>& s) {
+            return double(s.end() - std::lower_bound(s.begin(), s.end(), r));
+          };
+          kd.p_fwer[l * T + t] = (1.0 + ge(mx)) / double(B + 1);
+          kd.p_fwer_all[l * T + t] = (1.0 + ge(gm)) / double(B + 1);
+        }
+        const auto qb = fdr(pl, false), qy = fdr(pl, true);
+        std::copy(pl.begin(), pl.end(), kd.p.begin() + l * T);
+        std::copy(qb.begin(), qb.end(), kd.q_bh.begin() + l * T);
+        std::copy(qy.begin(), qy.end(), kd.q_by.begin() + l * T);
+      }
+      all_p.insert(all_p.end(), kd.p.begin(), kd.p.end());
+    }
+    const auto qa_bh = fdr(all_p, false), qa_by = fdr(all_p, true);
+    for (size_t k = 0; k < kinds.size(); ++k) {
+      kinds[k].q_bh_all.assign(qa_bh.begin() + k * L * T, qa_bh.begin() + (k + 1) * L * T);
+      kinds[k].q_by_all.assign(qa_by.begin() + k * L * T, qa_by.begin() + (k + 1) * L * T);
+    }
+
+    summary << ",\n  \"" << modality << "\": {\n    \"scores\": \"" << path
+            << "\", \"permutations\": " << B << ", \"bootstraps\": " << Bb
+            << ",\n    \"layers\": [";
+    for (std::int64_t l = 0; l < L; ++l)
+      summary << (l ? ", " : "") << "\"" << layers[l] << "\"";
+    summary << "],\n    \"significant\": {";
+    std::vector<Hierarchy> hier;
+    for (size_t k = 0; k < kinds.size(); ++k) {
+      const auto& kd = kinds[k];
+      const std::string base = mod + "/" + kd.name + "/";
+      f.write_small(base + "r", kd.r, {L, T});
+      for (auto [name, v] : {std::pair<const char*, const std::vector<double>*>{"p", &kd.p},
+                             {"q_bh", &kd.q_bh},
+                             {"q_by", &kd.q_by},
+                             {"p_fwer", &kd.p_fwer},
+                             {"q_bh_all", &kd.q_bh_all},
+                             {"q_by_all", &kd.q_by_all},
+                             {"p_fwer_all", &kd.p_fwer_all}})
+        f.write_small(base + name, *v, {L, T});
+      std::vector<std::int64_t> n_bh(static_cast<size_t>(L), 0), n_fwer(n_bh);
+      for (std::int64_t l = 0; l < L; ++l)
+        for (std::int64_t t = 0; t < T; ++t) {
+          n_bh[l] += kd.q_bh[l * T + t] < o.q ? 1 : 0;
+          n_fwer[l] += kd.p_fwer[l * T + t] < o.alpha ? 1 : 0;
+        }
+      f.write_small(base + "n_significant_bh", n_bh, {L});
+      f.write_small(base + "n_significant_fwer", n_fwer, {L});
+      summary << (k ? ", " : "") << "\"" << kd.name << "\": {\"bh\": [";
+      for (std::int64_t l = 0; l < L; ++l)
+        summary << (l ? ", " : "") << n_bh[l];
+      summary << "], \"fwer\": [";
+      for (std::int64_t l = 0; l < L; ++l)
+        summary << (l ? ", " : "") << n_fwer[l];
+      summary << "]}";
+      hier.push_back(hierarchy(kd, meg, L, G, B, Bb, value, group_n));
+      finish_ci(hier.back().rho, o.ci);
+      f.write_small(base + "group_r", kd.group_r, {L, G});
+    }
+    summary << "}";
+    f.write_small(mod + "/groups/value", value, {G});
+    f.write_small(mod + "/groups/n", group_n, {L, G});
+
+    const char* rho_name = meg ? "rho_time" : "rho_space";
+    summary << ",\n    \"" << rho_name << "\": {";
+    for (size_t k = 0; k < kinds.size(); ++k) {
+      const Hierarchy& h = hier[k];
+      const std::string base = mod + "/" + kinds[k].name + "/";
+      f.write_small(base + rho_name, std::vector<double>{h.rho.value, h.rho.lo, h.rho.hi, h.rho.p},
+                    {4});
+      f.write_small(base + rho_name + "_boot", h.rho.boot, {Bb});
+      f.write_small(base + rho_name + "_null", h.null, {B});
+      f.write_small(base + (meg ? "peak_latency" : "roi_best_layer"), h.peak,
+                    {std::int64_t(h.peak.size())});
+      summary << (k ? ", " : "") << "\"" << kinds[k].name << "\": " << json_stat(h.rho);
+    }
+    summary << "}";
+    for (size_t k = 0; k < kinds.size(); ++k) {
+      summary << ",\n    \"" << (meg ? "peak_latency" : "roi_best_layer") << "_" << kinds[k].name
+              << "\": [";
+      for (size_t i = 0; i < hier[k].peak.size(); ++i)
+        summary << (i ? ", " : "") << num(hier[k].peak[i]);
+      summary << "]";
+    }
+
+    // Divergence: both kinds needed. D_space = rho(act) - rho(grad), H0: D = 0;
+    // D_time = rho_time(grad) - (-1), H0: D = 0 (the top-down order of a biological backprop).
+    if (kinds.size() == 2) {
+      Stat d;
+      const Hierarchy &a = hier[0], &g = hier[1];
+      d.value = meg ? g.rho.value + 1 : a.rho.value - g.rho.value;
+      for (std::int64_t b = 0; b < Bb; ++b)
+        d.boot.push_back(meg ? g.rho.boot[b] + 1 : a.rho.boot[b] - g.rho.boot[b]);
+      finish_ci(d, o.ci);
+      d.p = boot_p(d.boot, 0.0);
+      // The permutation null of D (signal destroyed in both kinds), for reference.
+      std::vector<double> dnull;
+      for (std::int64_t b = 0; b < B; ++b)
+        dnull.push_back(meg ? g.null[b] + 1 : a.null[b] - g.null[b]);
+      const double p_nosignal = perm_p(dnull, d.value);
+      const char* dn = meg ? "D_time" : "D_space";
+      f.write_small(mod + "/" + dn, std::vector<double>{d.value, d.lo, d.hi, d.p}, {4});
+      f.write_small(mod + "/" + dn + "_boot", d.boot, {Bb});
+      summary << ",\n    \"" << dn << "\": " << json_stat(d) << ",\n    \"" << dn
+              << "_p_permutation_nosignal\": " << num(p_nosignal);
+      if (meg) { // top layer: tau_grad - tau_act (a biological backprop needs > 0)
+        const double gap = g.peak[L - 1] - a.peak[L - 1];
+        summary << ",\n    \"top_layer_latency_gap\": " << num(gap);
+      } else { // voxelwise agreement of the peak-layer maps over voxels significant in both
+        std::vector<double> pk[2], lv;
+        std::int64_t both = 0, same = 0;
+        std::vector<std::int32_t> peak_map[2];
+        std::vector<double> com_map[2];
+        for (int k = 0; k < 2; ++k) {
+          peak_map[k].assign(static_cast<size_t>(T), -1);
+          com_map[k].assign(static_cast<size_t>(T), kNaN);
+          for (std::int64_t t = 0; t < T; ++t) {
+            bool sig = false;
+            double best = -INFINITY, wsum = 0, lsum = 0;
+            for (std::int64_t l = 0; l < L; ++l) {
+              const double r = kinds[k].r[l * T + t];
+              sig = sig || kinds[k].q_bh[l * T + t] < o.q;
+              if (!std::isnan(r) && r > best) {
+                best = r;
+                peak_map[k][t] = std::int32_t(l);
+              }
+              if (r > 0) {
+                wsum += r;
+                lsum += r * double(l);
+              }
+            }
+            if (!sig) {
+              peak_map[k][t] = -1;
+              continue;
+            }
+            com_map[k][t] = wsum > 0 ? lsum / wsum : kNaN;
+          }
+          f.write_small(mod + "/" + kinds[k].name + "/peak_layer", peak_map[k], {T});
+          f.write_small(mod + "/" + kinds[k].name + "/peak_layer_com", com_map[k], {T});
+        }
+        for (std::int64_t t = 0; t < T; ++t)
+          if (peak_map[0][t] >= 0 && peak_map[1][t] >= 0) {
+            ++both;
+            same += peak_map[0][t] == peak_map[1][t] ? 1 : 0;
+          }
+        const double agree = both > 0 ? double(same) / double(both) : kNaN;
+        f.write_small(mod + "/peak_agreement", std::vector<double>{agree, double(both)}, {2});
+        summary << ",\n    \"peak_layer_agreement\": {\"fraction\": " << num(agree)
+                << ", \"voxels\": " << both << "}";
+      }
+    }
+    summary << "\n  }";
+    GM_INFO("stats: " << modality << ": " << rho_name << " activations " << hier[0].rho.value
+                      << " [" << hier[0].rho.lo << ", " << hier[0].rho.hi << "]"
+                      << (hier.size() > 1
+                              ? ", gradients " + num(hier[1].rho.value) + " [" +
+                                    num(hier[1].rho.lo) + ", " + num(hier[1].rho.hi) + "]"
+                              : std::string()));
+  }
+  summary << "\n}\n";
+  out.commit();
+  if (root) { // summary.json last, via a temporary name
+    const std::string tmp = o.out + "/summary.json.partial";
+    {
+      std::ofstream js(tmp);
+      js << summary.str();
+      if (!js)
+        throw Error("cannot write " + tmp);
+    }
+    if (std::rename(tmp.c_str(), (o.out + "/summary.json").c_str()) != 0)
+      throw Error("cannot rename " + tmp + " to summary.json");
+  }
+  MPI_Barrier(comm);
+  GM_INFO("stats: wrote " << o.out << "/stats.h5 and summary.json");
+}
+
+} // namespace gradmap::stats
