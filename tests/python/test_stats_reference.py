@@ -188,8 +188,29 @@ def test_hierarchy_equals_scipy_spearman():
                               spearmanr(np.arange(len(tau)), tau)[0])
 
 
+def test_bad_inputs():
+    def fails(args, *needles):
+        p = gradmap(args, ranks=2, check=False)
+        err = p.stdout + p.stderr
+        assert p.returncode != 0, f"{args} succeeded"
+        assert err.count("gradmap: error") == 1, err
+        for n in needles:
+            assert n in err, f"{n!r} not in:\n{err}"
+    out = f"{BASE}/bad"
+    fails(["stats", "--scores", f"{BASE}/absent.h5", "--out", out], f"{BASE}/absent.h5")
+    gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/data/brain_fmri.h5",
+             "--out", f"{BASE}/noperm.h5", "--permutations", 0, "--bootstraps", 0], ranks=2)
+    fails(["stats", "--scores", f"{BASE}/noperm.h5", "--out", out], f"{BASE}/noperm.h5", "/groups/value")
+    fails(["stats", "--scores", f"{BASE}/n2_fmri.h5", "--scores", f"{BASE}/n1_fmri.h5", "--out", out],
+          "two fmri scores files")
+    fails(["stats", "--scores", f"{BASE}/n2_fmri.h5", "--out", out, "--q", 1.5], "--q")
+    fails(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/data/brain_fmri.h5",
+           "--out", f"{BASE}/x.h5", "--permutations", -3], "--permutations")
+    assert not os.path.exists(f"{out}/stats.h5") and not os.path.exists(f"{out}/summary.json")
+
+
 if __name__ == "__main__":
     setup()
     run_tests([test_permutations_are_philox_fisher_yates, test_replicates_equal_numpy,
                test_ranks_and_threads_give_identical_p_and_q, test_fdr_fwer_equal_statsmodels_and_numpy,
-               test_hierarchy_equals_scipy_spearman])
+               test_hierarchy_equals_scipy_spearman, test_bad_inputs])
