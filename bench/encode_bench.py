@@ -76,6 +76,9 @@ def main():
     ap.add_argument("--cv", default="loo")
     ap.add_argument("--gradmap", default="build/src/gradmap")
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--nulls", type=int, default=0, metavar="B",
+                    help="also time 1-rank encode with B permutations and 1000 bootstraps against "
+                         "the same fit without them (the fits above run without)")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="gradmap-encode-bench-")
     n = a.train + a.test
@@ -115,12 +118,25 @@ def main():
         wall, rss, p = run(["mpiexec", "-n", str(ranks), *flags, "--oversubscribe", a.gradmap, "encode",
                             "--features", f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out",
                             f"{d}/scores{ranks}.h5", "--alphas", alphas, "--alpha-cv", a.cv,
-                            "--threads", str(threads)], env)
+                            "--threads", str(threads), "--permutations", "0", "--bootstraps", "0"], env)
         m = re.search(r"gm\.ridge\.(loo|kfold)\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M)
         res[ranks] = wall
         rate = f", {m.group(1)} phase {float(m.group(2)):.1f} s at {int(m.group(3)) / 1000:.1f} GFlop/s" if m else ""
         print(f"gradmap encode -n {ranks} x {threads} threads: {wall:.1f} s wall, peak RSS {rss:.2f} GiB{rate}")
     print(f"speed-up 1 -> 2 ranks: {res[1] / res[2]:.2f}x")
+    if a.nulls:
+        threads = os.cpu_count()
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                   PETSC_OPTIONS="-log_view")
+        wall, rss, p = run(["mpiexec", "-n", "1", *flags, a.gradmap, "encode", "--features",
+                            f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out", f"{d}/nulls.h5",
+                            "--alphas", alphas, "--alpha-cv", a.cv, "--threads", str(threads),
+                            "--permutations", str(a.nulls), "--bootstraps", "1000"], env)
+        m = re.search(r"gm\.nulls\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M)
+        extra = f"; gm.nulls phase {float(m.group(1)):.1f} s at {int(m.group(2)) / 1000:.1f} GFlop/s" if m else ""
+        print(f"gradmap encode -n 1 with {a.nulls} permutations + 1000 bootstraps: {wall:.1f} s wall "
+              f"(fit alone {res[1]:.1f} s: replicates add {wall - res[1]:.1f} s = "
+              f"{(wall - res[1]) / res[1]:.2f} x the fit), peak RSS {rss:.2f} GiB{extra}")
     if not a.skip_sklearn:
         env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()), OPENBLAS_NUM_THREADS=str(os.cpu_count()))
         wall, rss, p = run([sys.executable, "-c", SKLEARN, f"{d}/features.h5", f"{d}/brain.h5", alphas], env)

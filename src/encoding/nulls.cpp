@@ -15,6 +15,7 @@
 #include <cmath>
 #include <limits>
 
+#include "gradmap/core/profile.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/sim/philox.hpp"
 
@@ -60,6 +61,8 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
                       NullAccumulator& acc, std::int32_t* exceed) {
   const std::int64_t m = rs.m;
   const int B = rs.permutations, Bb = rs.bootstraps;
+  ProfileEvent ev("gm.nulls");
+  ProfileEvent::add_flops(2.0 * double(m) * double(t) * (double(B) + 5.0 * double(Bb)));
   const float inv_m = 1.0f / float(m);
   std::vector<float> zp(static_cast<size_t>(m * TB)), zy(static_cast<size_t>(m * TB));
   for (std::int64_t c0 = 0; c0 < t; c0 += TB) {
