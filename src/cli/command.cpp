@@ -10,8 +10,9 @@
 namespace gradmap::cli {
 
 const std::vector<Command>& commands() {
-  static const std::vector<Command> all = {simulate_command(), extract_command(), encode_command(),
-                                           stats_command(), validate_command(), run_command()};
+  static const std::vector<Command> all = {
+      simulate_command(),  extract_command(),  encode_command(), stats_command(),
+      aggregate_command(), validate_command(), run_command()};
 
   return all;
 }

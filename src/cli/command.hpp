@@ -50,6 +50,7 @@ Command extract_command();
 Command encode_command();
 Command validate_command();
 Command stats_command();
+Command aggregate_command();
 Command run_command();
 
 } // namespace gradmap::cli

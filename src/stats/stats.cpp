@@ -386,6 +386,10 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
     f.write_small(mod + "/groups/value", value, {G});
     f.write_small(mod + "/groups/n", group_n, {L, G});
 
+    f.set_attr(mod, "layers", layers);
+    f.set_attr(mod, "scores", path);
+    f.set_attr(mod, "permutations", B);
+    f.set_attr(mod, "bootstraps", Bb);
     const char* rho_name = meg ? "rho_time" : "rho_space";
     summary << ",\n    \"" << rho_name << "\": {";
     for (size_t k = 0; k < kinds.size(); ++k) {

@@ -188,6 +188,47 @@ def test_hierarchy_equals_scipy_spearman():
                               spearmanr(np.arange(len(tau)), tau)[0])
 
 
+def fake_stats(d, rho_a, rho_g, layers=("l0", "l1")):
+    os.makedirs(d, exist_ok=True)
+    with h5py.File(f"{d}/stats.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f.create_group("/fmri").attrs["layers"] = list(layers)
+        for k, v in (("activations", rho_a), ("gradients", rho_g)):
+            f[f"/fmri/{k}/rho_space"] = np.array([v, 0, 0, 0.5])
+            f[f"/fmri/{k}/group_r"] = np.full((len(layers), 3), v)
+        f["/fmri/D_space"] = np.array([rho_a - rho_g, 0, 0, 0.5])
+
+
+def test_aggregate_equals_scipy_and_numpy_sign_flip():
+    from itertools import product
+    from scipy.stats import t as student_t
+    rng = np.random.default_rng(3)
+    for n in (6, 9):
+        a, g = rng.uniform(-0.2, 0.9, n), rng.uniform(-0.5, 0.5, n)
+        dirs = [f"{BASE}/agg{n}/s{i}" for i in range(n)]
+        for d, x, y in zip(dirs, a, g):
+            fake_stats(d, x, y)
+        args = ["aggregate", "--out", f"{BASE}/agg{n}/out"]
+        for d in dirs:
+            args += ["--stats", d]
+        gradmap(args, ranks=2)
+        res = json.load(open(f"{BASE}/agg{n}/out/aggregate.json"))["fmri"]
+        for name, v in (("rho_space_activations", a), ("rho_space_gradients", g), ("D_space", a - g)):
+            e = res[name]
+            assert np.isclose(e["mean"], v.mean())
+            lo, hi = student_t.interval(0.95, n - 1, loc=v.mean(), scale=v.std(ddof=1) / np.sqrt(n))
+            assert np.allclose(e["ci"], [lo, hi]), (name, e["ci"], lo, hi)
+            signs = np.array(list(product([1, -1], repeat=n)))
+            p = (np.abs(signs @ v) >= abs(v.sum()) * (1 - 1e-12)).mean()
+            assert np.isclose(e["p_sign_flip"], p), (name, e["p_sign_flip"], p)
+        with h5py.File(f"{BASE}/agg{n}/out/aggregate.h5") as f:
+            assert np.allclose(f["/fmri/activations/group_r_mean"][()], a.mean())
+    fake_stats(f"{BASE}/agg_other", 0.1, 0.2, layers=("x", "y", "z"))
+    p = gradmap(["aggregate", "--stats", f"{BASE}/agg6/s0", "--stats", f"{BASE}/agg_other", "--out",
+                 f"{BASE}/agg_bad"], ranks=2, check=False)
+    assert p.returncode != 0 and "layers differ" in p.stdout + p.stderr
+
+
 def test_bad_inputs():
     def fails(args, *needles):
         p = gradmap(args, ranks=2, check=False)
@@ -213,4 +254,5 @@ if __name__ == "__main__":
     setup()
     run_tests([test_permutations_are_philox_fisher_yates, test_replicates_equal_numpy,
                test_ranks_and_threads_give_identical_p_and_q, test_fdr_fwer_equal_statsmodels_and_numpy,
-               test_hierarchy_equals_scipy_spearman, test_bad_inputs])
+               test_hierarchy_equals_scipy_spearman, test_aggregate_equals_scipy_and_numpy_sign_flip,
+               test_bad_inputs])

@@ -1,0 +1,222 @@
+// gradmap aggregate: see aggregate.hpp.
+#include "gradmap/stats/aggregate.hpp"
+
+#include <boost/math/distributions/students_t.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <limits>
+#include <sstream>
+
+#include "gradmap/core/error.hpp"
+#include "gradmap/core/log.hpp"
+#include "gradmap/io/h5.hpp"
+#include "gradmap/mpi/comm.hpp"
+#include "gradmap/sim/philox.hpp"
+
+namespace gradmap::stats {
+
+namespace {
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+std::vector<double> finite(const std::vector<double>& x) {
+  std::vector<double> v;
+  for (double d : x)
+    if (std::isfinite(d))
+      v.push_back(d);
+  return v;
+}
+
+std::string num(double v) {
+  if (!std::isfinite(v))
+    return "null";
+  std::ostringstream s;
+  s << std::setprecision(10) << v;
+  return s.str();
+}
+
+void write_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".partial";
+  {
+    std::ofstream f(tmp);
+    f << text;
+    if (!f)
+      throw Error("cannot write " + tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw Error("cannot rename " + tmp + " to " + path);
+}
+} // namespace
+
+double sign_flip_p(const std::vector<double>& xs, std::int64_t random_flips, std::uint64_t seed) {
+  const auto x = finite(xs);
+  const size_t n = x.size();
+  if (n == 0)
+    return kNaN;
+  double obs = 0;
+  for (double v : x)
+    obs += v;
+  obs = std::abs(obs) * (1 - 1e-12); // relative slack: sums of the same values in another order
+  auto flipped = [&](auto sign_of) {
+    double s = 0;
+    for (size_t i = 0; i < n; ++i)
+      s += sign_of(i) ? -x[i] : x[i];
+    return std::abs(s);
+  };
+  if (n <= 20) {
+    std::int64_t hits = 0;
+    const std::uint64_t total = std::uint64_t(1) << n;
+    for (std::uint64_t mask = 0; mask < total; ++mask)
+      hits += flipped([&](size_t i) { return (mask >> i) & 1; }) >= obs ? 1 : 0;
+    return double(hits) / double(total);
+  }
+  std::int64_t hits = 0;
+  for (std::int64_t b = 0; b < random_flips; ++b) {
+    sim::Philox rng(seed, sim::Stream::permutation, std::uint32_t(b), 1u << 31);
+    std::vector<bool> s(n);
+    for (size_t i = 0; i < n; ++i)
+      s[i] = rng.below(2) == 1;
+    hits += flipped([&](size_t i) { return s[i]; }) >= obs ? 1 : 0;
+  }
+  return double(1 + hits) / double(random_flips + 1);
+}
+
+std::pair<double, double> t_interval(const std::vector<double>& xs, double level) {
+  const auto x = finite(xs);
+  const size_t n = x.size();
+  if (n < 2)
+    return {kNaN, kNaN};
+  double mean = 0, ss = 0;
+  for (double v : x)
+    mean += v / double(n);
+  for (double v : x)
+    ss += (v - mean) * (v - mean);
+  const double se = std::sqrt(ss / double(n - 1) / double(n));
+  const boost::math::students_t dist(double(n - 1));
+  const double t = boost::math::quantile(dist, (1 + level) / 2);
+  return {mean - t * se, mean + t * se};
+}
+
+void aggregate(const AggregateOptions& o, MPI_Comm comm) {
+  if (o.stats.size() < 2)
+    throw UsageError("--stats: at least two stats directories are needed");
+  if (!o.labels.empty() && o.labels.size() != o.stats.size())
+    throw UsageError("--label: give one label per --stats directory (" +
+                     std::to_string(o.stats.size()) + "), not " + std::to_string(o.labels.size()));
+  if (o.out.empty())
+    throw UsageError("--out: an output directory is required");
+  if (!(o.ci > 0 && o.ci < 1))
+    throw UsageError("--ci: must be in (0, 1)");
+  std::vector<std::string> labels = o.labels;
+  for (size_t i = 0; labels.size() < o.stats.size(); ++i) {
+    std::string d = o.stats[i];
+    while (d.size() > 1 && d.back() == '/')
+      d.pop_back();
+    labels.push_back(d.substr(d.find_last_of('/') + 1));
+  }
+  const size_t S = o.stats.size();
+  std::vector<io::File> files;
+  for (const auto& d : o.stats)
+    files.push_back(io::File::open(d + "/stats.h5", comm));
+
+  io::make_directories(o.out);
+  io::OutputFile out(o.out + "/aggregate.h5", comm);
+  const io::File& f = out.file();
+  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "inputs", o.stats);
+  f.set_attr("/", "labels", labels);
+  std::ostringstream js, csv;
+  js << "{\n  \"inputs\": [";
+  for (size_t i = 0; i < S; ++i)
+    js << (i ? ", " : "") << "\"" << labels[i] << "\"";
+  js << "], \"ci_level\": " << num(o.ci);
+  csv << "modality,statistic,input,value\n";
+  const std::string kinds[2] = {"activations", "gradients"};
+  for (const std::string mod : {"fmri", "meg"}) {
+    size_t have = 0;
+    for (const auto& file : files)
+      have += file.exists("/" + mod) ? 1 : 0;
+    if (have == 0)
+      continue;
+    if (have != S)
+      throw UsageError("aggregate: only " + std::to_string(have) + " of the " + std::to_string(S) +
+                       " inputs have " + mod + " statistics");
+    const auto layers = files[0].attr_strings("/" + mod, "layers");
+    for (size_t i = 1; i < S; ++i)
+      if (files[i].attr_strings("/" + mod, "layers") != layers)
+        throw UsageError(o.stats[i] + "/stats.h5: its " + mod + " layers differ from " +
+                         o.stats[0] + "'s; aggregate inputs made with the same model");
+    const bool meg = mod == "meg";
+    const std::string rho = meg ? "rho_time" : "rho_space", d = meg ? "D_time" : "D_space";
+    std::vector<std::pair<std::string, std::string>> entries; // (name, dataset)
+    for (const auto& k : kinds)
+      if (files[0].exists("/" + mod + "/" + k + "/" + rho))
+        entries.push_back({rho + "_" + k, "/" + mod + "/" + k + "/" + rho});
+    if (files[0].exists("/" + mod + "/" + d))
+      entries.push_back({d, "/" + mod + "/" + d});
+    if (files[0].exists("/" + mod + "/peak_agreement"))
+      entries.push_back({"peak_layer_agreement", "/" + mod + "/peak_agreement"});
+    js << ",\n  \"" << mod << "\": {";
+    bool first = true;
+    for (const auto& [name, path] : entries) {
+      std::vector<double> v;
+      for (size_t i = 0; i < S; ++i) {
+        if (!files[i].exists(path))
+          throw UsageError(o.stats[i] + "/stats.h5: " + path + " is missing");
+        v.push_back(files[i].dataset(path).read_all<double>().at(0));
+        csv << mod << "," << name << "," << labels[i] << "," << num(v.back()) << "\n";
+      }
+      const auto fin = finite(v);
+      double mean = kNaN;
+      if (!fin.empty()) {
+        mean = 0;
+        for (double x : fin)
+          mean += x / double(fin.size());
+      }
+      const auto [lo, hi] = t_interval(v, o.ci);
+      // H0 for every entry: 0 (no hierarchy; no divergence); agreement has no null of 0.
+      const double p = name == "peak_layer_agreement" ? kNaN : sign_flip_p(v);
+      f.write_small("/" + mod + "/" + name + "/values", v, {std::int64_t(S)});
+      f.write_small("/" + mod + "/" + name + "/summary", std::vector<double>{mean, lo, hi, p}, {4});
+      js << (first ? "" : ",") << "\n    \"" << name << "\": {\"mean\": " << num(mean)
+         << ", \"ci\": [" << num(lo) << ", " << num(hi) << "], \"p_sign_flip\": " << num(p)
+         << ", \"n\": " << fin.size() << ", \"values\": [";
+      for (size_t i = 0; i < S; ++i)
+        js << (i ? ", " : "") << num(v[i]);
+      js << "]}";
+      first = false;
+    }
+    // Mean ROI x layer (fMRI) or latency-curve (MEG) tables across inputs.
+    for (const auto& k : kinds) {
+      const std::string path = "/" + mod + "/" + k + "/group_r";
+      if (!files[0].exists(path))
+        continue;
+      const auto shape = files[0].dataset(path).shape();
+      std::vector<double> mean(static_cast<size_t>(shape[0] * shape[1]), 0.0);
+      for (size_t i = 0; i < S; ++i) {
+        auto ds = files[i].dataset(path);
+        if (ds.shape() != shape)
+          throw UsageError(o.stats[i] + "/stats.h5: " + path + " has another shape than in " +
+                           o.stats[0] + " (different ROIs or times?)");
+        const auto g = ds.read_all<double>();
+        for (size_t j = 0; j < g.size(); ++j)
+          mean[j] += g[j] / double(S);
+      }
+      f.write_small("/" + mod + "/" + k + "/group_r_mean", mean, shape);
+    }
+    f.set_attr("/" + mod, "layers", layers);
+    js << "\n  }";
+  }
+  js << "\n}\n";
+  out.commit();
+  if (mpi::rank(comm) == 0) {
+    write_atomically(o.out + "/aggregate.json", js.str());
+    write_atomically(o.out + "/aggregate.csv", csv.str());
+  }
+  MPI_Barrier(comm);
+  GM_INFO("aggregate: " << S << " inputs -> " << o.out << "/aggregate.{h5,json,csv}");
+}
+
+} // namespace gradmap::stats
