@@ -13,4 +13,4 @@ flags=(--oversubscribe)
 [ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 mpirun -n "$ranks" "${flags[@]}" "$build/src/gradmap" run --config config/demo.ini --out "$out"
-echo "gradmap: headline statistics in $out/stats/summary.json, statistics in $out/stats/stats.h5"
+echo "gradmap: report in $out/report/index.html; headline numbers in $out/stats/summary.json"

@@ -51,6 +51,7 @@ Command encode_command();
 Command validate_command();
 Command stats_command();
 Command aggregate_command();
+Command report_command();
 Command run_command();
 
 } // namespace gradmap::cli

@@ -6,7 +6,8 @@
 //                   pooling recorded in /truth unless [extract] sets them
 //   3. encode    -> OUT/scores_fmri.h5, OUT/scores_meg.h5 (one per brain file; [encode] section)
 //   4. stats     -> OUT/stats/stats.h5, OUT/stats/summary.json ([stats] section)
-//   5. validate the stage outputs against the schema
+//   5. report    -> OUT/report/index.html, figures/, tables/, maps/ ([report] section)
+//   6. validate the stage outputs against the schema
 #include <filesystem>
 
 #include "command.hpp"
@@ -100,6 +101,7 @@ Command run_command() {
         stats_args.insert(stats_args.end(),
                           {"--scores", out + "/scores_" + std::string(modality) + ".h5"});
     run_stage("stats", config, stats_args, ctx);
+    run_stage("report", config, {"--stats", out + "/stats", "--out", out + "/report"}, ctx);
 
     // Validate what the stages wrote, as any later stage will before reading it.
     std::vector<std::string> files;

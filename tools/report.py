@@ -1,0 +1,192 @@
+#!/usr/bin/python3
+"""Figures and the self-contained HTML page of `gradmap report` (called by the binary, which has
+already written the CSV tables and NIfTI maps).  Usage: report.py STATS_DIR REPORT_DIR
+
+Figures (PNG, matplotlib, Agg): score by layer per ROI for activations vs gradients; peak-layer
+distributions of significant voxels; MEG r(t) per layer for both kinds; peak latency vs layer
+with the biological-backpropagation expectation; headline statistics with CIs and p-values."""
+import base64
+import html
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import h5py  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+KINDS = ("activations", "gradients")
+COLORS = {"activations": "tab:blue", "gradients": "tab:red"}
+
+
+def save(fig, out, name):
+    path = os.path.join(out, "figures", name)
+    fig.savefig(path + ".partial.png", dpi=110, bbox_inches="tight")
+    os.replace(path + ".partial.png", path)
+    plt.close(fig)
+    return name
+
+
+def fmri_figures(s, summ, out):
+    g = s["/fmri"]
+    layers = [str(x) for x in g.attrs["layers"]]
+    level = g["groups/value"][()]
+    names = None
+    with h5py.File(g.attrs["scores"], "r") as sc:
+        names = [x.decode() if isinstance(x, bytes) else str(x) for x in sc["/groups/names"][()]]
+    figs = []
+    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3.2), sharey=True, squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        for k in KINDS:
+            if f"{k}/group_r" in g:
+                ax.plot(range(len(layers)), g[f"{k}/group_r"][:, j], "o-", color=COLORS[k], label=k, ms=3)
+        ax.set_title(f"{names[j]} (level {level[j]:g})", fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=90, fontsize=6)
+    axes[0][0].set_ylabel("mean test r over voxels")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("fMRI: encoding score by layer per ROI")
+    figs.append(("Score by layer per ROI", save(fig, out, "fmri_roi_layer.png")))
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    width = 0.4
+    for i, k in enumerate(KINDS):
+        if f"{k}/peak_layer" not in g:
+            continue
+        pk = g[f"{k}/peak_layer"][()]
+        pk = pk[pk >= 0]
+        counts = np.bincount(pk, minlength=len(layers))
+        ax.bar(np.arange(len(layers)) + (i - 0.5) * width, counts, width, color=COLORS[k],
+               label=f"{k} ({len(pk)} significant voxels)")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=45, fontsize=7)
+    ax.set_xlabel("peak layer (argmax of r)")
+    ax.set_ylabel("voxels (q_BH < q)")
+    ax.legend(fontsize=7)
+    ax.set_title("fMRI: peak-layer distribution")
+    figs.append(("Peak-layer distribution", save(fig, out, "fmri_peak_layers.png")))
+    return figs
+
+
+def meg_figures(s, summ, out):
+    g = s["/meg"]
+    layers = [str(x) for x in g.attrs["layers"]]
+    times = g["groups/value"][()]
+    figs = []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, k in zip(axes, KINDS):
+        if f"{k}/group_r" not in g:
+            continue
+        c = g[f"{k}/group_r"][()]
+        for l in range(len(layers)):
+            ax.plot(times, c[l], color=cmap(l / max(1, len(layers) - 1)), label=layers[l])
+        ax.set_title(f"{k}")
+        ax.set_xlabel("time (s)")
+        ax.axvline(0, color="grey", lw=0.5)
+    axes[0].set_ylabel("mean test r over sensors")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.suptitle("MEG: latency curves c_l(t) per layer")
+    figs.append(("MEG r(t) per layer", save(fig, out, "meg_latency_curves.png")))
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    tau = {k: np.array(summ["meg"].get(f"peak_latency_{k}", []), dtype=float) for k in KINDS}
+    for k in KINDS:
+        if len(tau[k]):
+            ax.plot(range(len(layers)), tau[k], "o-", color=COLORS[k], label=f"{k} (observed)")
+    if len(tau["activations"]):
+        a = tau["activations"]
+        expect = a[-1] + (a[-1] - a)  # top-down, after the forward sweep, mirrored
+        ax.plot(range(len(layers)), expect, "--", color=COLORS["gradients"], alpha=0.6,
+                label="gradients if backprop were biological\n(top-down after the forward sweep)")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=45, fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("peak latency (s)")
+    ax.legend(fontsize=6)
+    ax.set_title("MEG: peak latency by layer")
+    figs.append(("Peak latency vs layer", save(fig, out, "meg_peak_latency.png")))
+    return figs
+
+
+def headline_figure(summ, out):
+    rows = []
+    for mod, rho, d in (("fmri", "rho_space", "D_space"), ("meg", "rho_time", "D_time")):
+        if mod not in summ:
+            continue
+        for k in KINDS:
+            if k in summ[mod].get(rho, {}):
+                rows.append((f"{rho} ({k})", summ[mod][rho][k]))
+        if d in summ[mod]:
+            rows.append((d, summ[mod][d]))
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1))
+    for i, (name, st) in enumerate(rows):
+        v, (lo, hi) = st["value"], st["ci"]
+        if v is None:
+            continue
+        lo = v if lo is None else lo
+        hi = v if hi is None else hi
+        ax.errorbar(v, i, xerr=[[v - lo], [hi - v]], fmt="o", color="k", capsize=3)
+        ax.text(max(hi, v) + 0.05, i, f"p = {st['p']:.3g}" if st["p"] is not None else "", va="center", fontsize=7)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+    ax.set_xlabel("value with bootstrap CI")
+    ax.set_xlim(-1.3, 2.6)
+    ax.invert_yaxis()
+    ax.set_title("Hierarchy and divergence statistics")
+    return [("Hierarchy and divergence", save(fig, out, "headline.png"))]
+
+
+def main(stats_dir, out):
+    os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+    summ = json.load(open(os.path.join(stats_dir, "summary.json")))
+    figs = []
+    with h5py.File(os.path.join(stats_dir, "stats.h5"), "r") as s:
+        figs += headline_figure(summ, out)
+        if "fmri" in s:
+            figs += fmri_figures(s, summ, out)
+        if "meg" in s:
+            figs += meg_figures(s, summ, out)
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>gradmap report</title>",
+             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>",
+             "</head><body><h1>gradmap report</h1>",
+             f"<p>Statistics: <code>{html.escape(os.path.abspath(stats_dir))}</code></p>",
+             "<h2>Headline numbers</h2><table><tr><th>statistic</th><th>value</th><th>CI</th><th>p</th></tr>"]
+    for mod, rho, d in (("fmri", "rho_space", "D_space"), ("meg", "rho_time", "D_time")):
+        if mod not in summ:
+            continue
+        items = [(f"{mod} {rho} ({k})", summ[mod][rho][k]) for k in KINDS if k in summ[mod].get(rho, {})]
+        if d in summ[mod]:
+            items.append((f"{mod} {d}", summ[mod][d]))
+        for name, st in items:
+            fmt = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731
+            parts.append(f"<tr><td>{name}</td><td>{fmt(st['value'])}</td>"
+                         f"<td>[{fmt(st['ci'][0])}, {fmt(st['ci'][1])}]</td><td>{fmt(st['p'])}</td></tr>")
+    parts.append("</table>")
+    for title, name in figs:
+        data = base64.b64encode(open(os.path.join(out, "figures", name), "rb").read()).decode()
+        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Files</h2><ul>")
+    for sub in ("tables", "maps", "figures"):
+        d = os.path.join(out, sub)
+        for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            parts.append(f"<li><a href='{sub}/{f}'>{sub}/{f}</a></li>")
+    parts.append("</ul><p>Definitions: docs/statistics.md.</p></body></html>")
+    tmp = os.path.join(out, "index.html.partial")
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, os.path.join(out, "index.html"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2])
