@@ -8,7 +8,11 @@
 //   4. stats     -> OUT/stats/stats.h5, OUT/stats/summary.json ([stats] section)
 //   5. report    -> OUT/report/index.html, figures/, tables/, maps/ ([report] section)
 //   6. validate the stage outputs against the schema
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
 
 #include "command.hpp"
 #include "gradmap/core/log.hpp"
@@ -20,17 +24,120 @@
 namespace gradmap::cli {
 namespace {
 
-// Runs `name` with the pipeline's config and the given overrides, as `gradmap name --config F`.
-void run_stage(const std::string& name, const std::string& config,
-               std::vector<std::string> overrides, Context& ctx) {
-  const Command* cmd = find_command(name);
+// The text of the config that a stage reads: its top-level keys and its own section, as
+// normalised "key=value" lines (comments, blank lines and spacing dropped).
+std::string config_text(const std::string& config, const std::string& section) {
+  std::ifstream in(config);
+  std::string line, current, text;
+  while (std::getline(in, line)) {
+    const auto hash = line.find_first_of("#;");
+    if (hash != std::string::npos)
+      line.erase(hash);
+    std::string t;
+    for (char ch : line)
+      if (!std::isspace(static_cast<unsigned char>(ch)))
+        t += ch;
+    if (t.empty())
+      continue;
+    if (t.front() == '[' && t.back() == ']')
+      current = t.substr(1, t.size() - 2);
+    else if (current.empty() || current == section)
+      text += "[" + current + "]" + t + "\n";
+  }
+  return text;
+}
+
+std::uint64_t fnv1a(const std::string& s, std::uint64_t h = 1469598103934665603ull) {
+  for (unsigned char ch : s) {
+    h ^= ch;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+constexpr const char* kKeyAttr = "gradmap_run_key";
+
+// Collective. The run key recorded in an HDF5 output, or "" (missing file, no key, not HDF5).
+std::string recorded_key(const std::string& path, MPI_Comm comm) {
+  if (!std::filesystem::exists(path))
+    return "";
+  if (path.size() < 3 || path.compare(path.size() - 3, 3, ".h5") != 0) {
+    std::ifstream in(path);
+    std::string k;
+    std::getline(in, k);
+    return k;
+  }
+  io::File f = io::File::open(path, comm);
+  return f.has_attr("/", kKeyAttr) ? f.attr_string("/", kKeyAttr) : "";
+}
+
+// A stage of the pipeline: what it is given, what it reads and what it writes. Its key hashes
+// the stage, its arguments, the config text it reads and the keys of its inputs (inputs that
+// carry none, e.g. the user's own files, contribute their size and modification time), so a
+// changed option re-runs the stage and, through the keys, every stage downstream of it.
+struct Stage {
+  std::string name;
+  std::vector<std::string> args;
+  std::vector<std::string> inputs;
+  std::vector<std::string> outputs; // all must carry the key: .h5 files, or "X.key" files
+                                    // written once X (a non-HDF5 output) is complete
+};
+
+std::string stage_key(const Stage& st, const std::string& config, MPI_Comm comm) {
+  std::string text = st.name + "\n" + config_text(config, st.name);
+  for (const auto& a : st.args)
+    text += a + "\n";
+  for (const auto& in : st.inputs) {
+    std::string k = recorded_key(in, comm);
+    if (k.empty() && std::filesystem::exists(in))
+      k = std::to_string(std::filesystem::file_size(in)) + "@" +
+          std::to_string(std::filesystem::last_write_time(in).time_since_epoch().count());
+    text += in + "=" + k + "\n";
+  }
+  char buf[20];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(fnv1a(text)));
+  return buf;
+}
+
+// Runs `name` with the pipeline's config and the given overrides, as `gradmap name --config F`,
+// unless every output already carries this stage's key. Stale outputs are removed first; the
+// key is recorded after the stage has committed its outputs, so a kill at any point leaves the
+// stage either complete and keyed or re-run on restart.
+void run_stage(const Stage& st, const std::string& config, Context& ctx) {
+  const std::string key = stage_key(st, config, ctx.comm);
+  bool done = !st.outputs.empty();
+  for (const auto& o : st.outputs)
+    done = done && recorded_key(o, ctx.comm) == key;
+  if (done) {
+    GM_INFO("run: stage " << st.name << " is up to date (key " << key << "), skipped");
+    return;
+  }
+  if (mpi::rank(ctx.comm) == 0)
+    for (const auto& o : st.outputs) {
+      std::filesystem::remove(o);
+      if (o.size() > 4 && o.compare(o.size() - 4, 4, ".key") == 0) // "X.key" marks X complete
+        std::filesystem::remove(o.substr(0, o.size() - 4));
+    }
+  MPI_Barrier(ctx.comm);
+  const Command* cmd = find_command(st.name);
   std::vector<std::string> args = {"--config", config};
-  args.insert(args.end(), overrides.begin(), overrides.end());
+  args.insert(args.end(), st.args.begin(), st.args.end());
   auto vm = parse(*cmd, args);
-  GM_INFO("run: stage " << name << " started");
-  StageTimer t("run." + name);
+  GM_INFO("run: stage " << st.name << " started");
+  StageTimer t("run." + st.name);
   cmd->run(*vm, ctx);
-  GM_INFO("run: stage " << name << " finished in " << t.stop() << " s");
+  for (const auto& o : st.outputs) {
+    if (o.size() >= 3 && o.compare(o.size() - 3, 3, ".h5") == 0) {
+      io::File f = io::File::open_rw(o, ctx.comm);
+      f.set_attr("/", kKeyAttr, key);
+      f.close();
+    } else if (mpi::rank(ctx.comm) == 0) {
+      std::ofstream(o + ".partial") << key << "\n";
+      std::filesystem::rename(o + ".partial", o);
+    }
+  }
+  MPI_Barrier(ctx.comm);
+  GM_INFO("run: stage " << st.name << " finished in " << t.stop() << " s");
 }
 
 } // namespace
@@ -64,15 +171,32 @@ Command run_command() {
     GM_INFO("run: config " << config << ", output " << out << ", " << mpi::size(ctx.comm)
                            << " ranks");
     const std::string data_dir = out + "/data";
-    run_stage("simulate", config, {"--out", data_dir}, ctx);
+    const std::vector<std::string> data_files = {
+        data_dir + "/stimuli.h5", data_dir + "/brain_fmri.h5", data_dir + "/brain_meg.h5"};
+    {
+      // Which brain files this config's simulation writes.
+      const auto sim = parse(*find_command("simulate"), {"--config", config, "--out", data_dir});
+      const std::string modality = (*sim)["modality"].as<std::string>();
+      std::vector<std::string> outputs = {data_files[0]};
+      if (modality != "meg")
+        outputs.push_back(data_files[1]);
+      if (modality != "fmri")
+        outputs.push_back(data_files[2]);
+      if (mpi::rank(ctx.comm) == 0) // a brain file the config no longer asks for is stale
+        for (size_t i = 1; i < 3; ++i)
+          if (std::find(outputs.begin(), outputs.end(), data_files[i]) == outputs.end())
+            std::filesystem::remove(data_files[i]);
+      MPI_Barrier(ctx.comm);
+      run_stage({"simulate", {"--out", data_dir}, {}, outputs}, config, ctx);
+    }
 
     // The extract settings that reproduce the features the simulated responses came from
     // (recorded in /truth), unless the config's [extract] section sets them.
-    std::vector<std::string> extract_args = {"--stimuli", data_dir + "/stimuli.h5", "--out",
+    std::vector<std::string> extract_args = {"--stimuli", data_files[0], "--out",
                                              out + "/features.h5"};
-    std::string brain_path = data_dir + "/brain_fmri.h5";
+    std::string brain_path = data_files[1];
     if (!std::filesystem::exists(brain_path))
-      brain_path = data_dir + "/brain_meg.h5";
+      brain_path = data_files[2];
     if (std::filesystem::exists(brain_path)) {
       io::File brain = io::File::open(brain_path, ctx.comm);
       // Placeholders satisfy the required options; only the defaulted flags are wanted here.
@@ -84,24 +208,35 @@ Command run_command() {
           extract_args.push_back(brain.attr_string("/truth", key));
         }
     }
-    run_stage("extract", config, extract_args, ctx);
+    run_stage({"extract", extract_args, {data_files[0]}, {out + "/features.h5"}}, config, ctx);
 
-    for (const char* modality : {"fmri", "meg"}) {
+    std::vector<std::string> scores;
+    for (const std::string modality : {"fmri", "meg"}) {
       const std::string brain = data_dir + "/brain_" + modality + ".h5";
-      if (std::filesystem::exists(brain))
-        run_stage("encode", config,
-                  {"--features", out + "/features.h5", "--brain", brain, "--out",
-                   out + "/scores_" + modality + ".h5"},
-                  ctx);
+      const std::string sc = out + "/scores_" + modality + ".h5";
+      if (!std::filesystem::exists(brain)) {
+        if (mpi::rank(ctx.comm) == 0)
+          std::filesystem::remove(sc); // from an earlier config
+        continue;
+      }
+      run_stage({"encode",
+                 {"--features", out + "/features.h5", "--brain", brain, "--out", sc},
+                 {out + "/features.h5", brain},
+                 {sc}},
+                config, ctx);
+      scores.push_back(sc);
     }
-
     std::vector<std::string> stats_args{"--out", out + "/stats"};
-    for (const char* modality : {"fmri", "meg"})
-      if (std::filesystem::exists(out + "/scores_" + modality + ".h5"))
-        stats_args.insert(stats_args.end(),
-                          {"--scores", out + "/scores_" + std::string(modality) + ".h5"});
-    run_stage("stats", config, stats_args, ctx);
-    run_stage("report", config, {"--stats", out + "/stats", "--out", out + "/report"}, ctx);
+    for (const auto& sc : scores)
+      stats_args.insert(stats_args.end(), {"--scores", sc});
+    run_stage(
+        {"stats", stats_args, scores, {out + "/stats/stats.h5", out + "/stats/summary.json.key"}},
+        config, ctx);
+    run_stage({"report",
+               {"--stats", out + "/stats", "--out", out + "/report"},
+               {out + "/stats/stats.h5"},
+               {out + "/report/index.html.key"}},
+              config, ctx);
 
     // Validate what the stages wrote, as any later stage will before reading it.
     std::vector<std::string> files;
@@ -110,7 +245,7 @@ Command run_command() {
         files.push_back(data_dir + "/" + name);
     files.push_back(out + "/features.h5");
     std::vector<std::string> args(files.begin(), files.end());
-    run_stage("validate", config, args, ctx);
+    run_stage({"validate", args, {}, {}}, config, ctx);
     GM_INFO("run: done; outputs in " << out);
   };
   return c;
