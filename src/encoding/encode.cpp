@@ -21,6 +21,7 @@
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/progress.hpp"
+#include "gradmap/core/signals.hpp"
 #include "gradmap/core/timer.hpp"
 #include "gradmap/encoding/nulls.hpp"
 #include "gradmap/encoding/ridge.hpp"
@@ -476,6 +477,9 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     nc_ds.write(ncf.data(), {t0}, {t});
     sh_ds.write(shf.data(), {t0}, {t});
     progress.advance(u1 - u0);
+    signals::check(comm, "during encode (the partial " + opt.out +
+                             " is not resumable: the "
+                             "stage restarts)");
   }
   progress.finish();
   constant = mpi::sum(comm, constant);

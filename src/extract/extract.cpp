@@ -19,6 +19,7 @@
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/profile.hpp"
 #include "gradmap/core/progress.hpp"
+#include "gradmap/core/signals.hpp"
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/io/schema.hpp"
@@ -241,6 +242,7 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
     const std::uint8_t one = 1;
     done_ds.write(&one, {work ? b : 0}, {work ? 1 : 0});
     f.flush();
+    signals::check(comm, "during extract (" + o.out + ".partial holds the completed blocks)");
   }
   progress.finish();
 

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "gradmap/core/log.hpp"
+#include "gradmap/core/signals.hpp"
 
 extern "C" void openblas_set_num_threads(int);
 
@@ -28,6 +29,7 @@ Environment::Environment(int& argc, char**& argv) {
   PETSC_COMM_WORLD = MPI_COMM_WORLD;
   if (PetscInitializeNoArguments() == 0)
     petsc_ = true;
+  signals::install(); // after PETSc, whose own handlers would abort on SIGTERM
 }
 
 Environment::~Environment() {

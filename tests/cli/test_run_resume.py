@@ -98,6 +98,44 @@ def test_sigkill_at_several_points_then_resume():
         assert got_summary == want_summary, f"kill at {frac}: summary differs"
 
 
+def test_sigterm_stops_cleanly_and_resumes():
+    d = f"{BASE}/term"
+    gradmap(["simulate", "--out", d, "--images", 4000, "--test-images", 100, "--image-size", 32,
+             "--voxels", 10, "--modality", "fmri"], ranks=2)
+    args = ["extract", "--stimuli", f"{d}/stimuli.h5", "--model", "builtin:tinyvit", "--block", 16]
+    gradmap([*args, "--out", f"{d}/ref.h5"], ranks=2, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    cmd = [MPIEXEC, "-n", "2", *MPIEXEC_FLAGS, GRADMAP, *map(str, args), "--out", f"{d}/f.h5"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ranks, t0 = [], time.time()
+    while len(ranks) < 2 and time.time() - t0 < 30:
+        time.sleep(0.1)
+        ranks = []
+        for pid in subprocess.run(["pgrep", "-f", f"{d}/f.h5"], capture_output=True, text=True).stdout.split():
+            try:
+                if os.path.samefile(f"/proc/{pid}/exe", GRADMAP):
+                    ranks.append(pid)
+            except OSError:
+                pass
+    assert len(ranks) == 2, ranks
+    time.sleep(1.5)
+    for r in ranks:  # as srun delivers it: to every task
+        os.kill(int(r), signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0, out
+    assert out.count("stopped by SIGTERM during extract") == 1, out
+    assert os.path.exists(f"{d}/f.h5.partial") and not os.path.exists(f"{d}/f.h5")
+    with h5py.File(f"{d}/f.h5.partial") as f:
+        done = f["/progress/blocks_done"][()]
+    assert 0 < done.sum() < len(done), done.sum()
+    p = gradmap([*args, "--out", f"{d}/f.h5"], ranks=2, timeout=600)
+    assert "resum" in (p.stdout + p.stderr).lower(), p.stdout
+    with h5py.File(f"{d}/f.h5") as a, h5py.File(f"{d}/ref.h5") as b:
+        for kind in ("activations", "gradients"):
+            for layer in a[f"/features/{kind}"]:
+                assert np.array_equal(a[f"/features/{kind}/{layer}"][()], b[f"/features/{kind}/{layer}"][()])
+
+
 if __name__ == "__main__":
     run_tests([test_second_run_skips_and_changes_rerun_what_they_touch,
-               test_sigkill_at_several_points_then_resume])
+               test_sigkill_at_several_points_then_resume, test_sigterm_stops_cleanly_and_resumes])
