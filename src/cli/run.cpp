@@ -8,11 +8,14 @@
 //   4. stats     -> OUT/stats/stats.h5, OUT/stats/summary.json ([stats] section)
 //   5. report    -> OUT/report/index.html, figures/, tables/, maps/ ([report] section)
 //   6. validate the stage outputs against the schema
+// With [run] models / objectives lists, steps 2-5 run for every model x objective in
+// OUT/runs/<model>__<objective>/ and `aggregate` compares them in OUT/aggregate/.
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "command.hpp"
 #include "gradmap/core/log.hpp"
@@ -152,6 +155,11 @@ Command run_command() {
   c.options = [](po::options_description& d) {
     d.add_options()("out", po::value<std::string>()->default_value("gradmap-out"),
                     "output directory of the whole run")(
+        "models", po::value<std::string>()->default_value(""),
+        "comma-separated models to analyse, each in OUT/runs/<model>__<objective>/ and compared "
+        "in OUT/aggregate/ (default: the one [extract] or /truth names, in OUT/)")(
+        "objectives", po::value<std::string>()->default_value(""),
+        "comma-separated objectives, crossed with --models (default: [extract] or /truth)")(
         "data", po::value<std::string>()->default_value("simulate"),
         "where the data come from: 'simulate' (the built-in dataset, configured by [simulate])");
   };
@@ -192,8 +200,7 @@ Command run_command() {
 
     // The extract settings that reproduce the features the simulated responses came from
     // (recorded in /truth), unless the config's [extract] section sets them.
-    std::vector<std::string> extract_args = {"--stimuli", data_files[0], "--out",
-                                             out + "/features.h5"};
+    std::vector<std::string> extract_base = {"--stimuli", data_files[0]};
     std::string brain_path = data_files[1];
     if (!std::filesystem::exists(brain_path))
       brain_path = data_files[2];
@@ -204,46 +211,98 @@ Command run_command() {
           parse(*find_command("extract"), {"--config", config, "--stimuli", "-", "--out", "-"});
       for (const char* key : {"model", "objective", "labels", "pooling"})
         if (brain.has_attr("/truth", key) && (*configured)[key].defaulted()) {
-          extract_args.push_back(std::string("--") + key);
-          extract_args.push_back(brain.attr_string("/truth", key));
+          extract_base.push_back(std::string("--") + key);
+          extract_base.push_back(brain.attr_string("/truth", key));
         }
     }
-    run_stage({"extract", extract_args, {data_files[0]}, {out + "/features.h5"}}, config, ctx);
-
-    std::vector<std::string> scores;
-    for (const std::string modality : {"fmri", "meg"}) {
-      const std::string brain = data_dir + "/brain_" + modality + ".h5";
-      const std::string sc = out + "/scores_" + modality + ".h5";
-      if (!std::filesystem::exists(brain)) {
-        if (mpi::rank(ctx.comm) == 0)
-          std::filesystem::remove(sc); // from an earlier config
-        continue;
+    // extract -> encode per brain file -> stats -> report, in `dir`; `extra` extract options
+    // replace the same options of extract_base.
+    auto analyse = [&](const std::string& dir, const std::vector<std::string>& extra) {
+      std::vector<std::string> extract_args;
+      for (size_t i = 0; i + 1 < extract_base.size(); i += 2) // option-value pairs
+        if (std::find(extra.begin(), extra.end(), extract_base[i]) == extra.end())
+          extract_args.insert(extract_args.end(), {extract_base[i], extract_base[i + 1]});
+      extract_args.insert(extract_args.end(), extra.begin(), extra.end());
+      extract_args.insert(extract_args.end(), {"--out", dir + "/features.h5"});
+      run_stage({"extract", extract_args, {data_files[0]}, {dir + "/features.h5"}}, config, ctx);
+      std::vector<std::string> scores;
+      for (const std::string modality : {"fmri", "meg"}) {
+        const std::string brain = data_dir + "/brain_" + modality + ".h5";
+        const std::string sc = dir + "/scores_" + modality + ".h5";
+        if (!std::filesystem::exists(brain)) {
+          if (mpi::rank(ctx.comm) == 0)
+            std::filesystem::remove(sc); // from an earlier config
+          continue;
+        }
+        run_stage({"encode",
+                   {"--features", dir + "/features.h5", "--brain", brain, "--out", sc},
+                   {dir + "/features.h5", brain},
+                   {sc}},
+                  config, ctx);
+        scores.push_back(sc);
       }
-      run_stage({"encode",
-                 {"--features", out + "/features.h5", "--brain", brain, "--out", sc},
-                 {out + "/features.h5", brain},
-                 {sc}},
+      std::vector<std::string> stats_args{"--out", dir + "/stats"};
+      for (const auto& sc : scores)
+        stats_args.insert(stats_args.end(), {"--scores", sc});
+      run_stage(
+          {"stats", stats_args, scores, {dir + "/stats/stats.h5", dir + "/stats/summary.json.key"}},
+          config, ctx);
+      run_stage({"report",
+                 {"--stats", dir + "/stats", "--out", dir + "/report"},
+                 {dir + "/stats/stats.h5"},
+                 {dir + "/report/index.html.key"}},
                 config, ctx);
-      scores.push_back(sc);
+    };
+    auto split = [](const std::string& list) {
+      std::vector<std::string> items;
+      std::stringstream ss(list);
+      for (std::string item; std::getline(ss, item, ',');) {
+        item.erase(0, item.find_first_not_of(" \t"));
+        item.erase(item.find_last_not_of(" \t") + 1);
+        if (!item.empty())
+          items.push_back(item);
+      }
+      return items;
+    };
+    const auto models = split(vm["models"].as<std::string>());
+    const auto objectives = split(vm["objectives"].as<std::string>());
+    std::vector<std::string> features = {out + "/features.h5"};
+    if (models.empty() && objectives.empty()) {
+      analyse(out, {});
+    } else {
+      // Every model x objective in its own directory, then one table across them.
+      std::vector<std::string> agg = {"--out", out + "/aggregate"}, stats_dirs;
+      features.clear();
+      for (const auto& model : models.empty() ? std::vector<std::string>{""} : models)
+        for (const auto& objective :
+             objectives.empty() ? std::vector<std::string>{""} : objectives) {
+          std::string tag = (model.empty() ? "default" : model) + "__" +
+                            (objective.empty() ? "default" : objective);
+          for (char& ch : tag)
+            if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_' &&
+                ch != '.')
+              ch = '_';
+          const std::string dir = out + "/runs/" + tag;
+          std::vector<std::string> extra;
+          if (!model.empty())
+            extra.insert(extra.end(), {"--model", model});
+          if (!objective.empty())
+            extra.insert(extra.end(), {"--objective", objective});
+          analyse(dir, extra);
+          features.push_back(dir + "/features.h5");
+          stats_dirs.push_back(dir + "/stats/stats.h5");
+          agg.insert(agg.end(), {"--stats", dir + "/stats", "--label", tag});
+        }
+      if (stats_dirs.size() >= 2)
+        run_stage({"aggregate", agg, stats_dirs, {out + "/aggregate/aggregate.h5"}}, config, ctx);
     }
-    std::vector<std::string> stats_args{"--out", out + "/stats"};
-    for (const auto& sc : scores)
-      stats_args.insert(stats_args.end(), {"--scores", sc});
-    run_stage(
-        {"stats", stats_args, scores, {out + "/stats/stats.h5", out + "/stats/summary.json.key"}},
-        config, ctx);
-    run_stage({"report",
-               {"--stats", out + "/stats", "--out", out + "/report"},
-               {out + "/stats/stats.h5"},
-               {out + "/report/index.html.key"}},
-              config, ctx);
 
     // Validate what the stages wrote, as any later stage will before reading it.
     std::vector<std::string> files;
     for (const char* name : {"stimuli.h5", "brain_fmri.h5", "brain_meg.h5"})
       if (std::filesystem::exists(data_dir + "/" + name))
         files.push_back(data_dir + "/" + name);
-    files.push_back(out + "/features.h5");
+    files.insert(files.end(), features.begin(), features.end());
     std::vector<std::string> args(files.begin(), files.end());
     run_stage({"validate", args, {}, {}}, config, ctx);
     GM_INFO("run: done; outputs in " << out);

@@ -143,11 +143,16 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
     if (have != S)
       throw UsageError("aggregate: only " + std::to_string(have) + " of the " + std::to_string(S) +
                        " inputs have " + mod + " statistics");
+    // Inputs from different models have different layers: their headline statistics still
+    // compare, their layer tables do not.
     const auto layers = files[0].attr_strings("/" + mod, "layers");
+    bool same_layers = true;
     for (size_t i = 1; i < S; ++i)
-      if (files[i].attr_strings("/" + mod, "layers") != layers)
-        throw UsageError(o.stats[i] + "/stats.h5: its " + mod + " layers differ from " +
-                         o.stats[0] + "'s; aggregate inputs made with the same model");
+      same_layers = same_layers && files[i].attr_strings("/" + mod, "layers") == layers;
+    if (!same_layers)
+      GM_WARN("aggregate: the inputs' "
+              << mod << " layers differ (different models?): only the "
+              << "headline statistics are combined, not the layer tables");
     const bool meg = mod == "meg";
     const std::string rho = meg ? "rho_time" : "rho_space", d = meg ? "D_time" : "D_space";
     std::vector<std::pair<std::string, std::string>> entries; // (name, dataset)
@@ -189,7 +194,8 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
       first = false;
     }
     // Mean ROI x layer (fMRI) or latency-curve (MEG) tables across inputs.
-    for (const auto& k : kinds) {
+    for (const auto& k :
+         same_layers ? std::vector<std::string>(kinds, kinds + 2) : std::vector<std::string>{}) {
       const std::string path = "/" + mod + "/" + k + "/group_r";
       if (!files[0].exists(path))
         continue;
@@ -206,8 +212,9 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
       }
       f.write_small("/" + mod + "/" + k + "/group_r_mean", mean, shape);
     }
-    f.set_attr("/" + mod, "layers", layers);
-    js << "\n  }";
+    if (same_layers)
+      f.set_attr("/" + mod, "layers", layers);
+    js << ",\n    \"same_layers\": " << (same_layers ? "true" : "false") << "\n  }";
   }
   js << "\n}\n";
   out.commit();

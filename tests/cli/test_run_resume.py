@@ -136,6 +136,24 @@ def test_sigterm_stops_cleanly_and_resumes():
                 assert np.array_equal(a[f"/features/{kind}/{layer}"][()], b[f"/features/{kind}/{layer}"][()])
 
 
+def test_several_models_are_analysed_and_compared():
+    cfg = write_cfg(f"{BASE}/m.ini", CFG.replace("data = simulate", "data = simulate\nmodels = builtin:tinycnn, builtin:tinyvit"))
+    out = f"{BASE}/m"
+    gradmap(["run", "--config", cfg, "--out", out], ranks=2, timeout=600)
+    tags = ["builtin_tinycnn__default", "builtin_tinyvit__default"]
+    for t in tags:
+        assert os.path.exists(f"{out}/runs/{t}/report/index.html")
+    agg = json.load(open(f"{out}/aggregate/aggregate.json"))
+    assert agg["inputs"] == tags
+    for i, t in enumerate(tags):
+        s = json.load(open(f"{out}/runs/{t}/stats/summary.json"))
+        a, b = agg["fmri"]["D_space"]["values"][i], s["fmri"]["D_space"]["value"]
+        assert (a is None and b is None) or np.isclose(a, b), (a, b)
+    with h5py.File(f"{out}/runs/{tags[1]}/features.h5") as f:
+        assert f.attrs["model"] == "builtin:tinyvit"
+
+
 if __name__ == "__main__":
     run_tests([test_second_run_skips_and_changes_rerun_what_they_touch,
-               test_sigkill_at_several_points_then_resume, test_sigterm_stops_cleanly_and_resumes])
+               test_sigkill_at_several_points_then_resume, test_sigterm_stops_cleanly_and_resumes,
+               test_several_models_are_analysed_and_compared])
