@@ -150,7 +150,7 @@ def test_several_models_are_analysed_and_compared():
         a, b = agg["fmri"]["D_space"]["values"][i], s["fmri"]["D_space"]["value"]
         assert (a is None and b is None) or np.isclose(a, b), (a, b)
     with h5py.File(f"{out}/runs/{tags[1]}/features.h5") as f:
-        assert f.attrs["model"] == "builtin:tinyvit"
+        assert f["/features"].attrs["model"] == "builtin:tinyvit"
 
 
 if __name__ == "__main__":
