@@ -3,13 +3,15 @@
 data in the same session, with a same-session DGEMM peak for reference.
 
 Usage: /usr/bin/python3 bench/encode_bench.py [--train 10000] [--test 1000] [--features 1024]
-       [--targets 20000] [--alphas 10] [--cv loo|kfold] [--gradmap build/src/gradmap]
+       [--targets 20000] [--alphas 10] [--cv loo|kfold] [--precision float32|float64]
+       [--nulls B] [--gradmap build/src/gradmap]
 
 The data: random features (float32) and responses = features @ W + noise, written in gradmap's
 schema (one repetition per image). Both solvers see z-scored features; the baseline is the
 efficient leave-one-out that gradmap's default reproduces (scikit-learn has no per-target K-fold).
 Prints wall times, peak RSS (ru_maxrss of the children), the ratio baseline / gradmap, the
-1 -> 2 rank speed-up, and the DGEMM rate of this machine's BLAS measured in the same session.
+1 -> 2 rank speed-up, and the DGEMM and SGEMM rates of this machine's BLAS measured in the same
+session (numpy on the same OpenBLAS, all cores).
 """
 import argparse
 import os
@@ -23,8 +25,8 @@ import h5py
 import numpy as np
 
 
-def dgemm_peak(n=2048):
-    a = np.random.default_rng(0).normal(size=(n, n))
+def dgemm_peak(n=2048, dtype=np.float64):
+    a = np.random.default_rng(0).normal(size=(n, n)).astype(dtype)
     a @ a
     t = time.perf_counter()
     for _ in range(3):
@@ -74,6 +76,7 @@ def main():
     ap.add_argument("--targets", type=int, default=20000)
     ap.add_argument("--alphas", type=int, default=10)
     ap.add_argument("--cv", default="loo")
+    ap.add_argument("--precision", default="float32")
     ap.add_argument("--gradmap", default="build/src/gradmap")
     ap.add_argument("--skip-sklearn", action="store_true")
     ap.add_argument("--nulls", type=int, default=0, metavar="B",
@@ -105,10 +108,13 @@ def main():
         f["/brain"].attrs["affine"] = np.eye(4).ravel()
     alphas = ",".join(f"{v:g}" for v in np.logspace(-1, 8, a.alphas))
     peak = dgemm_peak()
+    speak = dgemm_peak(dtype=np.float32)
     print(f"data: {a.train} train + {a.test} test images x {a.features} features x {a.targets} targets, "
           f"{a.alphas} alphas, cv {a.cv}; cores {os.cpu_count()}, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
-    print(f"DGEMM (numpy, same BLAS, this session): {peak:.1f} GFlop/s")
+    print(f"DGEMM / SGEMM (numpy, same BLAS, this session): {peak:.1f} / {speak:.1f} GFlop/s; "
+          f"gradmap precision {a.precision}")
+    ref_peak = speak if a.precision == "float32" else peak
     flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     res = {}
     for ranks in (1, 2):
@@ -118,10 +124,15 @@ def main():
         wall, rss, p = run(["mpiexec", "-n", str(ranks), *flags, "--oversubscribe", a.gradmap, "encode",
                             "--features", f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out",
                             f"{d}/scores{ranks}.h5", "--alphas", alphas, "--alpha-cv", a.cv,
-                            "--threads", str(threads), "--permutations", "0", "--bootstraps", "0"], env)
+                            "--threads", str(threads), "--permutations", "0", "--bootstraps", "0",
+                            "--precision", a.precision], env)
         m = re.search(r"gm\.ridge\.(loo|kfold)\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M)
         res[ranks] = wall
-        rate = f", {m.group(1)} phase {float(m.group(2)):.1f} s at {int(m.group(3)) / 1000:.1f} GFlop/s" if m else ""
+        rate = ""
+        if m:
+            gf = int(m.group(3)) / 1000
+            rate = (f", {m.group(1)} phase {float(m.group(2)):.1f} s at {gf:.1f} GFlop/s "
+                    f"({100 * gf / ref_peak:.0f}% of the {a.precision} GEMM peak)")
         print(f"gradmap encode -n {ranks} x {threads} threads: {wall:.1f} s wall, peak RSS {rss:.2f} GiB{rate}")
     print(f"speed-up 1 -> 2 ranks: {res[1] / res[2]:.2f}x")
     if a.nulls:
@@ -131,7 +142,8 @@ def main():
         wall, rss, p = run(["mpiexec", "-n", "1", *flags, a.gradmap, "encode", "--features",
                             f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out", f"{d}/nulls.h5",
                             "--alphas", alphas, "--alpha-cv", a.cv, "--threads", str(threads),
-                            "--permutations", str(a.nulls), "--bootstraps", "1000"], env)
+                            "--permutations", str(a.nulls), "--bootstraps", "1000",
+                            "--precision", a.precision], env)
         m = re.search(r"gm\.nulls\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M)
         extra = f"; gm.nulls phase {float(m.group(1)):.1f} s at {int(m.group(2)) / 1000:.1f} GFlop/s" if m else ""
         print(f"gradmap encode -n 1 with {a.nulls} permutations + 1000 bootstraps: {wall:.1f} s wall "

@@ -34,6 +34,9 @@ Command encode_command() {
         "training images)")("folds", po::value<int>()->default_value(5), "kfold: number of folds")(
         "seed", po::value<std::uint64_t>()->default_value(0),
         "seed of the fold assignment (kfold), the permutations and the bootstrap resamples")(
+        "precision", po::value<std::string>()->default_value("float32"),
+        "precision of the alpha-selection GEMMs: float32 (near-ties rechecked in float64) or "
+        "float64; refit, predictions and scores are always float64")(
         "permutations", po::value<int>()->default_value(1000),
         "test-image permutations for the p-values and hierarchy nulls (0: none)")(
         "bootstraps", po::value<int>()->default_value(1000),
@@ -57,6 +60,7 @@ Command encode_command() {
     o.seed = vm["seed"].as<std::uint64_t>();
     o.store_predictions = vm["store-predictions"].as<bool>();
     o.permutations = vm["permutations"].as<int>();
+    o.precision = vm["precision"].as<std::string>();
     o.bootstraps = vm["bootstraps"].as<int>();
     o.store_resamples = vm["store-resamples"].as<bool>();
     o.memory_gb = vm["memory-gb"].as<double>();

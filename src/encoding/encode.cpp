@@ -54,6 +54,8 @@ void validate(const EncodeOptions& o) {
   for (double a : o.alphas)
     if (!(a > 0) || !std::isfinite(a))
       throw UsageError("--alphas: every alpha must be a positive finite number");
+  if (o.precision != "float32" && o.precision != "float64")
+    throw UsageError("--precision: must be float32 or float64, not '" + o.precision + "'");
   if (o.permutations < 0 || o.permutations > 10000000)
     throw UsageError("--permutations: must be between 0 and 10^7");
   if (o.bootstraps < 0 || o.bootstraps > 10000000)
@@ -226,6 +228,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   StageTimer timer("encode");
   const int me = mpi::rank(comm), p = mpi::size(comm);
   const std::vector<double> alphas = opt.alphas.empty() ? default_alphas() : opt.alphas;
+  const Precision prec = opt.precision == "float32" ? Precision::float32 : Precision::float64;
 
   // 1. Inputs.
   io::File ff = io::File::open(opt.features, comm);
@@ -376,6 +379,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   f.set_attr("/", "layers", fi.layers);
   f.set_attr("/", "alphas", alphas);
   f.set_attr("/", "alpha_cv", opt.alpha_cv);
+  f.set_attr("/", "precision", opt.precision);
   f.set_attr("/", "n_train", n);
   f.set_attr("/", "n_test", m);
   if (meg)
@@ -451,8 +455,9 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         const Side& side = cache ? cached[k * L + l] : (fresh = build(k, l));
         const RidgeScores sc =
             opt.alpha_cv == "kfold"
-                ? fit_kfold(side.basis, side.xtr, side.dim, ytr, yte, t, alphas, fold, opt.folds)
-                : fit_loo(side.basis, ytr, yte, t, alphas);
+                ? fit_kfold(side.basis, side.xtr, side.dim, ytr, yte, t, alphas, fold, opt.folds,
+                            prec)
+                : fit_loo(side.basis, ytr, yte, t, alphas, prec);
         for (std::int64_t c = 0; c < t; ++c) {
           buf[0][l * t + c] = float(sc.r[c]);
           // r normalised by sqrt(NC), the ceiling of r for the averaged test responses.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "gradmap/core/profile.hpp"
 #include "gradmap/linalg/dense.hpp"
@@ -31,6 +32,7 @@ RidgeBasis make_basis(const std::vector<double>& x_train, std::int64_t n, std::i
   for (std::int64_t i = 0; i < n; ++i)
     for (std::int64_t j = 0; j < r; ++j)
       b.u[i * r + j] = u[i * k + j];
+  b.u32.assign(b.u.begin(), b.u.end());
   // X_test V = X_test (V^T)^T: [m, p] x [p, r].
   b.test_v.assign(size_t(m * r), 0.0);
   linalg::gemm(false, true, m, r, p, 1.0, x_test.data(), vt.data(), 0.0, b.test_v.data());
@@ -133,105 +135,247 @@ std::vector<std::int64_t> argmin_first(const std::vector<double>& err, std::int6
 
 } // namespace
 
-RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
-                    const std::vector<double>& y_test, std::int64_t t,
-                    const std::vector<double>& alphas) {
-  ProfileEvent ev("gm.ridge.loo");
-  const std::int64_t n = b.n, r = b.r;
-  ProfileEvent::add_flops(2.0 * double(n) * double(r) * double(t) * double(alphas.size() + 2));
-  const auto uty = project_targets(b, y_train, t);
-  // Residuals and 1 - h are formed from their complements, without cancellation when f -> 1
-  // (small alpha, p >= n):  y - yhat = U diag(1 - f) U^T y + (y - U U^T y),
-  //                         1 - h_i  = sum_k U_ik^2 (1 - f_k) + (1 - sum_k U_ik^2 - 1/n).
-  // The -1/n: the data were centred with the training means, i.e. an unpenalised intercept was
-  // fitted, whose direction 1/sqrt(n) has leverage 1/n. Leaving it out would make the "LOO"
-  // leak the left-out row through the centring (and, for p >= n, always pick the smallest
-  // alpha). This is scikit-learn's RidgeCV(fit_intercept=True) on standardised features.
-  std::vector<double> yperp = y_train; // y - U U^T y, [n, t]
-  linalg::gemm(false, false, n, t, r, -1.0, b.u.data(), uty.data(), 1.0, yperp.data());
-  std::vector<double> outside(static_cast<size_t>(n)); // 1 - sum_k U_ik^2
-  for (std::int64_t i = 0; i < n; ++i) {
+namespace {
+
+// 1 - sum_k U_ik^2 - 1/n per training row (see loo_errors).
+std::vector<double> outside_leverage(const RidgeBasis& b) {
+  std::vector<double> outside(static_cast<size_t>(b.n));
+  for (std::int64_t i = 0; i < b.n; ++i) {
     double acc = 0;
-    for (std::int64_t k = 0; k < r; ++k)
-      acc += b.u[i * r + k] * b.u[i * r + k];
-    outside[i] = std::max(0.0, 1.0 - acc - 1.0 / double(n));
+    for (std::int64_t k = 0; k < b.r; ++k)
+      acc += b.u[i * b.r + k] * b.u[i * b.r + k];
+    outside[i] = std::max(0.0, 1.0 - acc - 1.0 / double(b.n));
   }
-  std::vector<double> err(alphas.size() * static_cast<size_t>(t), 0.0); // mean squared LOO
-  std::vector<double> d(static_cast<size_t>(r * t)), resid(static_cast<size_t>(n * t)),
-      g(static_cast<size_t>(r)), one_minus_h(static_cast<size_t>(n));
+  return outside;
+}
+
+template <class T> const std::vector<T>& u_of(const RidgeBasis& b);
+template <> const std::vector<double>& u_of<double>(const RidgeBasis& b) { return b.u; }
+template <> const std::vector<float>& u_of<float>(const RidgeBasis& b) { return b.u32; }
+
+// sse[c] += sum_i ((resid[i, c] + base[i, c]) w_i)^2 for the t columns; threads over blocks of
+// columns, rows in order within each column (the sums do not depend on the thread count).
+template <class T>
+void add_weighted_squares(const T* resid, const T* base, const double* w, std::int64_t n,
+                          std::int64_t t, double* sse) {
+  constexpr std::int64_t CB = 256;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t c0 = 0; c0 < t; c0 += CB) {
+    const std::int64_t c1 = std::min(t, c0 + CB);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const T* rr = resid + i * t;
+      const T* bb = base ? base + i * t : nullptr;
+      const double wi = w ? w[i] : 1.0;
+      for (std::int64_t c = c0; c < c1; ++c) {
+        const double e = (double(rr[c]) + (bb ? double(bb[c]) : 0.0)) * wi;
+        sse[c] += e * e;
+      }
+    }
+  }
+}
+
+// Mean squared LOO residual [alphas, t] of the columns of y (n x t), GEMMs in precision T.
+// Residuals and 1 - h are formed from their complements, without cancellation when f -> 1
+// (small alpha, p >= n):  y - yhat = U diag(1 - f) U^T y + (y - U U^T y),
+//                         1 - h_i  = sum_k U_ik^2 (1 - f_k) + (1 - sum_k U_ik^2 - 1/n).
+// The -1/n: the data were centred with the training means, i.e. an unpenalised intercept was
+// fitted, whose direction 1/sqrt(n) has leverage 1/n. Leaving it out would make the "LOO"
+// leak the left-out row through the centring (and, for p >= n, always pick the smallest
+// alpha). This is scikit-learn's RidgeCV(fit_intercept=True) on standardised features.
+template <class T>
+std::vector<double> loo_errors(const RidgeBasis& b, const std::vector<double>& y, std::int64_t t,
+                               const std::vector<double>& alphas,
+                               const std::vector<double>& outside) {
+  const std::int64_t n = b.n, r = b.r;
+  const std::vector<T>& u = u_of<T>(b);
+  std::vector<T> yperp(y.begin(), y.end()), c(static_cast<size_t>(r * t));
+  linalg::gemm(true, false, r, t, n, T(1), u.data(), yperp.data(), T(0), c.data()); // U^T y
+  linalg::gemm(false, false, n, t, r, T(-1), u.data(), c.data(), T(1), yperp.data());
+  std::vector<double> err(alphas.size() * static_cast<size_t>(t), 0.0);
+  std::vector<T> d(static_cast<size_t>(r * t)), resid(static_cast<size_t>(n * t));
+  std::vector<double> g(static_cast<size_t>(r)), w(static_cast<size_t>(n));
   for (size_t a = 0; a < alphas.size(); ++a) {
     for (std::int64_t k = 0; k < r; ++k)
       g[k] = alphas[a] / (b.s[k] * b.s[k] + alphas[a]); // 1 - f_k
     for (std::int64_t k = 0; k < r; ++k)
-      for (std::int64_t c = 0; c < t; ++c)
-        d[k * t + c] = g[k] * uty[k * t + c];
-    resid = yperp;
-    linalg::gemm(false, false, n, t, r, 1.0, b.u.data(), d.data(), 1.0, resid.data());
+      for (std::int64_t j = 0; j < t; ++j)
+        d[k * t + j] = T(g[k] * double(c[k * t + j]));
+    linalg::gemm(false, false, n, t, r, T(1), u.data(), d.data(), T(0), resid.data());
     for (std::int64_t i = 0; i < n; ++i) {
       double acc = outside[i];
       for (std::int64_t k = 0; k < r; ++k)
         acc += b.u[i * r + k] * b.u[i * r + k] * g[k];
-      one_minus_h[i] = acc;
+      w[i] = 1.0 / acc;
     }
-    std::vector<double> sse(static_cast<size_t>(t), 0.0);
-    for (std::int64_t i = 0; i < n; ++i) {
-      const double w = 1.0 / one_minus_h[i];
-      for (std::int64_t c = 0; c < t; ++c) {
-        const double e = resid[i * t + c] * w;
-        sse[c] += e * e;
-      }
-    }
-    for (std::int64_t c = 0; c < t; ++c)
-      err[a * t + c] = sse[c] / double(n);
+    double* sse = &err[a * size_t(t)];
+    add_weighted_squares(resid.data(), yperp.data(), w.data(), n, t, sse);
+    for (std::int64_t j = 0; j < t; ++j)
+      sse[j] /= double(n);
   }
-  return refit(b, y_train, y_test, t, alphas, argmin_first(err, std::int64_t(alphas.size()), t));
+  return err;
 }
+
+// Columns whose best criterion is within a relative `tol` of another alpha's.
+std::vector<std::int64_t> near_ties(const std::vector<double>& err, std::int64_t na,
+                                    std::int64_t t, double tol) {
+  std::vector<std::int64_t> cols;
+  for (std::int64_t c = 0; c < t; ++c) {
+    double best = std::numeric_limits<double>::infinity();
+    for (std::int64_t a = 0; a < na; ++a)
+      best = std::min(best, err[a * t + c]);
+    int close = 0;
+    for (std::int64_t a = 0; a < na; ++a)
+      close += err[a * t + c] <= best * (1 + tol) + 1e-300 ? 1 : 0;
+    if (close > 1)
+      cols.push_back(c);
+  }
+  return cols;
+}
+
+// Recomputes the criterion of the near-tie columns of a float32 pass with `exact` (float64,
+// on the gathered columns of y) and writes it back into err.
+template <class F>
+void recheck(std::vector<double>& err, const std::vector<double>& y, std::int64_t n,
+             std::int64_t t, std::int64_t na, F&& exact) {
+  const auto cols = near_ties(err, na, t, 1e-4);
+  if (cols.empty())
+    return;
+  ProfileEvent ev("gm.ridge.recheck");
+  const std::int64_t tc = std::int64_t(cols.size());
+  std::vector<double> ys(static_cast<size_t>(n * tc));
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t j = 0; j < tc; ++j)
+      ys[i * tc + j] = y[i * t + cols[j]];
+  const std::vector<double> e = exact(ys, tc);
+  for (std::int64_t a = 0; a < na; ++a)
+    for (std::int64_t j = 0; j < tc; ++j)
+      err[a * t + cols[j]] = e[a * tc + j];
+}
+
+} // namespace
+
+RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
+                    const std::vector<double>& y_test, std::int64_t t,
+                    const std::vector<double>& alphas, Precision precision) {
+  ProfileEvent ev("gm.ridge.loo");
+  const std::int64_t n = b.n, r = b.r, na = std::int64_t(alphas.size());
+  ProfileEvent::add_flops(2.0 * double(n) * double(r) * double(t) * double(na + 2));
+  const auto outside = outside_leverage(b);
+  std::vector<double> err;
+  if (precision == Precision::float32) {
+    err = loo_errors<float>(b, y_train, t, alphas, outside);
+    recheck(err, y_train, n, t, na, [&](const std::vector<double>& ys, std::int64_t tc) {
+      return loo_errors<double>(b, ys, tc, alphas, outside);
+    });
+  } else {
+    err = loo_errors<double>(b, y_train, t, alphas, outside);
+  }
+  return refit(b, y_train, y_test, t, alphas, argmin_first(err, na, t));
+}
+
+namespace {
+
+// One K-fold split of the training rows: the basis of the fold's training part (centred with
+// its means: the fold's intercept) and the rows it holds out.
+struct Fold {
+  RidgeBasis basis;
+  std::vector<std::int64_t> train, valid;
+  std::vector<float> test_v32; // basis.test_v in float32
+};
+
+std::vector<Fold> make_folds(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
+                             const std::vector<std::int32_t>& fold, int folds) {
+  std::vector<Fold> out(static_cast<size_t>(folds));
+  for (int f = 0; f < folds; ++f) {
+    Fold& fd = out[f];
+    for (std::int64_t i = 0; i < n; ++i)
+      (fold[i] == f ? fd.valid : fd.train).push_back(i);
+    const std::int64_t ntr = std::int64_t(fd.train.size()), nva = std::int64_t(fd.valid.size());
+    std::vector<double> mx(static_cast<size_t>(p), 0.0);
+    for (auto i : fd.train)
+      for (std::int64_t j = 0; j < p; ++j)
+        mx[j] += x_train[i * p + j] / double(ntr);
+    auto take = [&](const std::vector<std::int64_t>& rows) {
+      std::vector<double> o(static_cast<size_t>(std::int64_t(rows.size()) * p));
+      for (size_t r = 0; r < rows.size(); ++r)
+        for (std::int64_t j = 0; j < p; ++j)
+          o[r * p + j] = x_train[rows[r] * p + j] - mx[j];
+      return o;
+    };
+    fd.basis = make_basis(take(fd.train), ntr, p, take(fd.valid), nva);
+    fd.test_v32.assign(fd.basis.test_v.begin(), fd.basis.test_v.end());
+  }
+  return out;
+}
+
+// Summed squared validation error / n [alphas, t] over the folds, GEMMs in precision T.
+template <class T>
+std::vector<double> kfold_errors(const std::vector<Fold>& folds, std::int64_t n,
+                                 const std::vector<double>& y, std::int64_t t,
+                                 const std::vector<double>& alphas) {
+  const std::int64_t na = std::int64_t(alphas.size());
+  std::vector<double> err(static_cast<size_t>(na * t), 0.0);
+  for (const Fold& fd : folds) {
+    const RidgeBasis& fb = fd.basis;
+    const std::int64_t ntr = fb.n, nva = fb.m, r = fb.r;
+    std::vector<double> my(static_cast<size_t>(t), 0.0);
+    for (auto i : fd.train)
+      for (std::int64_t c = 0; c < t; ++c)
+        my[c] += y[i * t + c];
+    for (auto& v : my)
+      v /= double(ntr);
+    std::vector<T> yf(static_cast<size_t>(ntr * t)), yv(static_cast<size_t>(nva * t));
+    for (std::int64_t k = 0; k < ntr; ++k)
+      for (std::int64_t c = 0; c < t; ++c)
+        yf[k * t + c] = T(y[fd.train[k] * t + c] - my[c]);
+    for (std::int64_t k = 0; k < nva; ++k)
+      for (std::int64_t c = 0; c < t; ++c)
+        yv[k * t + c] = T(-(y[fd.valid[k] * t + c] - my[c])); // -y: resid = pred - y
+    const std::vector<T>& u = u_of<T>(fb);
+    const T* tv;
+    if constexpr (std::is_same_v<T, float>)
+      tv = fd.test_v32.data();
+    else
+      tv = fb.test_v.data();
+    std::vector<T> c(static_cast<size_t>(r * t)), coef(static_cast<size_t>(r * t)),
+        pred(static_cast<size_t>(nva * t));
+    linalg::gemm(true, false, r, t, ntr, T(1), u.data(), yf.data(), T(0), c.data());
+    std::vector<double> sse(static_cast<size_t>(t));
+    for (std::int64_t a = 0; a < na; ++a) {
+      for (std::int64_t k = 0; k < r; ++k) {
+        const double g = fb.s[k] / (fb.s[k] * fb.s[k] + alphas[a]);
+        for (std::int64_t j = 0; j < t; ++j)
+          coef[k * t + j] = T(g * double(c[k * t + j]));
+      }
+      linalg::gemm(false, false, nva, t, r, T(1), tv, coef.data(), T(0), pred.data());
+      std::fill(sse.begin(), sse.end(), 0.0);
+      add_weighted_squares(pred.data(), yv.data(), static_cast<const double*>(nullptr), nva, t,
+                           sse.data());
+      for (std::int64_t j = 0; j < t; ++j)
+        err[a * t + j] += sse[j] / double(n);
+    }
+  }
+  return err;
+}
+
+} // namespace
 
 RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<double>& x_train, std::int64_t p,
                       const std::vector<double>& y_train, const std::vector<double>& y_test,
                       std::int64_t t, const std::vector<double>& alphas,
-                      const std::vector<std::int32_t>& fold, int folds) {
+                      const std::vector<std::int32_t>& fold, int folds, Precision precision) {
   ProfileEvent ev("gm.ridge.kfold");
   const std::int64_t n = b.n, na = std::int64_t(alphas.size());
-  std::vector<double> err(static_cast<size_t>(na * t), 0.0);
-  for (int f = 0; f < folds; ++f) {
-    std::vector<std::int64_t> tr, va;
-    for (std::int64_t i = 0; i < n; ++i)
-      (fold[i] == f ? va : tr).push_back(i);
-    const std::int64_t ntr = std::int64_t(tr.size()), nva = std::int64_t(va.size());
-    // Centre with this fold's training means: the intercept of the fold's fit.
-    std::vector<double> mx(static_cast<size_t>(p), 0.0), my(static_cast<size_t>(t), 0.0);
-    for (auto i : tr) {
-      for (std::int64_t j = 0; j < p; ++j)
-        mx[j] += x_train[i * p + j] / double(ntr);
-      for (std::int64_t c = 0; c < t; ++c)
-        my[c] += y_train[i * t + c] / double(ntr);
-    }
-    auto take = [&](const std::vector<std::int64_t>& rows, const std::vector<double>& src,
-                    std::int64_t w, const std::vector<double>& mean) {
-      std::vector<double> out(static_cast<size_t>(std::int64_t(rows.size()) * w));
-      for (size_t r = 0; r < rows.size(); ++r)
-        for (std::int64_t j = 0; j < w; ++j)
-          out[r * w + j] = src[rows[r] * w + j] - mean[j];
-      return out;
-    };
-    const RidgeBasis fb =
-        make_basis(take(tr, x_train, p, mx), ntr, p, take(va, x_train, p, mx), nva);
-    const auto yf = take(tr, y_train, t, my), yv = take(va, y_train, t, my);
-    const auto uty = project_targets(fb, yf, t);
-    std::vector<double> coef(static_cast<size_t>(fb.r * t)), pred(static_cast<size_t>(nva * t));
-    for (std::int64_t a = 0; a < na; ++a) {
-      for (std::int64_t k = 0; k < fb.r; ++k)
-        for (std::int64_t c = 0; c < t; ++c)
-          coef[k * t + c] = fb.s[k] / (fb.s[k] * fb.s[k] + alphas[a]) * uty[k * t + c];
-      linalg::gemm(false, false, nva, t, fb.r, 1.0, fb.test_v.data(), coef.data(), 0.0,
-                   pred.data());
-      for (std::int64_t i = 0; i < nva; ++i)
-        for (std::int64_t c = 0; c < t; ++c) {
-          const double e = yv[i * t + c] - pred[i * t + c];
-          err[a * t + c] += e * e / double(n);
-        }
-    }
+  ProfileEvent::add_flops(2.0 * double(n) * double(b.r) * double(t) * double(na + 1));
+  const std::vector<Fold> fds = make_folds(x_train, n, p, fold, folds);
+  std::vector<double> err;
+  if (precision == Precision::float32) {
+    err = kfold_errors<float>(fds, n, y_train, t, alphas);
+    recheck(err, y_train, n, t, na, [&](const std::vector<double>& ys, std::int64_t tc) {
+      return kfold_errors<double>(fds, n, ys, tc, alphas);
+    });
+  } else {
+    err = kfold_errors<double>(fds, n, y_train, t, alphas);
   }
   return refit(b, y_train, y_test, t, alphas, argmin_first(err, na, t));
 }

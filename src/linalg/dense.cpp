@@ -24,6 +24,15 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, doub
               int(n));
 }
 
+void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+          const float* a, const float* b, float beta, float* c) {
+  if (m == 0 || n == 0)
+    return;
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m),
+              int(n), int(k), alpha, a, ta ? int(m) : int(k), b, tb ? int(k) : int(n), beta, c,
+              int(n));
+}
+
 bool cholesky_upper(std::int64_t l, double* g) {
   // Row-major upper R is column-major lower L = R^T: factor "L" in Fortran terms.
   const int n = int(l);

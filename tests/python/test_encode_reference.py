@@ -96,6 +96,23 @@ def test_matches_sklearn_ridgecv_and_ridge():
         assert f.attrs["n_train"] == N - NTEST and list(f["/split/test_stimuli"][()]) == list(TEST)
 
 
+def test_float32_selection_chooses_float64_alphas():
+    """--precision float32 (default) vs float64: the same alphas (near-ties are rechecked in
+    float64) and so the same scores, for LOO and K-fold."""
+    for cv in (["--alpha-cv", "loo"], ["--alpha-cv", "kfold", "--folds", 4]):
+        outs = []
+        for prec in ("float32", "float64"):
+            outs.append(f"{BASE}/prec_{prec}_{cv[1]}.h5")
+            gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5",
+                     "--out", outs[-1], "--alphas", ",".join(map(str, ALPHAS)), "--precision", prec,
+                     "--permutations", 0, "--bootstraps", 0, *cv], ranks=2)
+        with h5py.File(outs[0]) as a, h5py.File(outs[1]) as b:
+            assert a.attrs["precision"] == "float32" and b.attrs["precision"] == "float64"
+            for d in ("alpha", "r", "r2"):
+                x, y = a[f"/activations/{d}"][()], b[f"/activations/{d}"][()]
+                assert np.array_equal(x, y, equal_nan=True), (cv, d, x, y)
+
+
 def test_fixed_alpha_equals_sklearn_ridge():
     out = f"{BASE}/fixed.h5"
     p = gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", out,
@@ -251,7 +268,7 @@ def test_bad_inputs():
     assert not os.path.exists(out)
 
 
-run_tests([test_matches_sklearn_ridgecv_and_ridge, test_fixed_alpha_equals_sklearn_ridge,
+run_tests([test_matches_sklearn_ridgecv_and_ridge, test_float32_selection_chooses_float64_alphas, test_fixed_alpha_equals_sklearn_ridge,
            test_noise_ceiling_matches_numpy, test_kfold_matches_a_loop_over_the_same_folds,
            test_chunked_targets_give_identical_results_and_budget_is_enforced,
            test_independent_of_the_number_of_ranks, test_recovers_the_planted_layers_on_simulated_data,

@@ -21,6 +21,7 @@ struct EncodeOptions {
   bool store_predictions = false; ///< also write the test predictions
   double memory_gb = 4.0;         ///< memory budget per rank (GiB): targets are chunked to fit
   std::int64_t max_chunk = 0;     ///< at most this many target units per round (0: budget only)
+  std::string precision = "float32"; ///< of the alpha-selection GEMMs (ridge.hpp: Precision)
   int permutations = 1000;        ///< test-image permutations (0: none; see nulls.hpp)
   int bootstraps = 1000;          ///< bootstrap resamples of the test images (0: none)
   bool store_resamples = false;   ///< also write the permutations and bootstrap counts

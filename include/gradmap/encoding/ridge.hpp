@@ -16,6 +16,7 @@ namespace gradmap::encoding {
 struct RidgeBasis {
   std::int64_t n = 0, p = 0, r = 0, m = 0; ///< training rows, features, rank, test rows
   std::vector<double> u;                   ///< [n, r]
+  std::vector<float> u32;                  ///< U in float32, for the float32 GEMMs
   std::vector<double> s;                   ///< [r]
   std::vector<double> test_v;              ///< X_test V, [m, r]
 };
@@ -31,13 +32,20 @@ struct RidgeScores {
   std::vector<double> prediction; ///< [m, t] test predictions
 };
 
+/// Precision of the alpha-selection GEMMs (the per-alpha residuals or fold predictions, which
+/// are nearly all the work). float32: those GEMMs and their operands in single precision, the
+/// error sums in double; every target whose best criterion is within a relative 1e-4 of another
+/// alpha's is then recomputed in float64, so the selected alpha is float64's except where
+/// float64 itself would tie. The refit, predictions and scores are always float64.
+enum class Precision { float32, float64 };
+
 /// Not collective. y_train [n, t] (centred with training means), y_test [m, t], row-major; the
 /// features were centred too (the centring is the fit of an unpenalised intercept).
 /// Per-target alpha: the minimum mean squared LOO residual over `alphas`, the first on ties
 /// (scikit-learn's RidgeCV(alpha_per_target=True) rule).
 RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
                     const std::vector<double>& y_test, std::int64_t t,
-                    const std::vector<double>& alphas);
+                    const std::vector<double>& alphas, Precision precision = Precision::float64);
 
 /// Not collective. Per-target alpha by K-fold cross-validation over the training rows (fold[i]
 /// in [0, folds)): in each fold the ridge is fitted on the other folds, centred with their means
@@ -47,7 +55,8 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
 RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<double>& x_train, std::int64_t p,
                       const std::vector<double>& y_train, const std::vector<double>& y_test,
                       std::int64_t t, const std::vector<double>& alphas,
-                      const std::vector<std::int32_t>& fold, int folds);
+                      const std::vector<std::int32_t>& fold, int folds,
+                      Precision precision = Precision::float64);
 
 /// Not collective. Pearson r and R^2 of each column of prediction vs y (both [m, t]).
 void score_columns(const std::vector<double>& prediction, const std::vector<double>& y,

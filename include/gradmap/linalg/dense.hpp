@@ -1,5 +1,5 @@
 #pragma once
-// Thin row-major wrappers over BLAS/LAPACK (OpenBLAS), double precision.
+// Thin row-major wrappers over BLAS/LAPACK (OpenBLAS), double precision (and SGEMM).
 #include <cstdint>
 #include <vector>
 
@@ -8,6 +8,10 @@ namespace gradmap::linalg {
 /// Not collective. C[m x n] = alpha op(A) op(B) + beta C; all row-major; op(A) is m x k.
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, double alpha,
           const double* a, const double* b, double beta, double* c);
+
+/// Not collective. Single precision: C[m x n] = alpha op(A) op(B) + beta C, row-major.
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+          const float* a, const float* b, float beta, float* c);
 
 /// Not collective. In place: G (l x l, symmetric positive definite) := R, upper triangular with
 /// G = R^T R. Returns false if G is not positive definite.
