@@ -121,7 +121,7 @@ def main():
         threads = max(1, os.cpu_count() // ranks)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                    PETSC_OPTIONS="-log_view")
-        wall, rss, p = run(["mpiexec", "-n", str(ranks), *flags, "--oversubscribe", a.gradmap, "encode",
+        wall, rss, p = run(["mpiexec", "-n", str(ranks), *flags, "--oversubscribe", "--bind-to", "none", a.gradmap, "encode",
                             "--features", f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out",
                             f"{d}/scores{ranks}.h5", "--alphas", alphas, "--alpha-cv", a.cv,
                             "--threads", str(threads), "--permutations", "0", "--bootstraps", "0",
@@ -139,7 +139,7 @@ def main():
         threads = os.cpu_count()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                    PETSC_OPTIONS="-log_view")
-        wall, rss, p = run(["mpiexec", "-n", "1", *flags, a.gradmap, "encode", "--features",
+        wall, rss, p = run(["mpiexec", "-n", "1", *flags, "--bind-to", "none", a.gradmap, "encode", "--features",
                             f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out", f"{d}/nulls.h5",
                             "--alphas", alphas, "--alpha-cv", a.cv, "--threads", str(threads),
                             "--permutations", str(a.nulls), "--bootstraps", "1000",

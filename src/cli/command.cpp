@@ -122,6 +122,12 @@ void apply_common(const po::variables_map& vm, Context& ctx) {
   const int threads = threads_of(vm, ctx);
   if (threads < 1)
     throw UsageError("--threads: must be at least 1");
+  const int usable = mpi::Environment::usable_cores();
+  if (threads > usable)
+    GM_WARN("--threads " << threads << " but this rank is bound to " << usable
+                         << " core(s): the threads share them. Unbind (mpirun --bind-to none) "
+                            "or give each rank its cores (mpirun --map-by slot:PE="
+                         << threads << ", srun --cpus-per-task=" << threads << ")");
   mpi::Environment::set_blas_threads(threads);
 }
 

@@ -23,7 +23,48 @@ namespace gradmap::encoding {
 
 namespace {
 constexpr std::int64_t TB = 64; // targets per block (lanes)
+
+// The two inner kernels, compiled twice (AVX2+FMA and baseline x86-64) and chosen at load time
+// by the CPU (GCC function multi-versioning): a Debian build runs on any x86-64 and still uses
+// the wide registers where they exist.
+#define GM_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+
+// a[j] = sum_i zp[perm[i]][j] zy[i][j]
+GM_MULTIVERSION void permuted_dots(const float* zp, const float* zy, const std::uint32_t* perm,
+                                   std::int64_t m, float* a) {
+  for (std::int64_t j = 0; j < TB; ++j)
+    a[j] = 0;
+  for (std::int64_t i = 0; i < m; ++i) {
+    const float* xp = zp + std::int64_t(perm[i]) * TB;
+    const float* xy = zy + i * TB;
+    for (std::int64_t j = 0; j < TB; ++j)
+      a[j] += xp[j] * xy[j];
+  }
 }
+
+// The weighted sums of the bootstrap correlation, weights cnt[i].
+GM_MULTIVERSION void weighted_sums(const float* zp, const float* zy, const std::uint32_t* cnt,
+                                   std::int64_t m, float* sx, float* sy, float* sxx, float* syy,
+                                   float* sxy) {
+  for (std::int64_t j = 0; j < TB; ++j)
+    sx[j] = sy[j] = sxx[j] = syy[j] = sxy[j] = 0;
+  for (std::int64_t i = 0; i < m; ++i) {
+    if (cnt[i] == 0)
+      continue;
+    const float k = float(cnt[i]);
+    const float* xp = zp + i * TB;
+    const float* xy = zy + i * TB;
+    for (std::int64_t j = 0; j < TB; ++j) {
+      const float kx = k * xp[j], ky = k * xy[j];
+      sx[j] += kx;
+      sy[j] += ky;
+      sxx[j] += kx * xp[j];
+      syy[j] += ky * xy[j];
+      sxy[j] += kx * xy[j];
+    }
+  }
+}
+} // namespace
 
 Resamples make_resamples(std::int64_t m, int permutations, int bootstraps, std::uint64_t seed) {
   Resamples rs;
@@ -65,6 +106,9 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
   ProfileEvent::add_flops(2.0 * double(m) * double(t) * (double(B) + 5.0 * double(Bb)));
   const float inv_m = 1.0f / float(m);
   std::vector<float> zp(static_cast<size_t>(m * TB)), zy(static_cast<size_t>(m * TB));
+  std::vector<std::uint32_t> identity(static_cast<size_t>(m));
+  for (std::int64_t i = 0; i < m; ++i)
+    identity[i] = std::uint32_t(i);
   for (std::int64_t c0 = 0; c0 < t; c0 += TB) {
     const std::int64_t w = std::min(TB, t - c0);
     // Standardise the block (double), store as float lanes; lanes past w and undefined targets
@@ -97,10 +141,8 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
         zy[i * TB + j] = float((y[i * t + c] - my) / sy);
       }
     }
-    float obs[TB] = {};
-    for (std::int64_t i = 0; i < m; ++i)
-      for (std::int64_t j = 0; j < TB; ++j)
-        obs[j] += zp[i * TB + j] * zy[i * TB + j];
+    float obs[TB]; // the same kernel as the permutations: r_b >= r compares like with like
+    permuted_dots(zp.data(), zy.data(), identity.data(), m, obs);
     for (std::int64_t j = 0; j < TB; ++j)
       obs[j] *= inv_m;
     std::int32_t g[TB];
@@ -117,14 +159,9 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
       std::int64_t mine[TB] = {};
 #pragma omp for schedule(static) nowait
       for (int b = 0; b < B; ++b) {
-        const std::uint32_t* perm = &rs.perm[static_cast<size_t>(std::int64_t(b) * m)];
-        float a[TB] = {};
-        for (std::int64_t i = 0; i < m; ++i) {
-          const float* xp = &zp[perm[i] * TB];
-          const float* xy = &zy[i * TB];
-          for (std::int64_t j = 0; j < TB; ++j)
-            a[j] += xp[j] * xy[j];
-        }
+        float a[TB];
+        permuted_dots(zp.data(), zy.data(), &rs.perm[static_cast<size_t>(std::int64_t(b) * m)], m,
+                      a);
         float mx = acc.null_max[b];
         for (std::int64_t j = 0; j < w; ++j) {
           if (!valid[j])
@@ -139,23 +176,9 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
       }
 #pragma omp for schedule(static) nowait
       for (int b = 0; b < Bb; ++b) {
-        const std::uint32_t* cnt = &rs.count[static_cast<size_t>(std::int64_t(b) * m)];
-        float sx[TB] = {}, sy[TB] = {}, sxx[TB] = {}, syy[TB] = {}, sxy[TB] = {};
-        for (std::int64_t i = 0; i < m; ++i) {
-          if (cnt[i] == 0)
-            continue;
-          const float k = float(cnt[i]);
-          const float* xp = &zp[i * TB];
-          const float* xy = &zy[i * TB];
-          for (std::int64_t j = 0; j < TB; ++j) {
-            const float kx = k * xp[j], ky = k * xy[j];
-            sx[j] += kx;
-            sy[j] += ky;
-            sxx[j] += kx * xp[j];
-            syy[j] += ky * xy[j];
-            sxy[j] += kx * xy[j];
-          }
-        }
+        float sx[TB], sy[TB], sxx[TB], syy[TB], sxy[TB];
+        weighted_sums(zp.data(), zy.data(), &rs.count[static_cast<size_t>(std::int64_t(b) * m)], m,
+                      sx, sy, sxx, syy, sxy);
         for (std::int64_t j = 0; j < w; ++j) {
           if (!valid[j] || g[j] < 0)
             continue;

@@ -150,8 +150,12 @@ std::vector<double> outside_leverage(const RidgeBasis& b) {
 }
 
 template <class T> const std::vector<T>& u_of(const RidgeBasis& b);
-template <> const std::vector<double>& u_of<double>(const RidgeBasis& b) { return b.u; }
-template <> const std::vector<float>& u_of<float>(const RidgeBasis& b) { return b.u32; }
+template <> const std::vector<double>& u_of<double>(const RidgeBasis& b) {
+  return b.u;
+}
+template <> const std::vector<float>& u_of<float>(const RidgeBasis& b) {
+  return b.u32;
+}
 
 // sse[c] += sum_i ((resid[i, c] + base[i, c]) w_i)^2 for the t columns; threads over blocks of
 // columns, rows in order within each column (the sums do not depend on the thread count).
@@ -197,10 +201,16 @@ std::vector<double> loo_errors(const RidgeBasis& b, const std::vector<double>& y
   for (size_t a = 0; a < alphas.size(); ++a) {
     for (std::int64_t k = 0; k < r; ++k)
       g[k] = alphas[a] / (b.s[k] * b.s[k] + alphas[a]); // 1 - f_k
+#pragma omp parallel for schedule(static)
     for (std::int64_t k = 0; k < r; ++k)
       for (std::int64_t j = 0; j < t; ++j)
         d[k * t + j] = T(g[k] * double(c[k * t + j]));
-    linalg::gemm(false, false, n, t, r, T(1), u.data(), d.data(), T(0), resid.data());
+    {
+      ProfileEvent gev("gm.ridge.loo.gemm");
+      linalg::gemm(false, false, n, t, r, T(1), u.data(), d.data(), T(0), resid.data());
+    }
+    ProfileEvent eev("gm.ridge.loo.errors");
+#pragma omp parallel for schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
       double acc = outside[i];
       for (std::int64_t k = 0; k < r; ++k)
@@ -216,8 +226,8 @@ std::vector<double> loo_errors(const RidgeBasis& b, const std::vector<double>& y
 }
 
 // Columns whose best criterion is within a relative `tol` of another alpha's.
-std::vector<std::int64_t> near_ties(const std::vector<double>& err, std::int64_t na,
-                                    std::int64_t t, double tol) {
+std::vector<std::int64_t> near_ties(const std::vector<double>& err, std::int64_t na, std::int64_t t,
+                                    double tol) {
   std::vector<std::int64_t> cols;
   for (std::int64_t c = 0; c < t; ++c) {
     double best = std::numeric_limits<double>::infinity();
@@ -235,8 +245,8 @@ std::vector<std::int64_t> near_ties(const std::vector<double>& err, std::int64_t
 // Recomputes the criterion of the near-tie columns of a float32 pass with `exact` (float64,
 // on the gathered columns of y) and writes it back into err.
 template <class F>
-void recheck(std::vector<double>& err, const std::vector<double>& y, std::int64_t n,
-             std::int64_t t, std::int64_t na, F&& exact) {
+void recheck(std::vector<double>& err, const std::vector<double>& y, std::int64_t n, std::int64_t t,
+             std::int64_t na, F&& exact) {
   const auto cols = near_ties(err, na, t, 1e-4);
   if (cols.empty())
     return;
@@ -342,6 +352,7 @@ std::vector<double> kfold_errors(const std::vector<Fold>& folds, std::int64_t n,
     linalg::gemm(true, false, r, t, ntr, T(1), u.data(), yf.data(), T(0), c.data());
     std::vector<double> sse(static_cast<size_t>(t));
     for (std::int64_t a = 0; a < na; ++a) {
+#pragma omp parallel for schedule(static)
       for (std::int64_t k = 0; k < r; ++k) {
         const double g = fb.s[k] / (fb.s[k] * fb.s[k] + alphas[a]);
         for (std::int64_t j = 0; j < t; ++j)

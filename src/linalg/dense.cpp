@@ -11,6 +11,9 @@ void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* inf
 void dgesvd_(const char* jobu, const char* jobvt, const int* m, const int* n, double* a,
              const int* lda, double* s, double* u, const int* ldu, double* vt, const int* ldvt,
              double* work, const int* lwork, int* info);
+void dgesdd_(const char* jobz, const int* m, const int* n, double* a, const int* lda, double* s,
+             double* u, const int* ldu, double* vt, const int* ldvt, double* work, const int* lwork,
+             int* iwork, int* info);
 }
 
 namespace gradmap::linalg {
@@ -69,15 +72,29 @@ void svd_thin(std::int64_t m, std::int64_t n, std::vector<double> a, std::vector
   u.assign(size_t(m) * size_t(k), 0.0);
   if (k == 0)
     return;
+  // Divide and conquer (dgesdd: BLAS-3, ~10x faster than dgesvd at 10^4 x 10^3); dgesvd when
+  // it does not converge.
+  const std::vector<double> a0 = a;
   int lwork = -1, info = 0;
   double q = 0;
-  dgesvd_("S", "S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, &q, &lwork, &info);
+  std::vector<int> iwork(8 * size_t(k));
+  dgesdd_("S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, &q, &lwork,
+          iwork.data(), &info);
   lwork = int(q);
   std::vector<double> work(size_t(std::max(1, lwork)));
+  dgesdd_("S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, work.data(), &lwork,
+          iwork.data(), &info);
+  if (info == 0)
+    return;
+  a = a0;
+  lwork = -1;
+  dgesvd_("S", "S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, &q, &lwork, &info);
+  lwork = int(q);
+  work.assign(size_t(std::max(1, lwork)), 0.0);
   dgesvd_("S", "S", &M, &N, a.data(), &M, s.data(), vt.data(), &M, u.data(), &k, work.data(),
           &lwork, &info);
   if (info != 0)
-    throw Error("LAPACK dgesvd failed (info " + std::to_string(info) + ")");
+    throw Error("LAPACK dgesdd/dgesvd failed (info " + std::to_string(info) + ")");
 }
 
 } // namespace gradmap::linalg

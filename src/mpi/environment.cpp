@@ -3,6 +3,9 @@
 #include <omp.h>
 #include <petscsys.h>
 
+#include <sched.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <thread>
 
@@ -43,8 +46,16 @@ Environment::~Environment() {
 
 int Environment::default_threads() const {
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
-  const int t = cores / (local_size_ > 0 ? local_size_ : 1);
+  const int t = std::min(cores / (local_size_ > 0 ? local_size_ : 1), usable_cores());
   return t > 0 ? t : 1;
+}
+
+int Environment::usable_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) != 0)
+    return static_cast<int>(std::thread::hardware_concurrency());
+  return CPU_COUNT(&set);
 }
 
 void Environment::set_blas_threads(int n) {

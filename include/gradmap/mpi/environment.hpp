@@ -19,6 +19,9 @@ public:
   int local_rank() const { return local_rank_; }
   /// Threads this rank should use so that ranks x threads = cores of the node (at least 1).
   int default_threads() const;
+  /// Not collective. Cores this process may run on (its CPU affinity: mpirun binds each rank to
+  /// one core by default when ranks <= 2, to a socket otherwise).
+  static int usable_cores();
 
   /// Not collective. Sets the BLAS/OpenMP thread count of this process.
   static void set_blas_threads(int n);
