@@ -1,0 +1,36 @@
+#!/bin/bash
+# Submits gradmap's stages as a chain of Slurm jobs with dependencies, so each stage runs on the
+# partition that suits it: extract on a GPU partition, encode (the CPU-heavy stage) on CPU nodes,
+# stats + report on one small node. Every stage writes its output under a temporary name and
+# renames it when complete, and extract resumes from its completed blocks, so a job killed at its
+# time limit can simply be resubmitted (or use --requeue).
+#
+#   STIMULI=sub01/stimuli.h5 BRAIN="sub01/brain_fmri.h5" MODEL=torchscript:dinov2.pt \
+#   OUT=runs/sub01-dinov2 jobs/submit-pipeline.sh
+#
+# Environment: STIMULI (stimuli.h5), BRAIN (space-separated brain files: fMRI and/or MEG),
+# MODEL (default builtin:tinyvit), OBJECTIVE (default cross-entropy), POOLING (default mean),
+# PCA (components, default 0 = none), PERMUTATIONS (default 10000), OUT, GRADMAP (binary),
+# PARTITION_GPU / PARTITION_CPU (partition names), ACCOUNT (optional).
+set -euo pipefail
+: "${STIMULI:?set STIMULI}" "${BRAIN:?set BRAIN}" "${OUT:?set OUT}"
+export GRADMAP=${GRADMAP:-gradmap} MODEL=${MODEL:-builtin:tinyvit} OBJECTIVE=${OBJECTIVE:-cross-entropy}
+export POOLING=${POOLING:-mean} PCA=${PCA:-0} PERMUTATIONS=${PERMUTATIONS:-10000} STIMULI OUT
+here=$(cd "$(dirname "$0")" && pwd)
+acct=(); [ -n "${ACCOUNT:-}" ] && acct=(--account "$ACCOUNT")
+mkdir -p "$OUT/logs"
+ext=$(sbatch --parsable "${acct[@]}" ${PARTITION_GPU:+--partition "$PARTITION_GPU"} \
+      --output "$OUT/logs/extract-%j.log" "$here/extract-gpu.slurm")
+deps=()
+scores=()
+for b in $BRAIN; do
+  mod=$(basename "$b" .h5); mod=${mod#brain_}
+  id=$(sbatch --parsable "${acct[@]}" ${PARTITION_CPU:+--partition "$PARTITION_CPU"} \
+       --dependency "afterok:$ext" --export "ALL,BRAIN_FILE=$b,MODALITY=$mod" \
+       --output "$OUT/logs/encode-$mod-%j.log" "$here/encode-cpu.slurm")
+  deps+=("$id"); scores+=("$OUT/scores_$mod.h5")
+done
+dep=$(IFS=:; echo "${deps[*]}")
+sbatch "${acct[@]}" ${PARTITION_CPU:+--partition "$PARTITION_CPU"} --dependency "afterok:$dep" \
+       --export "ALL,SCORES=${scores[*]}" --output "$OUT/logs/stats-%j.log" "$here/stats-report.slurm"
+echo "submitted: extract $ext, encode ${deps[*]}, then stats + report"
