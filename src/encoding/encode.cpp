@@ -163,6 +163,25 @@ void noise_ceiling(const std::vector<double>& raw, std::int64_t t,
   }
 }
 
+// Broadcasts a basis from root (pieces under 2^27 doubles per message).
+void broadcast_basis(RidgeBasis& b, int root, MPI_Comm comm) {
+  std::int64_t dims[4] = {b.n, b.p, b.r, b.m};
+  GM_CHECK_MPI(MPI_Bcast(dims, 4, MPI_INT64_T, root, comm));
+  b.n = dims[0];
+  b.p = dims[1];
+  b.r = dims[2];
+  b.m = dims[3];
+  b.u.resize(static_cast<size_t>(b.n * b.r));
+  b.s.resize(static_cast<size_t>(b.r));
+  b.test_v.resize(static_cast<size_t>(b.m * b.r));
+  constexpr size_t piece = size_t(1) << 27;
+  for (std::vector<double>* v : {&b.u, &b.s, &b.test_v})
+    for (size_t o = 0; o < v->size(); o += piece)
+      GM_CHECK_MPI(
+          MPI_Bcast(v->data() + o, int(std::min(piece, v->size() - o)), MPI_DOUBLE, root, comm));
+  b.u32.assign(b.u.begin(), b.u.end());
+}
+
 // Reduces the replicates over ranks and writes them (identical on every rank):
 //   /<kind>/null_max [L, B], /<kind>/null_group [L, G, B], /<kind>/boot_group [L, G, Bb],
 //   /<kind>/group_r [L, G], /<kind>/group_n [L, G], /groups/{value, names}.
@@ -235,8 +254,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   const io::FeaturesInfo fi = with_context("while checking features " + opt.features,
                                            [&] { return io::check_features(ff); });
   io::File bf = io::File::open(opt.brain, comm);
-  const io::BrainInfo bi =
-      with_context("while checking brain " + opt.brain, [&] { return io::check_brain(bf); });
+  const io::BrainInfo bi = with_context("while checking brain " + opt.brain,
+                                        [&] { return io::check_brain(bf, -1, false); });
   if (bi.max_stimulus >= fi.n)
     throw UsageError(opt.features + " has " + std::to_string(fi.n) + " images but " + opt.brain +
                      " shows stimulus " + std::to_string(bi.max_stimulus) +
@@ -307,7 +326,10 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   for (auto d : fi.dims) {
     const std::int64_t r = std::min(n, d);
     pmax = std::max(pmax, d);
-    basis_bytes += 8 * ((n + m) * r + r + (opt.alpha_cv == "kfold" ? n * d : 0));
+    // U (double + float32), X_test V, s; kfold: per fold the same for its rows (about n + n/K
+    // training rows and n/K held-out rows in all, per fold).
+    basis_bytes += 12 * n * r + 8 * (m * r + r) +
+                   (opt.alpha_cv == "kfold" ? 12 * opt.folds * (n + n / opt.folds) * r : 0);
   }
   basis_bytes *= K;
   const std::int64_t rmax = std::min(n, pmax);
@@ -345,29 +367,49 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     GM_WARN("encode: the training side (" << gib(double(basis_bytes)) << ") exceeds half the "
                                           << "memory budget; it is recomputed for each chunk");
 
-  // The training side of every (kind, layer): standardised features and their SVD basis.
+  // The training side of every (kind, layer): the SVD basis of its standardised training
+  // features and, for kfold, the bases of its folds. Every rank reads and standardises the
+  // features (collective reads); the SVDs are dealt round-robin to the ranks and broadcast
+  // from their owner, so the X side is computed once and shared.
   struct Side {
     std::int64_t dim = 0;
-    std::vector<double> xtr; // kfold only
     RidgeBasis basis;
+    std::vector<FoldBasis> folds;
   };
-  auto build = [&](std::int64_t k, std::int64_t l) {
+  const int nf = opt.alpha_cv == "kfold" ? opt.folds : 0;
+  std::int64_t job = 0; // running SVD counter: its owner is job % p
+  auto svd_job = [&](RidgeBasis& out, const std::vector<double>& xa, std::int64_t na,
+                     std::int64_t dim, const std::vector<double>& xb, std::int64_t nb,
+                     bool distribute) {
+    const int owner = distribute ? int(job++ % p) : me;
+    if (owner == me)
+      out = make_basis(xa, na, dim, xb, nb);
+    if (distribute)
+      broadcast_basis(out, owner, comm);
+  };
+  auto build = [&](std::int64_t k, std::int64_t l, bool distribute) {
     auto ds = ff.dataset("/features/" + fi.kinds[k] + "/" + fi.layers[l]);
     Side side;
     side.dim = ds.shape()[1];
     const auto x = ds.read_all<float>();
     std::vector<double> xtr, xte;
     standardise(x, side.dim, train, test, xtr, xte);
-    side.basis = make_basis(xtr, n, side.dim, xte, m);
-    if (opt.alpha_cv == "kfold")
-      side.xtr = std::move(xtr);
+    svd_job(side.basis, xtr, n, side.dim, xte, m, distribute);
+    side.folds.resize(static_cast<size_t>(nf));
+    for (int f = 0; f < nf; ++f) {
+      std::vector<double> a, b;
+      fold_rows(xtr, n, side.dim, fold, f, side.folds[f], a, b);
+      svd_job(side.folds[f].basis, a, std::int64_t(side.folds[f].train.size()), side.dim, b,
+              std::int64_t(side.folds[f].valid.size()), distribute);
+      finish_fold(side.folds[f]);
+    }
     return side;
   };
   std::vector<Side> cached;
   if (cache)
     for (std::int64_t k = 0; k < K; ++k)
       for (std::int64_t l = 0; l < L; ++l)
-        cached.push_back(build(k, l));
+        cached.push_back(build(k, l, true));
 
   // 4. Outputs (collective creation), then the chunks.
   io::OutputFile out(opt.out, comm);
@@ -407,15 +449,31 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   auto nc_ds = f.create_dataset("/noise_ceiling/nc", io::DType::f32, {bi.targets});
   auto sh_ds = f.create_dataset("/noise_ceiling/split_half", io::DType::f32, {bi.targets});
   auto resp = bf.dataset("/brain/responses");
-  std::int64_t constant = 0;
+  std::int64_t constant = 0, nonfinite = 0;
+  std::vector<std::int64_t> nonfinite_examples;
   Progress progress("encode", ub.size(), meg ? "sensors" : "voxels",
                     ub.size() > 0 ? double(units) / double(ub.size()) : 1.0);
   for (std::int64_t round = 0; round < rounds; ++round) {
     const std::int64_t u0 = std::min(ub.end, ub.begin + round * chunk_units);
     const std::int64_t u1 = std::min(ub.end, u0 + chunk_units);
     const std::int64_t t0 = u0 * per_unit, t = (u1 - u0) * per_unit;
-    const auto raw = meg ? resp.read<double>({0, u0, 0}, {t ? bi.trials : 0, u1 - u0, bi.times})
-                         : resp.read<double>({0, u0}, {t ? bi.trials : 0, u1 - u0});
+    auto raw = meg ? resp.read<double>({0, u0, 0}, {t ? bi.trials : 0, u1 - u0, bi.times})
+                   : resp.read<double>({0, u0}, {t ? bi.trials : 0, u1 - u0});
+    // Targets with a NaN/Inf in any trial (e.g. voxels outside a subject's mask) are excluded:
+    // zeroed, so that they are constant and score NaN, counted and reported. (`gradmap validate`
+    // reports them as errors; encode reads the responses once and checks them here.)
+    std::vector<std::uint8_t> bad(static_cast<size_t>(t), 0);
+    for (std::int64_t k = 0; k < (t ? bi.trials : 0); ++k)
+      for (std::int64_t c = 0; c < t; ++c)
+        bad[c] |= std::isfinite(raw[k * t + c]) ? 0 : 1;
+    for (std::int64_t c = 0; c < t; ++c)
+      if (bad[c]) {
+        if (nonfinite_examples.size() < 5)
+          nonfinite_examples.push_back(t0 + c);
+        ++nonfinite;
+        for (std::int64_t k = 0; k < bi.trials; ++k)
+          raw[k * t + c] = 0.0;
+      }
     std::vector<double> ytr(static_cast<size_t>(n * t), 0.0), yte(static_cast<size_t>(m * t), 0.0);
     for (std::int64_t k = 0; k < bi.trials && t > 0; ++k) {
       const std::int64_t img = trial_stim[k];
@@ -452,12 +510,10 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       std::vector<std::int32_t> exceed(static_cast<size_t>(L * t), -1);
       for (std::int64_t l = 0; l < L; ++l) {
         Side fresh;
-        const Side& side = cache ? cached[k * L + l] : (fresh = build(k, l));
-        const RidgeScores sc =
-            opt.alpha_cv == "kfold"
-                ? fit_kfold(side.basis, side.xtr, side.dim, ytr, yte, t, alphas, fold, opt.folds,
-                            prec)
-                : fit_loo(side.basis, ytr, yte, t, alphas, prec);
+        const Side& side = cache ? cached[k * L + l] : (fresh = build(k, l, false));
+        const RidgeScores sc = opt.alpha_cv == "kfold"
+                                   ? fit_kfold(side.basis, side.folds, ytr, yte, t, alphas, prec)
+                                   : fit_loo(side.basis, ytr, yte, t, alphas, prec);
         for (std::int64_t c = 0; c < t; ++c) {
           buf[0][l * t + c] = float(sc.r[c]);
           // r normalised by sqrt(NC), the ceiling of r for the averaged test responses.
@@ -487,6 +543,16 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
                              "stage restarts)");
   }
   progress.finish();
+  constant -= nonfinite; // the excluded targets are constant now; count them once
+  nonfinite = mpi::sum(comm, nonfinite);
+  if (nonfinite > 0) {
+    std::string ex;
+    for (auto c : nonfinite_examples)
+      ex += (ex.empty() ? "" : ", ") + std::to_string(c);
+    GM_WARN("encode: " << nonfinite << " targets of " << opt.brain
+                       << " have NaN/Inf responses and are excluded (scores NaN); e.g. "
+                       << (ex.empty() ? std::string("on other ranks") : ex));
+  }
   constant = mpi::sum(comm, constant);
   if (constant > 0)
     GM_WARN("encode: " << constant << " targets are constant over the training images; their "

@@ -285,47 +285,14 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
 
 namespace {
 
-// One K-fold split of the training rows: the basis of the fold's training part (centred with
-// its means: the fold's intercept) and the rows it holds out.
-struct Fold {
-  RidgeBasis basis;
-  std::vector<std::int64_t> train, valid;
-  std::vector<float> test_v32; // basis.test_v in float32
-};
-
-std::vector<Fold> make_folds(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
-                             const std::vector<std::int32_t>& fold, int folds) {
-  std::vector<Fold> out(static_cast<size_t>(folds));
-  for (int f = 0; f < folds; ++f) {
-    Fold& fd = out[f];
-    for (std::int64_t i = 0; i < n; ++i)
-      (fold[i] == f ? fd.valid : fd.train).push_back(i);
-    const std::int64_t ntr = std::int64_t(fd.train.size()), nva = std::int64_t(fd.valid.size());
-    std::vector<double> mx(static_cast<size_t>(p), 0.0);
-    for (auto i : fd.train)
-      for (std::int64_t j = 0; j < p; ++j)
-        mx[j] += x_train[i * p + j] / double(ntr);
-    auto take = [&](const std::vector<std::int64_t>& rows) {
-      std::vector<double> o(static_cast<size_t>(std::int64_t(rows.size()) * p));
-      for (size_t r = 0; r < rows.size(); ++r)
-        for (std::int64_t j = 0; j < p; ++j)
-          o[r * p + j] = x_train[rows[r] * p + j] - mx[j];
-      return o;
-    };
-    fd.basis = make_basis(take(fd.train), ntr, p, take(fd.valid), nva);
-    fd.test_v32.assign(fd.basis.test_v.begin(), fd.basis.test_v.end());
-  }
-  return out;
-}
-
 // Summed squared validation error / n [alphas, t] over the folds, GEMMs in precision T.
 template <class T>
-std::vector<double> kfold_errors(const std::vector<Fold>& folds, std::int64_t n,
+std::vector<double> kfold_errors(const std::vector<FoldBasis>& folds, std::int64_t n,
                                  const std::vector<double>& y, std::int64_t t,
                                  const std::vector<double>& alphas) {
   const std::int64_t na = std::int64_t(alphas.size());
   std::vector<double> err(static_cast<size_t>(na * t), 0.0);
-  for (const Fold& fd : folds) {
+  for (const FoldBasis& fd : folds) {
     const RidgeBasis& fb = fd.basis;
     const std::int64_t ntr = fb.n, nva = fb.m, r = fb.r;
     std::vector<double> my(static_cast<size_t>(t), 0.0);
@@ -371,14 +338,41 @@ std::vector<double> kfold_errors(const std::vector<Fold>& folds, std::int64_t n,
 
 } // namespace
 
-RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<double>& x_train, std::int64_t p,
+void fold_rows(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
+               const std::vector<std::int32_t>& fold, int f, FoldBasis& fb,
+               std::vector<double>& xtr, std::vector<double>& xva) {
+  fb.train.clear();
+  fb.valid.clear();
+  for (std::int64_t i = 0; i < n; ++i)
+    (fold[i] == f ? fb.valid : fb.train).push_back(i);
+  const std::int64_t ntr = std::int64_t(fb.train.size());
+  std::vector<double> mx(static_cast<size_t>(p), 0.0);
+  for (auto i : fb.train)
+    for (std::int64_t j = 0; j < p; ++j)
+      mx[j] += x_train[i * p + j] / double(ntr);
+  auto take = [&](const std::vector<std::int64_t>& rows, std::vector<double>& o) {
+    o.resize(static_cast<size_t>(std::int64_t(rows.size()) * p));
+    for (size_t r = 0; r < rows.size(); ++r)
+      for (std::int64_t j = 0; j < p; ++j)
+        o[r * p + j] = x_train[rows[r] * p + j] - mx[j];
+  };
+  take(fb.train, xtr);
+  take(fb.valid, xva);
+}
+
+void finish_fold(FoldBasis& fb) {
+  fb.test_v32.assign(fb.basis.test_v.begin(), fb.basis.test_v.end());
+}
+
+RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<FoldBasis>& fds,
                       const std::vector<double>& y_train, const std::vector<double>& y_test,
-                      std::int64_t t, const std::vector<double>& alphas,
-                      const std::vector<std::int32_t>& fold, int folds, Precision precision) {
+                      std::int64_t t, const std::vector<double>& alphas, Precision precision) {
   ProfileEvent ev("gm.ridge.kfold");
   const std::int64_t n = b.n, na = std::int64_t(alphas.size());
-  ProfileEvent::add_flops(2.0 * double(n) * double(b.r) * double(t) * double(na + 1));
-  const std::vector<Fold> fds = make_folds(x_train, n, p, fold, folds);
+  double flops = 0;
+  for (const auto& fd : fds)
+    flops += 2.0 * double(fd.basis.r) * double(t) * double(fd.basis.n + na * fd.basis.m);
+  ProfileEvent::add_flops(flops);
   std::vector<double> err;
   if (precision == Precision::float32) {
     err = kfold_errors<float>(fds, n, y_train, t, alphas);

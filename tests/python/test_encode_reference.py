@@ -198,17 +198,18 @@ def test_chunked_targets_give_identical_results_and_budget_is_enforced():
 
 
 def test_independent_of_the_number_of_ranks():
-    outs = []
-    for n in (1, 2, 3):
-        outs.append(f"{BASE}/n{n}.h5")
-        gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5",
-                 "--out", outs[-1]], ranks=n)
-    with h5py.File(outs[0]) as a:
-        for o in outs[1:]:
-            with h5py.File(o) as b:
-                for d in ("r", "r2", "alpha"):
-                    x, y = a[f"/activations/{d}"][()], b[f"/activations/{d}"][()]
-                    assert np.allclose(x, y, rtol=1e-6, atol=1e-6, equal_nan=True), (o, d)
+    for cv in (["--alpha-cv", "loo"], ["--alpha-cv", "kfold", "--folds", 4]):  # kfold: fold SVDs dealt to ranks
+        outs = []
+        for n in (1, 2, 3):
+            outs.append(f"{BASE}/n{n}{cv[1]}.h5")
+            gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5",
+                     "--out", outs[-1], *cv], ranks=n)
+        with h5py.File(outs[0]) as a:
+            for o in outs[1:]:
+                with h5py.File(o) as b:
+                    for d in ("r", "r2", "alpha", "exceed"):
+                        x, y = a[f"/activations/{d}"][()], b[f"/activations/{d}"][()]
+                        assert np.allclose(x, y, rtol=1e-6, atol=1e-6, equal_nan=True), (o, d)
 
 
 def test_recovers_the_planted_layers_on_simulated_data():
@@ -265,11 +266,31 @@ def test_bad_inputs():
     fails(["encode", "--features", f"{BASE}/features.h5", *common, "--alpha-cv", "kfold", "--folds", 50],
           "too few for 50 folds")
     fails(["encode", "--features", f"{BASE}/nope.h5", *common], f"file not found: {BASE}/nope.h5")
+    fails(["encode", "--features", f"{BASE}/features.h5", *common, "--precision", "half"], "--precision")
     assert not os.path.exists(out)
+
+
+def test_nan_targets_are_excluded_and_reported():
+    import shutil
+    shutil.copy(f"{BASE}/brain.h5", f"{BASE}/brain_nan.h5")
+    with h5py.File(f"{BASE}/brain_nan.h5", "a") as f:
+        y = f["/brain/responses"][()]
+        y[5, 3], y[40, 11] = np.nan, np.inf
+        f["/brain/responses"][...] = y
+    args = ["--features", f"{BASE}/features.h5", "--permutations", 20, "--bootstraps", 5]
+    gradmap(["encode", *args, "--brain", f"{BASE}/brain.h5", "--out", f"{BASE}/clean.h5"], ranks=2)
+    p = gradmap(["encode", *args, "--brain", f"{BASE}/brain_nan.h5", "--out", f"{BASE}/nan.h5"], ranks=2)
+    assert "2 targets of" in p.stderr and "NaN/Inf responses and are excluded" in p.stderr, p.stderr
+    assert "1 targets are constant" in p.stderr, p.stderr  # target 7, counted apart
+    with h5py.File(f"{BASE}/clean.h5") as a, h5py.File(f"{BASE}/nan.h5") as b:
+        ra, rb = a["/activations/r"][()], b["/activations/r"][()]
+        assert np.isnan(rb[:, [3, 11]]).all() and (b["/activations/exceed"][()][:, [3, 11]] == -1).all()
+        keep = np.setdiff1d(np.arange(T), [3, 11])
+        assert np.array_equal(ra[:, keep], rb[:, keep], equal_nan=True)
 
 
 run_tests([test_matches_sklearn_ridgecv_and_ridge, test_float32_selection_chooses_float64_alphas, test_fixed_alpha_equals_sklearn_ridge,
            test_noise_ceiling_matches_numpy, test_kfold_matches_a_loop_over_the_same_folds,
            test_chunked_targets_give_identical_results_and_budget_is_enforced,
            test_independent_of_the_number_of_ranks, test_recovers_the_planted_layers_on_simulated_data,
-           test_bad_inputs])
+           test_bad_inputs, test_nan_targets_are_excluded_and_reported])

@@ -14,17 +14,17 @@ namespace gradmap::encoding {
 
 struct EncodeOptions {
   std::string features, brain, out;
-  std::vector<double> alphas;     ///< empty: the default grid 10^-1 ... 10^8 (10 values)
-  std::string alpha_cv = "loo";   ///< loo | kfold
-  int folds = 5;                  ///< kfold: number of folds of training images
-  std::uint64_t seed = 0;         ///< fold assignment, permutations and bootstrap resamples
-  bool store_predictions = false; ///< also write the test predictions
-  double memory_gb = 4.0;         ///< memory budget per rank (GiB): targets are chunked to fit
-  std::int64_t max_chunk = 0;     ///< at most this many target units per round (0: budget only)
+  std::vector<double> alphas;        ///< empty: the default grid 10^-1 ... 10^8 (10 values)
+  std::string alpha_cv = "loo";      ///< loo | kfold
+  int folds = 5;                     ///< kfold: number of folds of training images
+  std::uint64_t seed = 0;            ///< fold assignment, permutations and bootstrap resamples
+  bool store_predictions = false;    ///< also write the test predictions
+  double memory_gb = 4.0;            ///< memory budget per rank (GiB): targets are chunked to fit
+  std::int64_t max_chunk = 0;        ///< at most this many target units per round (0: budget only)
   std::string precision = "float32"; ///< of the alpha-selection GEMMs (ridge.hpp: Precision)
-  int permutations = 1000;        ///< test-image permutations (0: none; see nulls.hpp)
-  int bootstraps = 1000;          ///< bootstrap resamples of the test images (0: none)
-  bool store_resamples = false;   ///< also write the permutations and bootstrap counts
+  int permutations = 1000;           ///< test-image permutations (0: none; see nulls.hpp)
+  int bootstraps = 1000;             ///< bootstrap resamples of the test images (0: none)
+  bool store_resamples = false;      ///< also write the permutations and bootstrap counts
 };
 
 /// The default alpha grid: 10 values log-spaced from 1e-1 to 1e8.

@@ -47,15 +47,29 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
                     const std::vector<double>& y_test, std::int64_t t,
                     const std::vector<double>& alphas, Precision precision = Precision::float64);
 
-/// Not collective. Per-target alpha by K-fold cross-validation over the training rows (fold[i]
-/// in [0, folds)): in each fold the ridge is fitted on the other folds, centred with their means
-/// (the fold's intercept), and the squared errors on the held-out rows are summed; the first
-/// alpha with the smallest total wins. x_train [n, p] is the standardised training features the
-/// basis was built from. Then refit on all training rows as fit_loo does.
-RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<double>& x_train, std::int64_t p,
+/// One K-fold split of the training rows: the basis of the fold's training part (centred with
+/// its own means: the fold's intercept), and the rows it trains on and holds out.
+struct FoldBasis {
+  RidgeBasis basis; ///< test_v holds the held-out rows' X V
+  std::vector<std::int64_t> train, valid;
+  std::vector<float> test_v32; ///< basis.test_v in float32
+};
+
+/// Not collective. The centred training and held-out rows of fold f (fold[i] in [0, folds)) of
+/// the standardised x_train [n, p], and fb.train / fb.valid; make_basis(xtr, .., xva, ..) and
+/// finish_fold complete it.
+void fold_rows(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
+               const std::vector<std::int32_t>& fold, int f, FoldBasis& fb,
+               std::vector<double>& xtr, std::vector<double>& xva);
+void finish_fold(FoldBasis& fb);
+
+/// Not collective. Per-target alpha by K-fold cross-validation over the training rows: in each
+/// fold the ridge is fitted on the other folds, centred with their means (the fold's intercept),
+/// and the squared errors on the held-out rows are summed; the first alpha with the smallest
+/// total wins. Then refit on all training rows as fit_loo does.
+RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<FoldBasis>& folds,
                       const std::vector<double>& y_train, const std::vector<double>& y_test,
                       std::int64_t t, const std::vector<double>& alphas,
-                      const std::vector<std::int32_t>& fold, int folds,
                       Precision precision = Precision::float64);
 
 /// Not collective. Pearson r and R^2 of each column of prediction vs y (both [m, t]).

@@ -41,7 +41,9 @@ std::string file_kind(const File& f);
 /// Collective on the file's comm.
 StimuliInfo check_stimuli(const File& f);
 /// Collective on the file's comm. When n_stimuli >= 0, trial and test indices must be below it.
-BrainInfo check_brain(const File& f, std::int64_t n_stimuli = -1);
+/// scan_values = false leaves the NaN/Inf scan of /brain/responses to a caller that reads
+/// them anyway (encode checks each chunk as it reads it).
+BrainInfo check_brain(const File& f, std::int64_t n_stimuli = -1, bool scan_values = true);
 /// Collective on the file's comm.
 FeaturesInfo check_features(const File& f);
 
