@@ -16,10 +16,12 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
+#include "gradmap/core/profile.hpp"
 #include "gradmap/core/progress.hpp"
 #include "gradmap/core/signals.hpp"
 #include "gradmap/core/timer.hpp"
@@ -100,7 +102,7 @@ void standardise(const std::vector<float>& x, std::int64_t p,
 // explain (a ceiling for R^2; sqrt(NC) for r). Split-half (MEG): per test image, the mean of
 // its first and of its second half of trials, correlated over images; Spearman-Brown
 // 2 r / (1 + r).
-void noise_ceiling(const std::vector<double>& raw, std::int64_t t,
+void noise_ceiling(const std::vector<float>& raw, std::int64_t t,
                    const std::vector<std::int64_t>& trial_stim,
                    const std::vector<std::int64_t>& test, std::vector<double>& nc,
                    std::vector<double>& split_half) {
@@ -134,7 +136,7 @@ void noise_ceiling(const std::vector<double>& raw, std::int64_t t,
         m += raw[k * t + c] / double(ks.size());
       for (auto k : ks) {
         sum += raw[k * t + c];
-        sum2 += raw[k * t + c] * raw[k * t + c];
+        sum2 += double(raw[k * t + c]) * raw[k * t + c];
       }
       if (ks.size() < 2)
         continue;
@@ -457,8 +459,14 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     const std::int64_t u0 = std::min(ub.end, ub.begin + round * chunk_units);
     const std::int64_t u1 = std::min(ub.end, u0 + chunk_units);
     const std::int64_t t0 = u0 * per_unit, t = (u1 - u0) * per_unit;
-    auto raw = meg ? resp.read<double>({0, u0, 0}, {t ? bi.trials : 0, u1 - u0, bi.times})
-                   : resp.read<double>({0, u0}, {t ? bi.trials : 0, u1 - u0});
+    std::vector<float> raw; // as stored: no HDF5 conversion, half the bytes of double
+    {
+      ProfileEvent ev("gm.encode.read");
+      raw = meg ? resp.read<float>({0, u0, 0}, {t ? bi.trials : 0, u1 - u0, bi.times})
+                : resp.read<float>({0, u0}, {t ? bi.trials : 0, u1 - u0});
+    }
+    std::optional<ProfileEvent> prep;
+    prep.emplace("gm.encode.prepare");
     // Targets with a NaN/Inf in any trial (e.g. voxels outside a subject's mask) are excluded:
     // zeroed, so that they are constant and score NaN, counted and reported. (`gradmap validate`
     // reports them as errors; encode reads the responses once and checks them here.)
@@ -472,7 +480,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           nonfinite_examples.push_back(t0 + c);
         ++nonfinite;
         for (std::int64_t k = 0; k < bi.trials; ++k)
-          raw[k * t + c] = 0.0;
+          raw[k * t + c] = 0.0f;
       }
     std::vector<double> ytr(static_cast<size_t>(n * t), 0.0), yte(static_cast<size_t>(m * t), 0.0);
     for (std::int64_t k = 0; k < bi.trials && t > 0; ++k) {
@@ -502,6 +510,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         yte[i * t + c] -= mean[c];
     for (std::int64_t c = 0; c < t; ++c)
       constant += var[c] == 0 ? 1 : 0;
+    prep.reset();
     // 5. Fit every (kind, layer) on this chunk; write the chunk's columns.
     size_t next_ds = 0;
     for (std::int64_t k = 0; k < K; ++k) {

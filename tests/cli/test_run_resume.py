@@ -118,7 +118,9 @@ def test_sigterm_stops_cleanly_and_resumes():
             except OSError:
                 pass
     assert len(ranks) == 2, ranks
-    time.sleep(1.5)
+    while not os.path.exists(f"{d}/f.h5.partial") and time.time() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(0.5)
     for r in ranks:  # as srun delivers it: to every task
         os.kill(int(r), signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
