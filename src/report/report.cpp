@@ -14,6 +14,7 @@
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
+#include "gradmap/core/text.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/mpi/comm.hpp"
 
@@ -24,24 +25,8 @@
 namespace gradmap::report {
 
 namespace {
-
 std::string num(double v) {
-  if (!std::isfinite(v))
-    return "";
-  std::ostringstream s;
-  s << std::setprecision(8) << v;
-  return s.str();
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".partial";
-  {
-    std::ofstream f(tmp);
-    f << text;
-    if (!f)
-      throw Error("cannot write " + tmp);
-  }
-  std::filesystem::rename(tmp, path);
+  return format_number(v, 8, "");
 }
 
 std::string find_script(const std::string& given) {
@@ -214,13 +199,13 @@ void report(const ReportOptions& o, MPI_Comm comm) {
                << num(d[1]) << "," << num(d[2]) << "," << num(d[3]) << "\n";
     }
     if (root) {
-      write_text(tables + "/" + (meg ? "latency_curves.csv" : "roi_layer_scores.csv"),
-                 group_csv.str());
-      write_text(tables + "/significant_" + mod + ".csv", sig_csv.str());
+      write_file_atomically(tables + "/" + (meg ? "latency_curves.csv" : "roi_layer_scores.csv"),
+                            group_csv.str());
+      write_file_atomically(tables + "/significant_" + mod + ".csv", sig_csv.str());
     }
   }
   if (root)
-    write_text(tables + "/headline.csv", headline.str());
+    write_file_atomically(tables + "/headline.csv", headline.str());
 
   // Figures and the HTML page (rank 0 runs the script; its exit status is shared).
   int rc = 0;

@@ -12,6 +12,7 @@
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
+#include "gradmap/core/text.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/sim/philox.hpp"
@@ -19,6 +20,9 @@
 namespace gradmap::stats {
 
 namespace {
+std::string num(double v) {
+  return format_number(v, 10, "null");
+}
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 std::vector<double> finite(const std::vector<double>& x) {
@@ -29,25 +33,6 @@ std::vector<double> finite(const std::vector<double>& x) {
   return v;
 }
 
-std::string num(double v) {
-  if (!std::isfinite(v))
-    return "null";
-  std::ostringstream s;
-  s << std::setprecision(10) << v;
-  return s.str();
-}
-
-void write_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".partial";
-  {
-    std::ofstream f(tmp);
-    f << text;
-    if (!f)
-      throw Error("cannot write " + tmp);
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0)
-    throw Error("cannot rename " + tmp + " to " + path);
-}
 } // namespace
 
 double sign_flip_p(const std::vector<double>& xs, std::int64_t random_flips, std::uint64_t seed) {
@@ -219,8 +204,8 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
   js << "\n}\n";
   out.commit();
   if (mpi::rank(comm) == 0) {
-    write_atomically(o.out + "/aggregate.json", js.str());
-    write_atomically(o.out + "/aggregate.csv", csv.str());
+    write_file_atomically(o.out + "/aggregate.json", js.str());
+    write_file_atomically(o.out + "/aggregate.csv", csv.str());
   }
   MPI_Barrier(comm);
   GM_INFO("aggregate: " << S << " inputs -> " << o.out << "/aggregate.{h5,json,csv}");

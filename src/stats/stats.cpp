@@ -15,6 +15,7 @@
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
+#include "gradmap/core/text.hpp"
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/mpi/comm.hpp"
@@ -22,8 +23,11 @@
 namespace gradmap::stats {
 
 namespace {
-const double kNaN = std::numeric_limits<double>::quiet_NaN();
+std::string num(double v) {
+  return format_number(v, 10, "null");
 }
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+} // namespace
 
 std::vector<double> fdr(const std::vector<double>& p, bool by) {
   std::vector<size_t> idx;
@@ -227,14 +231,6 @@ Hierarchy hierarchy(const KindData& kd, bool meg, std::int64_t L, std::int64_t G
     h.rho.boot.push_back(one(kd.boot_group, Bb, b, nullptr));
   h.rho.p = perm_p(h.null, h.rho.value);
   return h;
-}
-
-std::string num(double v) {
-  if (!std::isfinite(v))
-    return "null";
-  std::ostringstream s;
-  s << std::setprecision(10) << v;
-  return s.str();
 }
 
 std::string json_stat(const Stat& s) {
@@ -489,15 +485,7 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
   summary << "\n}\n";
   out.commit();
   if (root) { // summary.json last, via a temporary name
-    const std::string tmp = o.out + "/summary.json.partial";
-    {
-      std::ofstream js(tmp);
-      js << summary.str();
-      if (!js)
-        throw Error("cannot write " + tmp);
-    }
-    if (std::rename(tmp.c_str(), (o.out + "/summary.json").c_str()) != 0)
-      throw Error("cannot rename " + tmp + " to summary.json");
+    write_file_atomically(o.out + "/summary.json", summary.str());
   }
   MPI_Barrier(comm);
   GM_INFO("stats: wrote " << o.out << "/stats.h5 and summary.json");
