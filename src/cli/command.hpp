@@ -53,5 +53,7 @@ Command stats_command();
 Command aggregate_command();
 Command report_command();
 Command run_command();
+Command import_nsd_command();
+Command import_things_meg_command();
 
 } // namespace gradmap::cli

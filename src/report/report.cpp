@@ -1,9 +1,6 @@
 // gradmap report: see report.hpp.
 #include "gradmap/report/report.hpp"
 
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -14,34 +11,16 @@
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
+#include "gradmap/core/process.hpp"
 #include "gradmap/core/text.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/mpi/comm.hpp"
-
-#ifndef GRADMAP_SOURCE_DIR
-#define GRADMAP_SOURCE_DIR "."
-#endif
 
 namespace gradmap::report {
 
 namespace {
 std::string num(double v) {
   return format_number(v, 8, "");
-}
-
-std::string find_script(const std::string& given) {
-  if (!given.empty())
-    return given;
-  if (const char* env = std::getenv("GRADMAP_REPORT_SCRIPT"))
-    return env;
-  std::error_code ec;
-  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  for (const auto& cand : {exe.parent_path() / "../share/gradmap/report.py",
-                           std::filesystem::path(GRADMAP_SOURCE_DIR) / "tools/report.py"})
-    if (!ec && std::filesystem::exists(cand))
-      return cand.lexically_normal().string();
-  throw Error("report: cannot find report.py (tools/report.py); give --script or set "
-              "GRADMAP_REPORT_SCRIPT");
 }
 
 } // namespace
@@ -103,7 +82,7 @@ void report(const ReportOptions& o, MPI_Comm comm) {
   io::File sf = io::File::open(o.stats + "/stats.h5", comm);
   std::string script;
   mpi::collective_check(comm, [&] {
-    script = find_script(o.script);
+    script = find_tool("report.py", o.script, "GRADMAP_REPORT_SCRIPT");
     if (!std::filesystem::exists(o.stats + "/summary.json"))
       throw UsageError(o.stats + "/summary.json is missing (an incomplete stats run?)");
   });
@@ -209,20 +188,8 @@ void report(const ReportOptions& o, MPI_Comm comm) {
 
   // Figures and the HTML page (rank 0 runs the script; its exit status is shared).
   int rc = 0;
-  std::string why;
-  if (root) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      execl(o.python.c_str(), o.python.c_str(), script.c_str(), o.stats.c_str(), o.out.c_str(),
-            static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    int status = 0;
-    if (pid < 0 || waitpid(pid, &status, 0) < 0)
-      rc = -1;
-    else
-      rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-  }
+  if (root)
+    rc = run_program({o.python, script, o.stats, o.out});
   GM_CHECK_MPI(MPI_Bcast(&rc, 1, MPI_INT, 0, comm));
   if (rc != 0)
     throw UsageError("report: " + o.python + " " + script + " failed (exit " + std::to_string(rc) +

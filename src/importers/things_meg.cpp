@@ -1,0 +1,183 @@
+// gradmap import-things-meg: see things_meg.hpp. Dataset facts: Hebart et al. 2023 (eLife),
+// OpenNeuro ds004212; docs/datasets.md lists the files read here.
+#include "gradmap/importers/things_meg.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+
+#include "gradmap/core/error.hpp"
+#include "gradmap/core/log.hpp"
+#include "gradmap/core/process.hpp"
+#include "gradmap/core/progress.hpp"
+#include "gradmap/core/signals.hpp"
+#include "gradmap/io/h5.hpp"
+#include "gradmap/io/image.hpp"
+#include "gradmap/io/schema.hpp"
+#include "gradmap/mpi/comm.hpp"
+#include "gradmap/mpi/partition.hpp"
+
+namespace gradmap::importers {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// The file of an image_path from the metadata: under --images as given, or without its first
+// folder (images_meg/... when --images already is that folder).
+std::string resolve_image(const fs::path& dir, const std::string& rel) {
+  const fs::path a = dir / rel;
+  if (fs::exists(a))
+    return a.string();
+  const auto slash = rel.find('/');
+  if (slash != std::string::npos && fs::exists(dir / rel.substr(slash + 1)))
+    return (dir / rel.substr(slash + 1)).string();
+  throw Error(a.string() + ": image file missing (image_path '" + rel + "' of the epochs' metadata)");
+}
+
+} // namespace
+
+void import_things_meg(const ThingsMegOptions& o, MPI_Comm comm) {
+  const int me = mpi::rank(comm), P = mpi::size(comm);
+  const std::string brain_path = o.out_dir + "/brain_meg.h5";
+  const std::string partial = io::OutputFile::partial_name(brain_path);
+  const std::string log_path = o.out_dir + "/import-things-meg.log";
+  std::string script;
+  mpi::collective_check(comm, [&] {
+    if (o.image_size < 8)
+      throw UsageError("--image-size: must be at least 8 pixels");
+    if (!fs::exists(o.epochs))
+      throw UsageError("--epochs: " + o.epochs + " is missing");
+    if (!fs::is_directory(o.images))
+      throw UsageError("--images: " + o.images + " is not a directory");
+    script = find_tool("things_meg_convert.py", o.script, "GRADMAP_THINGS_MEG_SCRIPT");
+    if (me == 0) {
+      io::make_directories(o.out_dir);
+      fs::remove(partial);
+      fs::remove(log_path);
+    }
+  });
+
+  // 1. The converter (rank 0) streams the epochs into the partial brain file.
+  int rc = 0;
+  if (me == 0) {
+    GM_INFO("import-things-meg: reading " << o.epochs << " with MNE (log: " << log_path << ")");
+    rc = run_program({o.python, script, "--epochs", o.epochs, "--out", partial, "--block",
+                      std::to_string(o.block)},
+                     log_path);
+  }
+  GM_CHECK_MPI(MPI_Bcast(&rc, 1, MPI_INT, 0, comm));
+  if (rc != 0) {
+    const std::string why = mpi::broadcast(comm, me == 0 ? last_line(log_path) : "");
+    Error e("import-things-meg: " + (why.empty() ? o.python + " " + script + " failed (exit " +
+                                                       std::to_string(rc) + ", see " + log_path + ")"
+                                                 : why));
+    e.collective = true;
+    throw e;
+  }
+
+  // 2. Validate it and map trials to images.
+  io::OutputFile bout = io::OutputFile::resume(brain_path, comm);
+  const io::File& f = bout.file();
+  std::vector<std::string> paths, types;
+  std::vector<std::int64_t> image_nr;
+  std::vector<std::string> uniq, files;
+  std::vector<std::int64_t> trial_stimulus, test, ids;
+  std::int64_t n = 0;
+  mpi::collective_check(comm, [&] {
+    const auto shape = f.dataset("/brain/responses").shape();
+    if (shape.size() != 3)
+      throw Error(partial + ": /brain/responses is not [trials, sensors, times]");
+    n = shape[0];
+    paths = f.dataset("/things/image_path").read_strings();
+    types = f.dataset("/things/trial_type").read_strings();
+    image_nr = f.dataset("/things/things_image_nr").read_all<std::int64_t>();
+    if (std::int64_t(paths.size()) != n || std::int64_t(types.size()) != n ||
+        std::int64_t(image_nr.size()) != n)
+      throw Error(partial + ": metadata rows (" + std::to_string(paths.size()) +
+                  ") differ from the epochs (" + std::to_string(n) + ")");
+    if (f.dataset("/brain/times").shape()[0] != shape[2] ||
+        f.dataset("/brain/sensor_names").shape()[0] != shape[1])
+      throw Error(partial + ": times or sensor names do not match /brain/responses " +
+                  std::to_string(shape[1]) + "x" + std::to_string(shape[2]));
+    uniq = paths;
+    std::sort(uniq.begin(), uniq.end());
+    uniq.erase(std::unique(uniq.begin(), uniq.end()), uniq.end());
+    std::map<std::string, std::int64_t> nr;
+    std::vector<char> is_test(uniq.size(), 0), is_exp(uniq.size(), 0);
+    bool nr_ok = true;
+    for (std::int64_t t = 0; t < n; ++t) {
+      const auto i = std::lower_bound(uniq.begin(), uniq.end(), paths[size_t(t)]) - uniq.begin();
+      trial_stimulus.push_back(i);
+      (types[size_t(t)] == "test" ? is_test : is_exp)[size_t(i)] = 1;
+      const auto [it, fresh] = nr.emplace(paths[size_t(t)], image_nr[size_t(t)]);
+      if (image_nr[size_t(t)] < 1 || (!fresh && it->second != image_nr[size_t(t)]))
+        nr_ok = false;
+    }
+    std::vector<std::int64_t> seen;
+    for (size_t i = 0; i < uniq.size(); ++i) {
+      if (is_test[i] && is_exp[i])
+        throw Error(o.epochs + ": image " + uniq[i] + " is shown in both test and exp trials");
+      if (is_test[i])
+        test.push_back(std::int64_t(i));
+      ids.push_back(nr_ok ? nr.at(uniq[i]) : std::int64_t(i + 1));
+    }
+    auto sorted = ids;
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) // not one nr per image
+      for (size_t i = 0; i < ids.size(); ++i)
+        ids[i] = std::int64_t(i + 1);
+    if (test.empty())
+      throw Error(o.epochs + ": no trial has trial_type 'test' (the held-out images)");
+    for (const auto& u : uniq)
+      files.push_back(resolve_image(o.images, u));
+  });
+  const std::int64_t N = std::int64_t(uniq.size());
+  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "modality", std::string("meg"));
+  f.write_small("/brain/trial_stimulus", trial_stimulus, {n});
+  f.write_small("/brain/test_stimuli", test, {std::int64_t(test.size())});
+  const auto info = io::check_brain(f, N);
+  GM_INFO("import-things-meg: " << n << " trials, " << info.sensors << " sensors x " << info.times
+                                << " times, " << N << " images (" << test.size() << " test)");
+
+  // 3. The images (ranks split them).
+  const std::string stim_path = o.out_dir + "/stimuli.h5";
+  io::OutputFile sout(stim_path, comm);
+  {
+    const io::File& sf = sout.file();
+    const std::int64_t S = o.image_size;
+    sf.set_attr("/", "gradmap_schema", std::int64_t{1});
+    sf.create_group("/stimuli");
+    sf.set_attr("/stimuli", "source", std::string("THINGS images (ids: things_image_nr)"));
+    sf.write_strings("/stimuli/paths", uniq);
+    const auto img = sf.create_dataset("/stimuli/images", io::DType::u8, {N, S, S, 3});
+    const mpi::Block mine = mpi::block_of(N, P, me);
+    const std::int64_t most = mpi::block_of(N, P, 0).size(), batch = 32;
+    Progress prog("import-things-meg: images", most, "images", double(P));
+    std::vector<std::uint8_t> buf;
+    for (std::int64_t b0 = 0; b0 < most; b0 += batch) {
+      buf.clear();
+      const std::int64_t b1 = std::min(most, b0 + batch);
+      mpi::collective_check(comm, [&] {
+        for (std::int64_t i = b0; i < std::min(b1, mine.size()); ++i) {
+          const auto px = io::square_resize(io::read_jpeg(files[size_t(mine.begin + i)]), S).pixels;
+          buf.insert(buf.end(), px.begin(), px.end());
+        }
+      });
+      img.write_rows(buf, mine.begin + std::min(b0, mine.size()));
+      prog.advance(b1 - b0);
+      signals::check(comm, "import-things-meg (a rerun starts the import again)");
+    }
+    prog.finish();
+    sf.create_dataset("/stimuli/ids", io::DType::i64, {N})
+        .write_rows(std::vector<std::int64_t>(ids.begin() + mine.begin, ids.begin() + mine.end),
+                    mine.begin);
+  }
+  sout.commit();
+  bout.commit();
+  GM_INFO("import-things-meg: wrote " << stim_path << " and " << brain_path);
+}
+
+} // namespace gradmap::importers
