@@ -9,17 +9,21 @@
 #   OUT=runs/sub01-dinov2 jobs/submit-pipeline.sh
 #
 # Environment: STIMULI (stimuli.h5), BRAIN (space-separated brain files: fMRI and/or MEG),
-# MODEL (default builtin:tinyvit), OBJECTIVE (default cross-entropy), POOLING (default mean),
+# MODEL (default builtin:tinyvit), OBJECTIVE (default cross-entropy), LABELS (cross-entropy
+# targets: stimuli, or self for datasets without labels), POOLING (default mean),
 # PCA (components, default 0 = none), PERMUTATIONS (default 10000), OUT, GRADMAP (binary),
-# PARTITION_GPU / PARTITION_CPU (partition names), ACCOUNT (optional).
+# PARTITION_GPU / PARTITION_CPU (partition names), ACCOUNT (optional), AFTER (a job id that
+# extract waits for, e.g. an import job: jobs/nsd-subject.sh, jobs/things-meg-subject.sh).
 set -euo pipefail
 : "${STIMULI:?set STIMULI}" "${BRAIN:?set BRAIN}" "${OUT:?set OUT}"
 export GRADMAP=${GRADMAP:-gradmap} MODEL=${MODEL:-builtin:tinyvit} OBJECTIVE=${OBJECTIVE:-cross-entropy}
 export POOLING=${POOLING:-mean} PCA=${PCA:-0} PERMUTATIONS=${PERMUTATIONS:-10000} STIMULI OUT
+export LABELS=${LABELS:-stimuli}
 here=$(cd "$(dirname "$0")" && pwd)
 acct=(); [ -n "${ACCOUNT:-}" ] && acct=(--account "$ACCOUNT")
 mkdir -p "$OUT/logs"
 ext=$(sbatch --parsable "${acct[@]}" ${PARTITION_GPU:+--partition "$PARTITION_GPU"} \
+      ${AFTER:+--dependency "afterok:$AFTER"} \
       --output "$OUT/logs/extract-%j.log" "$here/extract-gpu.slurm")
 deps=()
 scores=()

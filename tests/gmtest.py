@@ -56,6 +56,21 @@ def assert_h5_identical(a, b):
             assert np.array_equal(x, y), f"{k}: values differ"
 
 
+def config_from_template(name, changes, path):
+    """The shipped template config/<name> with `changes` {section: {key: value}} applied."""
+    import configparser
+    cp = configparser.ConfigParser()
+    here = os.path.dirname(os.path.abspath(__file__))
+    assert cp.read(os.path.join(here, "..", "config", name)), name
+    for sec, kv in changes.items():
+        for k, v in kv.items():
+            assert cp.has_option(sec, k) or sec == "encode", f"{name} has no [{sec}] {k}"
+            cp.set(sec, k, str(v))
+    with open(path, "w") as f:
+        cp.write(f)
+    return path
+
+
 def run_tests(tests):
     """Runs test functions, prints a line each and the closing 'N passed, N failed' line."""
     passed = failed = 0

@@ -132,7 +132,10 @@ def headline_figure(summ, out):
             continue
         lo = v if lo is None else lo
         hi = v if hi is None else hi
-        ax.errorbar(v, i, xerr=[[v - lo], [hi - v]], fmt="o", color="k", capsize=3)
+        # A percentile bootstrap CI need not contain the observed value: draw the interval itself.
+        ax.hlines(i, lo, hi, color="k", lw=1)
+        ax.plot([lo, hi], [i, i], "|", color="k", ms=8)
+        ax.plot(v, i, "o", color="k")
         ax.text(max(hi, v) + 0.05, i, f"p = {st['p']:.3g}" if st["p"] is not None else "", va="center", fontsize=7)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(rows)))

@@ -1,7 +1,9 @@
 // gradmap run: the whole pipeline from one config file. Each stage is configured by the config's
 // section of the same name ([simulate], ...) exactly as if that command had been given
 // `--config FILE`; [run] holds the pipeline's own options. Stages run in order:
-//   1. simulate  -> OUT/data/{stimuli,brain_fmri,brain_meg}.h5  (when [run] data = simulate)
+//   1. simulate  -> OUT/data/{stimuli,brain_fmri,brain_meg}.h5  (when [run] data = simulate),
+//      or import-nsd -> OUT/data/{stimuli,brain_fmri}.h5 (data = nsd), or import-things-meg ->
+//      OUT/data/{stimuli,brain_meg}.h5 (data = things-meg)
 //   2. extract   -> OUT/features.h5; for simulated data with the model, objective, labels and
 //                   pooling recorded in /truth unless [extract] sets them
 //   3. encode    -> OUT/scores_fmri.h5, OUT/scores_meg.h5 (one per brain file; [encode] section)
@@ -150,7 +152,8 @@ Command run_command() {
   c.name = "run";
   c.usage = "--config FILE [--out DIR]";
   c.summary = "Runs the pipeline configured by FILE: each stage reads the section named after it\n"
-              "([simulate], ...); [run] sets the output directory and the data source.\n"
+              "([simulate] or [import-nsd] / [import-things-meg], [extract], [encode], ...);\n"
+              "[run] sets the output directory and the data source.\n"
               "Outputs: OUT/data/*.h5 and OUT/gradmap.log.";
   c.options = [](po::options_description& d) {
     d.add_options()("out", po::value<std::string>()->default_value("gradmap-out"),
@@ -161,7 +164,9 @@ Command run_command() {
         "objectives", po::value<std::string>()->default_value(""),
         "comma-separated objectives, crossed with --models (default: [extract] or /truth)")(
         "data", po::value<std::string>()->default_value("simulate"),
-        "where the data come from: 'simulate' (the built-in dataset, configured by [simulate])");
+        "where the data come from: 'simulate' (the built-in dataset, configured by [simulate]), "
+        "'nsd' (import-nsd, configured by [import-nsd]) or 'things-meg' (import-things-meg, "
+        "configured by [import-things-meg])");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     if (!vm.count("config"))
@@ -169,8 +174,8 @@ Command run_command() {
     const std::string config = vm["config"].as<std::string>();
     const std::string out = vm["out"].as<std::string>();
     const std::string data = vm["data"].as<std::string>();
-    if (data != "simulate")
-      throw UsageError("--data: only 'simulate' is available in this build, not '" + data + "'");
+    if (data != "simulate" && data != "nsd" && data != "things-meg")
+      throw UsageError("--data: '" + data + "' is not simulate, nsd or things-meg");
     if (mpi::rank(ctx.comm) == 0)
       io::make_directories(out);
     MPI_Barrier(ctx.comm);
@@ -181,22 +186,35 @@ Command run_command() {
     const std::string data_dir = out + "/data";
     const std::vector<std::string> data_files = {
         data_dir + "/stimuli.h5", data_dir + "/brain_fmri.h5", data_dir + "/brain_meg.h5"};
-    {
-      // Which brain files this config's simulation writes.
+    // The data: simulated, or imported from a real dataset; a brain file the config no longer
+    // produces is stale and removed.
+    std::vector<std::string> outputs = {data_files[0]};
+    Stage data_stage;
+    if (data == "simulate") {
       const auto sim = parse(*find_command("simulate"), {"--config", config, "--out", data_dir});
       const std::string modality = (*sim)["modality"].as<std::string>();
-      std::vector<std::string> outputs = {data_files[0]};
       if (modality != "meg")
         outputs.push_back(data_files[1]);
       if (modality != "fmri")
         outputs.push_back(data_files[2]);
-      if (mpi::rank(ctx.comm) == 0) // a brain file the config no longer asks for is stale
-        for (size_t i = 1; i < 3; ++i)
-          if (std::find(outputs.begin(), outputs.end(), data_files[i]) == outputs.end())
-            std::filesystem::remove(data_files[i]);
-      MPI_Barrier(ctx.comm);
-      run_stage({"simulate", {"--out", data_dir}, {}, outputs}, config, ctx);
+      data_stage = {"simulate", {"--out", data_dir}, {}, outputs};
+    } else if (data == "nsd") {
+      outputs.push_back(data_files[1]);
+      data_stage = {"import-nsd", {"--out", data_dir}, {}, outputs};
+    } else {
+      // The epochs file is an input: its size and time stamp are part of the stage's key.
+      const auto imp =
+          parse(*find_command("import-things-meg"), {"--config", config, "--out", data_dir});
+      outputs.push_back(data_files[2]);
+      data_stage = {"import-things-meg", {"--out", data_dir}, {(*imp)["epochs"].as<std::string>()},
+                    outputs};
     }
+    if (mpi::rank(ctx.comm) == 0)
+      for (size_t i = 1; i < 3; ++i)
+        if (std::find(outputs.begin(), outputs.end(), data_files[i]) == outputs.end())
+          std::filesystem::remove(data_files[i]);
+    MPI_Barrier(ctx.comm);
+    run_stage(data_stage, config, ctx);
 
     // The extract settings that reproduce the features the simulated responses came from
     // (recorded in /truth), unless the config's [extract] section sets them.
@@ -210,7 +228,8 @@ Command run_command() {
       const auto configured =
           parse(*find_command("extract"), {"--config", config, "--stimuli", "-", "--out", "-"});
       for (const char* key : {"model", "objective", "labels", "pooling"})
-        if (brain.has_attr("/truth", key) && (*configured)[key].defaulted()) {
+        if (brain.exists("/truth") && brain.has_attr("/truth", key) &&
+            (*configured)[key].defaulted()) {
           extract_base.push_back(std::string("--") + key);
           extract_base.push_back(brain.attr_string("/truth", key));
         }

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import scipy.io
 
-from gmtest import gradmap, run_tests, tmpdir, assert_h5_identical
+from gmtest import gradmap, run_tests, tmpdir, assert_h5_identical, config_from_template
 
 BASE = tmpdir("nsd")
 ROOT = f"{BASE}/nsd"
@@ -263,7 +263,21 @@ def test_bad_inputs():
     assert p.returncode != 0 and "nsd_expdesign.mat" in p.stdout + p.stderr, p.stdout + p.stderr
 
 
+def test_run_with_the_nsd_config():
+    ini = config_from_template("nsd.ini", {
+        "import-nsd": {"nsd-root": ROOT, "subject": SUBJ, "sessions": "1-2"},
+        "extract": {"model": "builtin:tinycnn", "pca": 0, "batch-size": 64},
+        "encode": {"permutations": 40, "bootstraps": 40}}, f"{BASE}/nsd.ini")
+    out = f"{BASE}/run"
+    p = gradmap(["run", "--config", ini, "--out", out], ranks=2, timeout=900)
+    assert os.path.exists(f"{out}/report/index.html"), p.stdout
+    with h5py.File(f"{out}/data/brain_fmri.h5", "r") as b:
+        assert "gradmap_run_key" in b.attrs and b.attrs["gradmap_schema"] == 1
+    p = gradmap(["run", "--config", ini, "--out", out], ranks=2)
+    assert "stage import-nsd is up to date" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
 if __name__ == "__main__":
     run_tests([test_header_paths_exercised, test_hdf5_betas_exact, test_nifti_betas_exact_and_rank_independent,
                test_session_subset_and_percent_signal_change, test_uncompressed_v5_design_and_resized_images,
-               test_end_to_end_extract_encode_stats, test_bad_inputs])
+               test_end_to_end_extract_encode_stats, test_run_with_the_nsd_config, test_bad_inputs])

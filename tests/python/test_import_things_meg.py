@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from gmtest import gradmap, run_tests, tmpdir, assert_h5_identical
+from gmtest import gradmap, run_tests, tmpdir, assert_h5_identical, config_from_template
 
 BASE = tmpdir("things")
 rng = np.random.default_rng(11)
@@ -182,6 +182,18 @@ def test_bad_inputs():
     bad(["--epochs", junk, "--images", f"{BASE}/images"], "junk-epo.fif")
 
 
+def test_run_with_the_things_meg_config():
+    ini = config_from_template("things_meg.ini", {
+        "import-things-meg": {"epochs": FIF, "images": f"{BASE}/images", "image-size": 32},
+        "extract": {"model": "builtin:tinycnn", "pca": 0},
+        "encode": {"permutations": 30, "bootstraps": 30}}, f"{BASE}/things.ini")
+    out = f"{BASE}/run"
+    p = gradmap(["run", "--config", ini, "--out", out], ranks=2, timeout=900)
+    assert os.path.exists(f"{out}/report/index.html"), p.stdout
+    p = gradmap(["run", "--config", ini, "--out", out], ranks=2)
+    assert "stage import-things-meg is up to date" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
 if __name__ == "__main__":
     run_tests([test_fif_is_split, test_import_exact, test_rank_independent_and_images_folder_variant,
-               test_end_to_end_extract_encode_stats, test_bad_inputs])
+               test_end_to_end_extract_encode_stats, test_run_with_the_things_meg_config, test_bad_inputs])
