@@ -34,6 +34,10 @@ Command encode_command() {
         "training images)")("folds", po::value<int>()->default_value(5), "kfold: number of folds")(
         "seed", po::value<std::uint64_t>()->default_value(0),
         "seed of the fold assignment (kfold), the permutations and the bootstrap resamples")(
+        "solver", po::value<std::string>()->default_value("auto"),
+        "basis of the training features: primal (thin SVD, LAPACK), dual (n x n kernel "
+        "eigendecomposed with ScaLAPACK PDSYEVD over all ranks), or auto (dual when a layer has "
+        "more features than training images)")(
         "precision", po::value<std::string>()->default_value("float32"),
         "precision of the alpha-selection GEMMs: float32 (near-ties rechecked in float64) or "
         "float64; refit, predictions and scores are always float64")(
@@ -61,6 +65,7 @@ Command encode_command() {
     o.store_predictions = vm["store-predictions"].as<bool>();
     o.permutations = vm["permutations"].as<int>();
     o.precision = vm["precision"].as<std::string>();
+    o.solver = vm["solver"].as<std::string>();
     o.bootstraps = vm["bootstraps"].as<int>();
     o.store_resamples = vm["store-resamples"].as<bool>();
     o.memory_gb = vm["memory-gb"].as<double>();

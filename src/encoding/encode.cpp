@@ -58,6 +58,8 @@ void validate(const EncodeOptions& o) {
       throw UsageError("--alphas: every alpha must be a positive finite number");
   if (o.precision != "float32" && o.precision != "float64")
     throw UsageError("--precision: must be float32 or float64, not '" + o.precision + "'");
+  if (o.solver != "auto" && o.solver != "primal" && o.solver != "dual")
+    throw UsageError("--solver: must be auto, primal or dual, not '" + o.solver + "'");
   if (o.permutations < 0 || o.permutations > 10000000)
     throw UsageError("--permutations: must be between 0 and 10^7");
   if (o.bootstraps < 0 || o.bootstraps > 10000000)
@@ -383,6 +385,11 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   auto svd_job = [&](RidgeBasis& out, const std::vector<double>& xa, std::int64_t na,
                      std::int64_t dim, const std::vector<double>& xb, std::int64_t nb,
                      bool distribute) {
+    if (opt.solver == "dual" || (opt.solver == "auto" && dim > na)) {
+      // The kernel form, computed by all ranks together (ScaLAPACK) when they are all here.
+      out = make_basis_dual(xa, na, dim, xb, nb, distribute ? comm : MPI_COMM_SELF);
+      return;
+    }
     const int owner = distribute ? int(job++ % p) : me;
     if (owner == me)
       out = make_basis(xa, na, dim, xb, nb);
@@ -424,6 +431,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   f.set_attr("/", "alphas", alphas);
   f.set_attr("/", "alpha_cv", opt.alpha_cv);
   f.set_attr("/", "precision", opt.precision);
+  f.set_attr("/", "solver", opt.solver);
   f.set_attr("/", "n_train", n);
   f.set_attr("/", "n_test", m);
   if (meg)

@@ -7,6 +7,7 @@
 
 #include "gradmap/core/profile.hpp"
 #include "gradmap/linalg/dense.hpp"
+#include "gradmap/linalg/kernel_eig.hpp"
 
 namespace gradmap::encoding {
 
@@ -36,6 +37,39 @@ RidgeBasis make_basis(const std::vector<double>& x_train, std::int64_t n, std::i
   // X_test V = X_test (V^T)^T: [m, p] x [p, r].
   b.test_v.assign(size_t(m * r), 0.0);
   linalg::gemm(false, true, m, r, p, 1.0, x_test.data(), vt.data(), 0.0, b.test_v.data());
+  return b;
+}
+
+RidgeBasis make_basis_dual(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
+                           const std::vector<double>& x_test, std::int64_t m, MPI_Comm comm) {
+  std::vector<double> w, z;
+  linalg::kernel_eig(x_train, n, p, comm, w, z);
+  ProfileEvent ev("gm.ridge.dual");
+  RidgeBasis b;
+  b.n = n;
+  b.p = p;
+  b.m = m;
+  std::int64_t r = 0;
+  while (r < n && w[size_t(r)] > 1e-12 * w[0])
+    ++r;
+  b.r = r;
+  b.s.resize(size_t(r));
+  for (std::int64_t k = 0; k < r; ++k)
+    b.s[size_t(k)] = std::sqrt(w[size_t(k)]);
+  b.u.resize(size_t(n * r));
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t k = 0; k < r; ++k)
+      b.u[size_t(i * r + k)] = z[size_t(i * n + k)];
+  b.u32.assign(b.u.begin(), b.u.end());
+  // X_test V = (X_test X_train^T) U diag(1/s).
+  ProfileEvent::add_flops(2.0 * double(m) * double(n) * (double(p) + double(r)));
+  std::vector<double> kt(size_t(m * n));
+  linalg::gemm(false, true, m, n, p, 1.0, x_test.data(), x_train.data(), 0.0, kt.data());
+  b.test_v.assign(size_t(m * r), 0.0);
+  linalg::gemm(false, false, m, r, n, 1.0, kt.data(), b.u.data(), 0.0, b.test_v.data());
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t k = 0; k < r; ++k)
+      b.test_v[size_t(i * r + k)] /= b.s[size_t(k)];
   return b;
 }
 

@@ -96,6 +96,33 @@ def test_matches_sklearn_ridgecv_and_ridge():
         assert f.attrs["n_train"] == N - NTEST and list(f["/split/test_stimuli"][()]) == list(TEST)
 
 
+def test_primal_and_dual_paths_agree_for_any_rank_count():
+    """--solver primal (thin SVD) and dual (kernel eigendecomposition: LAPACK on 1 rank,
+    ScaLAPACK PDSYEVD on 1x2, 1x3 and 2x2 BLACS grids) give the same alphas, predictions and r,
+    for n > p ("narrow") and p > n ("wide"), with LOO and K-fold selection; sklearn agreement of
+    the default (auto = dual for "wide") is checked above."""
+    base = ["--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5",
+            "--alphas", ",".join(map(str, ALPHAS)), "--store-predictions", "--precision", "float64"]
+    for cv in ("loo", "kfold"):
+        runs = {}
+        for solver, ranks in (("primal", 1), ("dual", 1), ("dual", 2), ("dual", 3), ("dual", 4)):
+            out = f"{BASE}/solver-{cv}-{solver}-{ranks}.h5"
+            gradmap(["encode", *base, "--alpha-cv", cv, "--solver", solver, "--out", out], ranks=ranks)
+            with h5py.File(out) as f:
+                assert f.attrs["solver"] in (solver, solver.encode())
+                runs[(solver, ranks)] = {k: f[k][()] for k in ("/activations/alpha", "/activations/r",
+                                                               "/activations/prediction/narrow",
+                                                               "/activations/prediction/wide")}
+        ref = runs[("primal", 1)]
+        for key, got in runs.items():
+            a, b = ref["/activations/alpha"], got["/activations/alpha"]
+            same = np.isclose(a, b, rtol=1e-9) | (np.isnan(a) & np.isnan(b))
+            assert same.all(), f"{cv} {key}: alphas differ from the primal path at {np.flatnonzero(~same)}"
+            for k in ("/activations/r", "/activations/prediction/narrow", "/activations/prediction/wide"):
+                d = np.nanmax(np.abs(got[k] - ref[k]))
+                assert d < 1e-6, f"{cv} {key}: {k} differs from the primal path by {d}"
+
+
 def test_float32_selection_chooses_float64_alphas():
     """--precision float32 (default) vs float64: the same alphas (near-ties are rechecked in
     float64) and so the same scores, for LOO and K-fold."""
@@ -289,7 +316,7 @@ def test_nan_targets_are_excluded_and_reported():
         assert np.array_equal(ra[:, keep], rb[:, keep], equal_nan=True)
 
 
-run_tests([test_matches_sklearn_ridgecv_and_ridge, test_float32_selection_chooses_float64_alphas, test_fixed_alpha_equals_sklearn_ridge,
+run_tests([test_matches_sklearn_ridgecv_and_ridge, test_primal_and_dual_paths_agree_for_any_rank_count, test_float32_selection_chooses_float64_alphas, test_fixed_alpha_equals_sklearn_ridge,
            test_noise_ceiling_matches_numpy, test_kfold_matches_a_loop_over_the_same_folds,
            test_chunked_targets_give_identical_results_and_budget_is_enforced,
            test_independent_of_the_number_of_ranks, test_recovers_the_planted_layers_on_simulated_data,
