@@ -82,6 +82,9 @@ def main():
                          "per rank (on a 2-core machine, 1 rank x 2 threads already uses both)")
     ap.add_argument("--gradmap", default="build/src/gradmap")
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--compare-solvers", action="store_true",
+                    help="also time 1-rank encode with --solver primal and --solver dual (the "
+                         "runs above use auto: dual when features > training images)")
     ap.add_argument("--nulls", type=int, default=0, metavar="B",
                     help="also time 1-rank encode with B permutations and 1000 bootstraps against "
                          "the same fit without them (the fits above run without)")
@@ -143,6 +146,24 @@ def main():
     print(f"speed-up 1 rank x {one[1]} threads -> 2 ranks x {two[1]}: {res[one] / res[two]:.2f}x")
     if a.one_thread_scaling:
         print(f"speed-up 1 rank x 1 thread -> 2 ranks x 1 thread: {res[(1, 1)] / res[two]:.2f}x")
+    if a.compare_solvers:
+        threads = os.cpu_count()
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                   PETSC_OPTIONS="-log_view")
+        walls = {}
+        for solver in ("primal", "dual"):
+            wall, rss, p = run(["mpiexec", "-n", "1", *flags, "--bind-to", "none", a.gradmap, "encode",
+                                "--features", f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out",
+                                f"{d}/{solver}.h5", "--alphas", alphas, "--alpha-cv", a.cv, "--threads",
+                                str(threads), "--permutations", "0", "--bootstraps", "0", "--precision",
+                                a.precision, "--solver", solver], env)
+            basis = re.search(r"gm\.ridge\.(svd|kernel)\s+\d+ \S+ (\S+)", p.stdout, re.M)
+            walls[solver] = wall
+            extra = f", basis ({basis.group(1)}) {float(basis.group(2)):.1f} s" if basis else ""
+            print(f"gradmap encode -n 1 --solver {solver}: {wall:.1f} s wall, peak RSS {rss:.2f} GiB{extra}")
+        with h5py.File(f"{d}/primal.h5") as fp, h5py.File(f"{d}/dual.h5") as fd:
+            dr = np.nanmax(np.abs(fp["/activations/r"][()] - fd["/activations/r"][()]))
+        print(f"primal / dual wall: {walls['primal'] / walls['dual']:.2f}x; max |r_primal - r_dual| = {dr:.1e}")
     if a.nulls:
         threads = os.cpu_count()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
