@@ -20,6 +20,7 @@
 #include "gradmap/io/nifti.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/mpi/partition.hpp"
+#include "images.hpp"
 
 namespace gradmap::importers {
 
@@ -432,30 +433,18 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
     const auto img = f.create_dataset("/stimuli/images", io::DType::u8, {N, H, W, 3});
     io::File sf = io::File::open(o.root + "/nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5", comm);
     const auto brick = sf.dataset("imgBrick");
-    const mpi::Block mine = mpi::block_of(N, P, me);
-    const std::int64_t most = mpi::block_of(N, P, 0).size(), batch = 16;
-    Progress prog("import-nsd: images", most, "images", double(P));
-    std::vector<std::uint8_t> buf;
-    for (std::int64_t b0 = 0; b0 < most; b0 += batch) {
-      buf.clear();
-      const std::int64_t b1 = std::min(most, b0 + batch);
-      for (std::int64_t i = b0; i < b1; ++i) {
-        const bool have = i < mine.size();
-        const std::int64_t id = have ? p.ids[size_t(mine.begin + i)] : 0;
-        auto px = brick.read<std::uint8_t>({have ? id - 1 : 0, 0, 0, 0},
-                                           {have ? 1 : 0, p.image_h, p.image_w, 3});
-        if (!have)
-          continue;
-        if (H != p.image_h || W != p.image_w) {
-          io::RgbImage in{p.image_h, p.image_w, std::move(px)};
-          px = io::resize_rgb(in, H, W).pixels;
-        }
-        buf.insert(buf.end(), px.begin(), px.end());
+    write_image_rows(img, N, 16, "import-nsd", comm, [&](std::int64_t i, std::vector<std::uint8_t>& buf) {
+      const std::int64_t row = i >= 0 ? p.ids[size_t(i)] - 1 : 0;
+      auto px = brick.read<std::uint8_t>({row, 0, 0, 0}, {i >= 0 ? 1 : 0, p.image_h, p.image_w, 3});
+      if (i < 0)
+        return;
+      if (H != p.image_h || W != p.image_w) {
+        io::RgbImage in{p.image_h, p.image_w, std::move(px)};
+        px = io::resize_rgb(in, H, W).pixels;
       }
-      img.write_rows(buf, mine.begin + std::min(b0, mine.size()));
-      prog.advance(b1 - b0);
-    }
-    prog.finish();
+      buf.insert(buf.end(), px.begin(), px.end());
+    });
+    const mpi::Block mine = mpi::block_of(N, P, me);
     f.create_dataset("/stimuli/ids", io::DType::i64, {N})
         .write_rows(std::vector<std::int64_t>(p.ids.begin() + mine.begin, p.ids.begin() + mine.end),
                     mine.begin);

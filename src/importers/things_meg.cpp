@@ -10,13 +10,12 @@
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/process.hpp"
-#include "gradmap/core/progress.hpp"
-#include "gradmap/core/signals.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/io/image.hpp"
 #include "gradmap/io/schema.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/mpi/partition.hpp"
+#include "images.hpp"
 
 namespace gradmap::importers {
 
@@ -153,24 +152,14 @@ void import_things_meg(const ThingsMegOptions& o, MPI_Comm comm) {
     sf.set_attr("/stimuli", "source", std::string("THINGS images (ids: things_image_nr)"));
     sf.write_strings("/stimuli/paths", uniq);
     const auto img = sf.create_dataset("/stimuli/images", io::DType::u8, {N, S, S, 3});
+    write_image_rows(img, N, 32, "import-things-meg", comm,
+                     [&](std::int64_t i, std::vector<std::uint8_t>& buf) {
+                       if (i < 0)
+                         return;
+                       const auto px = io::square_resize(io::read_jpeg(files[size_t(i)]), S).pixels;
+                       buf.insert(buf.end(), px.begin(), px.end());
+                     });
     const mpi::Block mine = mpi::block_of(N, P, me);
-    const std::int64_t most = mpi::block_of(N, P, 0).size(), batch = 32;
-    Progress prog("import-things-meg: images", most, "images", double(P));
-    std::vector<std::uint8_t> buf;
-    for (std::int64_t b0 = 0; b0 < most; b0 += batch) {
-      buf.clear();
-      const std::int64_t b1 = std::min(most, b0 + batch);
-      mpi::collective_check(comm, [&] {
-        for (std::int64_t i = b0; i < std::min(b1, mine.size()); ++i) {
-          const auto px = io::square_resize(io::read_jpeg(files[size_t(mine.begin + i)]), S).pixels;
-          buf.insert(buf.end(), px.begin(), px.end());
-        }
-      });
-      img.write_rows(buf, mine.begin + std::min(b0, mine.size()));
-      prog.advance(b1 - b0);
-      signals::check(comm, "import-things-meg (a rerun starts the import again)");
-    }
-    prog.finish();
     sf.create_dataset("/stimuli/ids", io::DType::i64, {N})
         .write_rows(std::vector<std::int64_t>(ids.begin() + mine.begin, ids.begin() + mine.end),
                     mine.begin);
