@@ -11,8 +11,8 @@ namespace gradmap::cli {
 
 const std::vector<Command>& commands() {
   static const std::vector<Command> all = {
-      simulate_command(),  extract_command(), encode_command(),   stats_command(),
-      aggregate_command(), report_command(),  validate_command(), run_command(),
+      simulate_command(),   extract_command(),          encode_command(),   stats_command(),
+      aggregate_command(),  report_command(),           validate_command(), run_command(),
       import_nsd_command(), import_things_meg_command()};
 
   return all;

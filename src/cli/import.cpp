@@ -3,9 +3,9 @@
 
 #include "gradmap/core/error.hpp"
 
+#include "command.hpp"
 #include "gradmap/importers/nsd.hpp"
 #include "gradmap/importers/things_meg.hpp"
-#include "command.hpp"
 
 namespace gradmap::cli {
 
@@ -29,20 +29,21 @@ Command import_nsd_command() {
   c.summary =
       "Natural Scenes Dataset, in its published layout under --nsd-root, for one subject ->\n"
       "DIR/stimuli.h5 (the images the subject saw, ids = 73k ids) and DIR/brain_fmri.h5 (single-\n"
-      "trial betas of the voxels in the mask, as z-scores or percent signal change; the shared images\n"
+      "trial betas of the voxels in the mask, as z-scores or percent signal change; the shared "
+      "images\n"
       "as /brain/test_stimuli; ROI labels, voxel coordinates and the NIfTI affine). Ranks take\n"
       "sessions round-robin; memory is one session per rank.";
   c.options = [](po::options_description& d) {
     const importers::NsdOptions def;
-    d.add_options()("nsd-root", po::value<std::string>()->required(), "NSD root directory")(
-        "subject", po::value<int>()->required(), "subject 1..8")(
+    d.add_options()("nsd-root", po::value<std::string>()->required(),
+                    "NSD root directory")("subject", po::value<int>()->required(), "subject 1..8")(
         "out", po::value<std::string>()->required(), "output directory")(
         "sessions", po::value<std::string>()->default_value("all"),
         "sessions to import, e.g. 1-10,12 (default: all the subject completed)")(
         "space", po::value<std::string>()->default_value(def.space), "func1pt8mm or func1mm")(
-        "betas", po::value<std::string>()->default_value(def.betas), "GLM version folder")(
-        "betas-format", po::value<std::string>()->default_value(def.format),
-        "auto (HDF5 if present, else NIfTI), hdf5 or nifti")(
+        "betas", po::value<std::string>()->default_value(def.betas),
+        "GLM version folder")("betas-format", po::value<std::string>()->default_value(def.format),
+                              "auto (HDF5 if present, else NIfTI), hdf5 or nifti")(
         "mask", po::value<std::string>()->default_value(def.mask),
         "voxels with value > 0 in this ROI file (a name under the subject's roi/ folder, or a "
         "path to a NIfTI on the same grid)")(
@@ -89,14 +90,14 @@ Command import_things_meg_command() {
     d.add_options()("epochs", po::value<std::string>()->required(),
                     "preprocessed_P<N>-epo.fif")("images", po::value<std::string>()->required(),
                                                  "folder with images_meg/ and images_test_meg/")(
-        "out", po::value<std::string>()->required(), "output directory")(
-        "image-size", po::value<std::int64_t>()->default_value(def.image_size),
-        "stimuli stored at this square size")(
+        "out", po::value<std::string>()->required(),
+        "output directory")("image-size", po::value<std::int64_t>()->default_value(def.image_size),
+                            "stimuli stored at this square size")(
         "block", po::value<std::int64_t>()->default_value(def.block),
         "epochs read per block (bounds the converter's memory)")(
-        "python", po::value<std::string>()->default_value(def.python), "Python with MNE and h5py")(
-        "script", po::value<std::string>()->default_value(""),
-        "things_meg_convert.py (default: found beside the binary)");
+        "python", po::value<std::string>()->default_value(def.python),
+        "Python with MNE and h5py")("script", po::value<std::string>()->default_value(""),
+                                    "things_meg_convert.py (default: found beside the binary)");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     importers::ThingsMegOptions o;

@@ -206,8 +206,8 @@ Command run_command() {
       const auto imp =
           parse(*find_command("import-things-meg"), {"--config", config, "--out", data_dir});
       outputs.push_back(data_files[2]);
-      data_stage = {"import-things-meg", {"--out", data_dir}, {(*imp)["epochs"].as<std::string>()},
-                    outputs};
+      data_stage = {
+          "import-things-meg", {"--out", data_dir}, {(*imp)["epochs"].as<std::string>()}, outputs};
     }
     if (mpi::rank(ctx.comm) == 0)
       for (size_t i = 1; i < 3; ++i)

@@ -77,11 +77,20 @@ struct RoiName {
 // V1v/V1d etc. are merged; streams "early" (1) is left to prf-visualrois' V1-V3.
 const std::map<std::string, std::map<int, RoiName>> kAtlases = {
     {"prf-visualrois",
-     {{1, {"V1", 1}}, {2, {"V1", 1}}, {3, {"V2", 2}}, {4, {"V2", 2}}, {5, {"V3", 3}},
-      {6, {"V3", 3}}, {7, {"hV4", 4}}}},
+     {{1, {"V1", 1}},
+      {2, {"V1", 1}},
+      {3, {"V2", 2}},
+      {4, {"V2", 2}},
+      {5, {"V3", 3}},
+      {6, {"V3", 3}},
+      {7, {"hV4", 4}}}},
     {"streams",
-     {{2, {"midventral", 5}}, {3, {"midlateral", 5}}, {4, {"midparietal", 5}},
-      {5, {"ventral", 6}}, {6, {"lateral", 6}}, {7, {"parietal", 6}}}},
+     {{2, {"midventral", 5}},
+      {3, {"midlateral", 5}},
+      {4, {"midparietal", 5}},
+      {5, {"ventral", 6}},
+      {6, {"lateral", 6}},
+      {7, {"parietal", 6}}}},
 };
 
 std::string two(int v) {
@@ -178,8 +187,9 @@ Plan make_plan(const NsdOptions& o, MPI_Comm comm) {
                     std::to_string(g + 1));
       const double idx = mo.values[size_t(g)];
       if (!(idx >= 1 && idx <= double(per_subject)) || idx != std::floor(idx))
-        throw Error(design + ": masterordering(" + std::to_string(g + 1) + ") = " +
-                    std::to_string(idx) + " is not an index into 1.." + std::to_string(per_subject));
+        throw Error(design + ": masterordering(" + std::to_string(g + 1) +
+                    ") = " + std::to_string(idx) + " is not an index into 1.." +
+                    std::to_string(per_subject));
       const double id = si.at(o.subject - 1, std::int64_t(idx) - 1);
       if (!(id >= 1) || id != std::floor(id))
         throw Error(design + ": subjectim(" + std::to_string(o.subject) + ", " +
@@ -258,8 +268,8 @@ Plan make_plan(const NsdOptions& o, MPI_Comm comm) {
     const std::string apath = roi_file(atlas);
     const auto lab = io::read_nifti_volume(apath, &ah);
     if (ah.dims != mh.dims)
-      throw Error(apath + ": grid " + grid_str(ah.dims) + " differs from the mask's (" +
-                  mask_path + ", " + grid_str(mh.dims) + ")");
+      throw Error(apath + ": grid " + grid_str(ah.dims) + " differs from the mask's (" + mask_path +
+                  ", " + grid_str(mh.dims) + ")");
     if (!same_affine(ah.affine, mh.affine))
       throw Error(apath + ": affine differs from the mask's (" + mask_path + ")");
     for (size_t k = 0; k < p.voxels.size(); ++k) {
@@ -281,8 +291,8 @@ Plan make_plan(const NsdOptions& o, MPI_Comm comm) {
       throw Error(ds.where() + ": expected uint8 [images, rows, columns, 3], found " +
                   io::dtype_name(ds.dtype()) + " " + grid_str(shape));
     if (p.ids.back() > shape[0])
-      throw Error(ds.where() + ": holds " + std::to_string(shape[0]) + " images, the design asks for 73k id " +
-                  std::to_string(p.ids.back()));
+      throw Error(ds.where() + ": holds " + std::to_string(shape[0]) +
+                  " images, the design asks for 73k id " + std::to_string(p.ids.back()));
     p.brick_n = shape[0];
     p.image_h = shape[1];
     p.image_w = shape[2];
@@ -361,9 +371,9 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
   const std::int64_t N = std::int64_t(p.ids.size()), V = std::int64_t(p.voxels.size());
   const std::int64_t S = std::int64_t(p.sessions.size()), T = S * kTrialsPerSession;
   GM_INFO("import-nsd: subject " << o.subject << ", " << S << " sessions (" << T << " trials, "
-                                 << (p.hdf5 ? "HDF5" : "NIfTI") << " betas), " << N
-                                 << " images (" << p.test.size() << " shared), " << V
-                                 << " voxels on a " << grid_str(p.grid) << " grid");
+                                 << (p.hdf5 ? "HDF5" : "NIfTI") << " betas), " << N << " images ("
+                                 << p.test.size() << " shared), " << V << " voxels on a "
+                                 << grid_str(p.grid) << " grid");
   if (me == 0)
     io::make_directories(o.out_dir);
   MPI_Barrier(comm);
@@ -378,9 +388,11 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
     f.create_group("/brain");
     f.set_attr("/brain", "source", std::string("NSD"));
     f.set_attr("/brain", "subject", std::int64_t(o.subject));
-    f.set_attr("/brain", "sessions", std::vector<std::int64_t>(p.sessions.begin(), p.sessions.end()));
+    f.set_attr("/brain", "sessions",
+               std::vector<std::int64_t>(p.sessions.begin(), p.sessions.end()));
     f.set_attr("/brain", "betas", o.space + "/" + o.betas + (p.hdf5 ? " (hdf5)" : " (nii.gz)"));
-    f.set_attr("/brain", "units", std::string(o.zscore ? "z-scored within session" : "percent signal change"));
+    f.set_attr("/brain", "units",
+               std::string(o.zscore ? "z-scored within session" : "percent signal change"));
     f.set_attr("/brain", "mask", o.mask);
     f.write_small("/brain/trial_stimulus", p.trial_stimulus, {T});
     f.write_small("/brain/test_stimuli", p.test, {std::int64_t(p.test.size())});
@@ -433,17 +445,19 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
     const auto img = f.create_dataset("/stimuli/images", io::DType::u8, {N, H, W, 3});
     io::File sf = io::File::open(o.root + "/nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5", comm);
     const auto brick = sf.dataset("imgBrick");
-    write_image_rows(img, N, 16, "import-nsd", comm, [&](std::int64_t i, std::vector<std::uint8_t>& buf) {
-      const std::int64_t row = i >= 0 ? p.ids[size_t(i)] - 1 : 0;
-      auto px = brick.read<std::uint8_t>({row, 0, 0, 0}, {i >= 0 ? 1 : 0, p.image_h, p.image_w, 3});
-      if (i < 0)
-        return;
-      if (H != p.image_h || W != p.image_w) {
-        io::RgbImage in{p.image_h, p.image_w, std::move(px)};
-        px = io::resize_rgb(in, H, W).pixels;
-      }
-      buf.insert(buf.end(), px.begin(), px.end());
-    });
+    write_image_rows(
+        img, N, 16, "import-nsd", comm, [&](std::int64_t i, std::vector<std::uint8_t>& buf) {
+          const std::int64_t row = i >= 0 ? p.ids[size_t(i)] - 1 : 0;
+          auto px =
+              brick.read<std::uint8_t>({row, 0, 0, 0}, {i >= 0 ? 1 : 0, p.image_h, p.image_w, 3});
+          if (i < 0)
+            return;
+          if (H != p.image_h || W != p.image_w) {
+            io::RgbImage in{p.image_h, p.image_w, std::move(px)};
+            px = io::resize_rgb(in, H, W).pixels;
+          }
+          buf.insert(buf.end(), px.begin(), px.end());
+        });
     const mpi::Block mine = mpi::block_of(N, P, me);
     f.create_dataset("/stimuli/ids", io::DType::i64, {N})
         .write_rows(std::vector<std::int64_t>(p.ids.begin() + mine.begin, p.ids.begin() + mine.end),

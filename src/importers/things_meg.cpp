@@ -32,7 +32,8 @@ std::string resolve_image(const fs::path& dir, const std::string& rel) {
   const auto slash = rel.find('/');
   if (slash != std::string::npos && fs::exists(dir / rel.substr(slash + 1)))
     return (dir / rel.substr(slash + 1)).string();
-  throw Error(a.string() + ": image file missing (image_path '" + rel + "' of the epochs' metadata)");
+  throw Error(a.string() + ": image file missing (image_path '" + rel +
+              "' of the epochs' metadata)");
 }
 
 } // namespace
@@ -69,9 +70,10 @@ void import_things_meg(const ThingsMegOptions& o, MPI_Comm comm) {
   GM_CHECK_MPI(MPI_Bcast(&rc, 1, MPI_INT, 0, comm));
   if (rc != 0) {
     const std::string why = mpi::broadcast(comm, me == 0 ? last_line(log_path) : "");
-    Error e("import-things-meg: " + (why.empty() ? o.python + " " + script + " failed (exit " +
-                                                       std::to_string(rc) + ", see " + log_path + ")"
-                                                 : why));
+    Error e("import-things-meg: " + (why.empty()
+                                         ? o.python + " " + script + " failed (exit " +
+                                               std::to_string(rc) + ", see " + log_path + ")"
+                                         : why));
     e.collective = true;
     throw e;
   }

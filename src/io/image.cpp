@@ -63,7 +63,8 @@ RgbImage read_jpeg(const std::string& path) {
   img.width = cinfo.output_width;
   img.pixels.resize(std::size_t(img.height * img.width * 3));
   while (cinfo.output_scanline < cinfo.output_height) {
-    JSAMPROW row = img.pixels.data() + std::size_t(cinfo.output_scanline) * std::size_t(img.width) * 3;
+    JSAMPROW row =
+        img.pixels.data() + std::size_t(cinfo.output_scanline) * std::size_t(img.width) * 3;
     jpeg_read_scanlines(&cinfo, &row, 1);
   }
   jpeg_finish_decompress(&cinfo);

@@ -23,23 +23,39 @@ std::int64_t MatArray::numel() const {
 namespace {
 
 enum : std::uint32_t {
-  miINT8 = 1, miUINT8 = 2, miINT16 = 3, miUINT16 = 4, miINT32 = 5, miUINT32 = 6, miSINGLE = 7,
-  miDOUBLE = 9, miINT64 = 12, miUINT64 = 13, miMATRIX = 14, miCOMPRESSED = 15
+  miINT8 = 1,
+  miUINT8 = 2,
+  miINT16 = 3,
+  miUINT16 = 4,
+  miINT32 = 5,
+  miUINT32 = 6,
+  miSINGLE = 7,
+  miDOUBLE = 9,
+  miINT64 = 12,
+  miUINT64 = 13,
+  miMATRIX = 14,
+  miCOMPRESSED = 15
 };
 
 const char* class_name(int c) {
-  static const char* names[] = {"",      "cell",  "struct", "object", "char",   "sparse",
-                                "double", "single", "int8",   "uint8",  "int16",  "uint16",
+  static const char* names[] = {"",       "cell",   "struct", "object", "char",  "sparse",
+                                "double", "single", "int8",   "uint8",  "int16", "uint16",
                                 "int32",  "uint32", "int64",  "uint64"};
   return c >= 0 && c < 16 ? names[c] : "unknown";
 }
 
 std::size_t type_size(std::uint32_t t) {
   switch (t) {
-  case miINT8: case miUINT8: return 1;
-  case miINT16: case miUINT16: return 2;
-  case miINT32: case miUINT32: case miSINGLE: return 4;
-  case miDOUBLE: case miINT64: case miUINT64: return 8;
+  case miINT8:
+  case miUINT8: return 1;
+  case miINT16:
+  case miUINT16: return 2;
+  case miINT32:
+  case miUINT32:
+  case miSINGLE: return 4;
+  case miDOUBLE:
+  case miINT64:
+  case miUINT64: return 8;
   default: return 0;
   }
 }

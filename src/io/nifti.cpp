@@ -36,10 +36,16 @@ namespace {
 
 std::size_t dtype_size(int t) {
   switch (t) {
-  case 2: case 256: return 1;           // uint8, int8
-  case 4: case 512: return 2;           // int16, uint16
-  case 8: case 16: case 768: return 4;  // int32, float32, uint32
-  case 64: case 1024: case 1280: return 8; // float64, int64, uint64
+  case 2:
+  case 256: return 1; // uint8, int8
+  case 4:
+  case 512: return 2; // int16, uint16
+  case 8:
+  case 16:
+  case 768: return 4; // int32, float32, uint32
+  case 64:
+  case 1024:
+  case 1280: return 8; // float64, int64, uint64
   default: return 0;
   }
 }
@@ -87,9 +93,10 @@ std::vector<double> best_affine(const unsigned char* h, bool sw, const NiftiHead
     qfac = qfac < 0 ? -1.0 : 1.0;
     const double w2 = 1.0 - (b * b + c * c + d * d);
     const double w = w2 < 0 ? 0.0 : std::sqrt(w2);
-    const double R[3][3] = {{w * w + b * b - c * c - d * d, 2 * (b * c - w * d), 2 * (b * d + w * c)},
-                            {2 * (b * c + w * d), w * w + c * c - b * b - d * d, 2 * (c * d - w * b)},
-                            {2 * (b * d - w * c), 2 * (c * d + w * b), w * w + d * d - b * b - c * c}};
+    const double R[3][3] = {
+        {w * w + b * b - c * c - d * d, 2 * (b * c - w * d), 2 * (b * d + w * c)},
+        {2 * (b * c + w * d), w * w + c * c - b * b - d * d, 2 * (c * d - w * b)},
+        {2 * (b * d - w * c), 2 * (c * d + w * b), w * w + d * d - b * b - c * c}};
     const double z[3] = {px, py, pz * qfac};
     for (int r = 0; r < 3; ++r) {
       for (int k = 0; k < 3; ++k)
@@ -157,16 +164,15 @@ NiftiReader::NiftiReader(const std::string& path) : path_(path), impl_(new Impl)
   }
   h_.affine = best_affine(h, sw, h_);
   if (gzseek(impl_->gz, z_off_t(h_.vox_offset), SEEK_SET) < 0)
-    throw Error(path + ": truncated before its data (vox_offset " +
-                std::to_string(h_.vox_offset) + ")");
+    throw Error(path + ": truncated before its data (vox_offset " + std::to_string(h_.vox_offset) +
+                ")");
 }
 
 NiftiReader::~NiftiReader() = default;
 
 void NiftiReader::read_volume(std::vector<double>& out) {
   if (next_ >= h_.volumes())
-    throw Error(path_ + ": read past the last of its " + std::to_string(h_.volumes()) +
-                " volumes");
+    throw Error(path_ + ": read past the last of its " + std::to_string(h_.volumes()) + " volumes");
   const std::size_t es = dtype_size(h_.datatype), n = std::size_t(h_.volume_size());
   std::vector<unsigned char> raw(n * es);
   std::size_t got = 0;
@@ -177,7 +183,8 @@ void NiftiReader::read_volume(std::vector<double>& out) {
       int err = 0;
       const char* msg = gzerror(impl_->gz, &err);
       throw Error(path_ + ": truncated or corrupt at volume " + std::to_string(next_) + " of " +
-                  std::to_string(h_.volumes()) + (err != Z_OK && msg ? std::string(" (") + msg + ")" : ""));
+                  std::to_string(h_.volumes()) +
+                  (err != Z_OK && msg ? std::string(" (") + msg + ")" : ""));
     }
     got += std::size_t(k);
   }

@@ -12,8 +12,8 @@
 extern "C" {
 void dsyrk_(const char* uplo, const char* trans, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* beta, double* c, const int* ldc);
-void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda,
-             double* w, double* work, const int* lwork, int* iwork, const int* liwork, int* info);
+void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w,
+             double* work, const int* lwork, int* iwork, const int* liwork, int* info);
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc);
@@ -45,8 +45,7 @@ void local_eig(int n, std::vector<double>& a, std::vector<double>& w) {
   liwork = iq;
   std::vector<double> work(static_cast<size_t>(lwork));
   std::vector<int> iwork(static_cast<size_t>(liwork));
-  dsyevd_("V", "L", &n, a.data(), &n, w.data(), work.data(), &lwork, iwork.data(), &liwork,
-          &info);
+  dsyevd_("V", "L", &n, a.data(), &n, w.data(), work.data(), &lwork, iwork.data(), &liwork, &info);
   if (info != 0)
     throw Error("LAPACK dsyevd failed on the " + std::to_string(n) + "-image kernel (info " +
                 std::to_string(info) + ")");
@@ -60,7 +59,8 @@ void kernel_eig(const std::vector<double>& x, std::int64_t n64, std::int64_t p64
   GM_REQUIRE(n64 < (std::int64_t(1) << 31) / 2 && p64 < (std::int64_t(1) << 31),
              "kernel_eig: n or p beyond 32-bit LAPACK indices");
   const int n = int(n64), p = int(p64);
-  ProfileEvent::add_flops(double(n) * double(n) * double(p) + 4.0 * double(n) * double(n) * double(n));
+  ProfileEvent::add_flops(double(n) * double(n) * double(p) +
+                          4.0 * double(n) * double(n) * double(n));
   const int P = mpi::size(comm);
   std::vector<double> ev_cm; // eigenvectors, column-major n x n (column k = vector k)
   std::vector<double> wa;    // ascending
@@ -99,8 +99,7 @@ void kernel_eig(const std::vector<double>& x, std::int64_t n64, std::int64_t p64
     std::vector<double> a(size_t(lld) * size_t(std::max(1, nloc)), 0.0), zl(a.size(), 0.0);
     if (mloc > 0 && nloc > 0) {
       const double one = 1, zero = 0;
-      dgemm_("T", "N", &mloc, &nloc, &p, &one, xr.data(), &p, xc.data(), &p, &zero, a.data(),
-             &lld);
+      dgemm_("T", "N", &mloc, &nloc, &p, &one, xr.data(), &p, xc.data(), &p, &zero, a.data(), &lld);
     }
     wa.resize(size_t(n));
     int lwork = -1, liwork = -1, iq = 0;
@@ -109,8 +108,8 @@ void kernel_eig(const std::vector<double>& x, std::int64_t n64, std::int64_t p64
              &q, &lwork, &iq, &liwork, &info);
     // The documented minima (pdsyevd.f), times 4: the workspace query and the minima both
     // undershoot (PDLASRT then rejects its LWORK on 1 x 3 grids).
-    const std::int64_t trilwmin = 3 * std::int64_t(n) + std::max<std::int64_t>(
-                                                          std::int64_t(nb) * (mloc + 1), 3 * nb);
+    const std::int64_t trilwmin =
+        3 * std::int64_t(n) + std::max<std::int64_t>(std::int64_t(nb) * (mloc + 1), 3 * nb);
     const std::int64_t lmin =
         std::max<std::int64_t>(1 + 6 * std::int64_t(n) + 2 * std::int64_t(mloc) * nloc, trilwmin) +
         2 * std::int64_t(n);

@@ -19,11 +19,11 @@ void expect_eigendecomposition(const std::vector<double>& x, int n, int p, MPI_C
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j)
       for (int c = 0; c < p; ++c)
-        k[size_t(i) * size_t(n) + size_t(j)] += x[size_t(i) * size_t(p) + size_t(c)] * x[size_t(j) * size_t(p) + size_t(c)];
+        k[size_t(i) * size_t(n) + size_t(j)] +=
+            x[size_t(i) * size_t(p) + size_t(c)] * x[size_t(j) * size_t(p) + size_t(c)];
   double scale = w[0], worst = 0, orth = 0;
   for (int a = 0; a < n; ++a) {
-    if (a > 0)
-    {
+    if (a > 0) {
       EXPECT_GE(w[size_t(a - 1)], w[size_t(a)] - 1e-9 * scale);
     }
     for (int i = 0; i < n; ++i) {

@@ -22,10 +22,10 @@ struct EncodeOptions {
   double memory_gb = 4.0;            ///< memory budget per rank (GiB): targets are chunked to fit
   std::int64_t max_chunk = 0;        ///< at most this many target units per round (0: budget only)
   std::string precision = "float32"; ///< of the alpha-selection GEMMs (ridge.hpp: Precision)
-  std::string solver = "auto";       ///< primal (SVD) | dual (kernel, ScaLAPACK) | auto: dual when p > n
-  int permutations = 1000;           ///< test-image permutations (0: none; see nulls.hpp)
-  int bootstraps = 1000;             ///< bootstrap resamples of the test images (0: none)
-  bool store_resamples = false;      ///< also write the permutations and bootstrap counts
+  std::string solver = "auto";  ///< primal (SVD) | dual (kernel, ScaLAPACK) | auto: dual when p > n
+  int permutations = 1000;      ///< test-image permutations (0: none; see nulls.hpp)
+  int bootstraps = 1000;        ///< bootstrap resamples of the test images (0: none)
+  bool store_resamples = false; ///< also write the permutations and bootstrap counts
 };
 
 /// The default alpha grid: 10 values log-spaced from 1e-1 to 1e8.

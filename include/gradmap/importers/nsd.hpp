@@ -18,11 +18,11 @@ struct NsdOptions {
   std::vector<int> sessions;        ///< 1-based; empty = all of the subject's sessions
   std::string space = "func1pt8mm"; ///< func1pt8mm | func1mm
   std::string betas = "betas_fithrf_GLMdenoise_RR";
-  std::string format = "auto";      ///< auto | hdf5 | nifti
-  std::string mask = "nsdgeneral";  ///< ROI file name under the subject's roi/ folder, or a path
+  std::string format = "auto";     ///< auto | hdf5 | nifti
+  std::string mask = "nsdgeneral"; ///< ROI file name under the subject's roi/ folder, or a path
   std::vector<std::string> rois = {"prf-visualrois", "streams"}; ///< label atlases, first wins
-  bool zscore = true;               ///< z-score each voxel within each session
-  std::int64_t image_size = 0;      ///< 0 = keep NSD's size; else resize (antialiased)
+  bool zscore = true;          ///< z-score each voxel within each session
+  std::int64_t image_size = 0; ///< 0 = keep NSD's size; else resize (antialiased)
 };
 
 /// Sessions each NSD subject completed (subjects 1..8).

@@ -17,7 +17,7 @@ struct ThingsMegOptions {
   std::string out_dir; ///< writes stimuli.h5, brain_meg.h5
   std::int64_t image_size = 224;
   std::string python = "/usr/bin/python3";
-  std::string script; ///< tools/things_meg_convert.py (found beside the binary by default)
+  std::string script;       ///< tools/things_meg_convert.py (found beside the binary by default)
   std::int64_t block = 256; ///< epochs per block in the converter
 };
 

@@ -2,8 +2,8 @@
 // The dual (kernel) side of ridge regression for p >> n: K = X X^T (n x n) and its symmetric
 // eigendecomposition, on one rank with LAPACK (DSYRK + DSYEVD) or over a communicator with
 // ScaLAPACK (a 1 x P BLACS grid made from the communicator, block-cyclic tiles of at most
-// 64 x 64, PDSYEVD). Every rank holds X (the features are replicated), so each rank computes the kernel
-// tiles it owns with one local GEMM (the flops of PDSYRK, without its communication); the
+// 64 x 64, PDSYEVD). Every rank holds X (the features are replicated), so each rank computes the
+// kernel tiles it owns with one local GEMM (the flops of PDSYRK, without its communication); the
 // eigenvectors are then gathered on every rank.
 #include <mpi.h>
 
