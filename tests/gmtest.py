@@ -64,7 +64,7 @@ def config_from_template(name, changes, path):
     assert cp.read(os.path.join(here, "..", "config", name)), name
     for sec, kv in changes.items():
         for k, v in kv.items():
-            assert cp.has_option(sec, k) or sec == "encode", f"{name} has no [{sec}] {k}"
+            assert cp.has_option(sec, k), f"{name} has no [{sec}] {k}"
             cp.set(sec, k, str(v))
     with open(path, "w") as f:
         cp.write(f)

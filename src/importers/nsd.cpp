@@ -130,7 +130,7 @@ std::string grid_str(const std::vector<std::int64_t>& d) {
 }
 
 // Design, stimulus list, voxel selection and ROI labels (identical on every rank).
-Plan make_plan(const NsdOptions& o, MPI_Comm comm) {
+Plan make_plan(const NsdOptions& o) {
   Plan p;
   const int nsess = nsd_sessions(o.subject);
   if (nsess == 0)
@@ -297,7 +297,6 @@ Plan make_plan(const NsdOptions& o, MPI_Comm comm) {
     p.image_h = shape[1];
     p.image_w = shape[2];
   }
-  (void)comm;
   return p;
 }
 
@@ -367,7 +366,7 @@ std::int64_t read_session(const Plan& p, const std::string& file, bool zscore,
 void import_nsd(const NsdOptions& o, MPI_Comm comm) {
   const int me = mpi::rank(comm), P = mpi::size(comm);
   Plan p;
-  mpi::collective_check(comm, [&] { p = make_plan(o, comm); });
+  mpi::collective_check(comm, [&] { p = make_plan(o); });
   const std::int64_t N = std::int64_t(p.ids.size()), V = std::int64_t(p.voxels.size());
   const std::int64_t S = std::int64_t(p.sessions.size()), T = S * kTrialsPerSession;
   GM_INFO("import-nsd: subject " << o.subject << ", " << S << " sessions (" << T << " trials, "

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <map>
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
@@ -105,24 +104,24 @@ void import_things_meg(const ThingsMegOptions& o, MPI_Comm comm) {
     uniq = paths;
     std::sort(uniq.begin(), uniq.end());
     uniq.erase(std::unique(uniq.begin(), uniq.end()), uniq.end());
-    std::map<std::string, std::int64_t> nr;
+    std::vector<std::int64_t> nr(uniq.size(), 0); // things_image_nr per image (0: none yet)
     std::vector<char> is_test(uniq.size(), 0), is_exp(uniq.size(), 0);
     bool nr_ok = true;
     for (std::int64_t t = 0; t < n; ++t) {
       const auto i = std::lower_bound(uniq.begin(), uniq.end(), paths[size_t(t)]) - uniq.begin();
       trial_stimulus.push_back(i);
       (types[size_t(t)] == "test" ? is_test : is_exp)[size_t(i)] = 1;
-      const auto [it, fresh] = nr.emplace(paths[size_t(t)], image_nr[size_t(t)]);
-      if (image_nr[size_t(t)] < 1 || (!fresh && it->second != image_nr[size_t(t)]))
+      const std::int64_t v = image_nr[size_t(t)];
+      if (v < 1 || (nr[size_t(i)] != 0 && nr[size_t(i)] != v))
         nr_ok = false;
+      nr[size_t(i)] = v;
     }
-    std::vector<std::int64_t> seen;
     for (size_t i = 0; i < uniq.size(); ++i) {
       if (is_test[i] && is_exp[i])
         throw Error(o.epochs + ": image " + uniq[i] + " is shown in both test and exp trials");
       if (is_test[i])
         test.push_back(std::int64_t(i));
-      ids.push_back(nr_ok ? nr.at(uniq[i]) : std::int64_t(i + 1));
+      ids.push_back(nr_ok ? nr[i] : std::int64_t(i + 1));
     }
     auto sorted = ids;
     std::sort(sorted.begin(), sorted.end());
