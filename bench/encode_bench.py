@@ -16,6 +16,7 @@ session (numpy on the same OpenBLAS, all cores).
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,7 +76,7 @@ def main():
     ap.add_argument("--features", type=int, default=1024)
     ap.add_argument("--targets", type=int, default=20000)
     ap.add_argument("--alphas", type=int, default=10)
-    ap.add_argument("--cv", default="loo")
+    ap.add_argument("--cv", default="loo", help="loo or kfold (gradmap's default 5 folds)")
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--one-thread-scaling", action="store_true",
                     help="also time 1 rank x 1 thread, for the 1 -> 2 rank speed-up at one core "
@@ -90,6 +91,13 @@ def main():
                          "the same fit without them (the fits above run without)")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="gradmap-encode-bench-")
+    try:
+        bench(a, d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def bench(a, d):
     n = a.train + a.test
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, a.features)).astype(np.float32)
@@ -142,6 +150,14 @@ def main():
             rate = (f", {m.group(1)} phase {float(m.group(2)):.1f} s at {gf:.1f} GFlop/s "
                     f"({100 * gf / ref_peak:.0f}% of the {a.precision} GEMM peak)")
         print(f"gradmap encode -n {ranks} x {threads} threads: {wall:.1f} s wall, peak RSS {rss:.2f} GiB{rate}")
+        # every profiled phase (rank 0's times; rates over all ranks), with the GEMM peak of its
+        # precision: the X^T Y products run in float64, the rest of the selection in float32
+        phases = []
+        for name, sec, mf in re.findall(r"^(gm\.\S+)\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M):
+            gf = int(mf) / 1000
+            peak_of = peak if name == "gm.ridge.kfold.xty" else speak
+            phases.append(f"{name} {float(sec):.1f} s" + (f" {gf:.0f} GF/s ({100 * gf / peak_of:.0f}%)" if gf else ""))
+        print("    phases: " + "; ".join(phases))
     one, two = configs[0], configs[1]
     print(f"speed-up 1 rank x {one[1]} threads -> 2 ranks x {two[1]}: {res[one] / res[two]:.2f}x")
     if a.one_thread_scaling:

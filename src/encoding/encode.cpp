@@ -4,16 +4,18 @@
 // 3. Each rank reads its column block of the responses, averages the repetitions of each image,
 //    and centres with the training means.
 // 4. Per (kind, layer): standardise the features with training statistics (population std;
-//    constant columns set to 0), build the SVD basis, select alpha per target by efficient LOO,
-//    refit, score on the test images.
+//    constant columns set to 0), build the SVD basis (or the kernel form for p > n, or for
+//    K-fold with p <= the folds' training rows the Gram eigendecompositions), select alpha per
+//    target by efficient LOO or K-fold CV, refit, score on the test images.
 // 5. While the test predictions are in memory: permutation exceedance counts per target, the
 //    max-statistic and group (ROI / time point) means per permutation and bootstrap resample.
-// 6. Write r, R^2, alpha, p [layers, targets] per kind to scores.h5 (column blocks per rank),
-//    and the reduced null and bootstrap replicates.
+// 6. Write r, R^2, alpha, exceedances [layers, targets] (and K-fold's per-fold r) per kind to
+//    scores.h5 (column blocks per rank), and the reduced null and bootstrap replicates.
 #include "gradmap/encoding/encode.hpp"
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <optional>
@@ -167,23 +169,50 @@ void noise_ceiling(const std::vector<float>& raw, std::int64_t t,
   }
 }
 
-// Broadcasts a basis from root (pieces under 2^27 doubles per message).
-void broadcast_basis(RidgeBasis& b, int root, MPI_Comm comm) {
-  std::int64_t dims[4] = {b.n, b.p, b.r, b.m};
-  GM_CHECK_MPI(MPI_Bcast(dims, 4, MPI_INT64_T, root, comm));
-  b.n = dims[0];
-  b.p = dims[1];
-  b.r = dims[2];
-  b.m = dims[3];
-  b.u.resize(static_cast<size_t>(b.n * b.r));
-  b.s.resize(static_cast<size_t>(b.r));
-  b.test_v.resize(static_cast<size_t>(b.m * b.r));
+// Broadcasts integers from root.
+void broadcast_ints(std::initializer_list<std::int64_t*> v, int root, MPI_Comm comm) {
+  std::vector<std::int64_t> buf;
+  for (auto* x : v)
+    buf.push_back(*x);
+  GM_CHECK_MPI(MPI_Bcast(buf.data(), int(buf.size()), MPI_INT64_T, root, comm));
+  size_t i = 0;
+  for (auto* x : v)
+    *x = buf[i++];
+}
+
+// Broadcasts arrays from root, each resized to its size first, in pieces under 2^27 doubles.
+void broadcast_arrays(std::initializer_list<std::pair<std::vector<double>*, std::int64_t>> arrays,
+                      int root, MPI_Comm comm) {
   constexpr size_t piece = size_t(1) << 27;
-  for (std::vector<double>* v : {&b.u, &b.s, &b.test_v})
+  for (const auto& [v, size] : arrays) {
+    v->resize(static_cast<size_t>(size));
     for (size_t o = 0; o < v->size(); o += piece)
       GM_CHECK_MPI(
           MPI_Bcast(v->data() + o, int(std::min(piece, v->size() - o)), MPI_DOUBLE, root, comm));
+  }
+}
+
+// Broadcasts a basis from root.
+void broadcast_basis(RidgeBasis& b, int root, MPI_Comm comm) {
+  broadcast_ints({&b.n, &b.p, &b.r, &b.m}, root, comm);
+  broadcast_arrays({{&b.u, b.n * b.r}, {&b.s, b.r}, {&b.test_v, b.m * b.r}}, root, comm);
   b.u32.assign(b.u.begin(), b.u.end());
+}
+
+// Broadcasts the all-rows part of a Gram basis from root (b.p known everywhere).
+void broadcast_gram_full(GramBasis& b, int root, MPI_Comm comm) {
+  broadcast_ints({&b.r, &b.m}, root, comm);
+  broadcast_arrays({{&b.v, b.p * b.r}, {&b.s2, b.r}, {&b.test_v, b.m * b.r}}, root, comm);
+}
+
+// Broadcasts a Gram fold from root (p known everywhere).
+void broadcast_gram_fold(GramFold& f, std::int64_t p, int root, MPI_Comm comm) {
+  broadcast_ints({&f.begin, &f.end, &f.r}, root, comm);
+  broadcast_arrays(
+      {{&f.v, p * f.r}, {&f.s2, f.r}, {&f.mu, p}, {&f.sx, p}, {&f.vd, f.r}, {&f.tri, f.r * f.r}},
+      root, comm);
+  f.v32.assign(f.v.begin(), f.v.end());
+  f.tri32.assign(f.tri.begin(), f.tri.end());
 }
 
 // Reduces the replicates over ranks and writes them (identical on every rank):
@@ -297,9 +326,29 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     for (std::int64_t j = 0; j < n; ++j)
       fold[perm[j]] = std::int32_t(j * opt.folds / n);
   }
-  std::vector<std::int64_t> row_of(size_t(fi.n), -1); // image -> row in train or test
+  // Internally the training rows are ordered by fold (then image), so that each fold's held-out
+  // rows are contiguous (the Gram K-fold path multiplies them in place); /split/ keeps the image
+  // order. fold_start[f] .. fold_start[f + 1]: the rows of fold f.
+  std::vector<std::int64_t> rows(train);
+  std::vector<std::int32_t> row_fold(fold);
+  std::vector<std::int64_t> fold_start(static_cast<size_t>(opt.folds + 1), 0);
+  if (opt.alpha_cv == "kfold") {
+    std::vector<std::int64_t> idx(static_cast<size_t>(n));
+    for (std::int64_t i = 0; i < n; ++i)
+      idx[i] = i;
+    std::stable_sort(idx.begin(), idx.end(),
+                     [&](std::int64_t a, std::int64_t b) { return fold[a] < fold[b]; });
+    for (std::int64_t i = 0; i < n; ++i) {
+      rows[i] = train[idx[i]];
+      row_fold[i] = fold[idx[i]];
+      ++fold_start[size_t(row_fold[i]) + 1];
+    }
+    for (int f = 0; f < opt.folds; ++f)
+      fold_start[size_t(f) + 1] += fold_start[size_t(f)];
+  }
+  std::vector<std::int64_t> row_of(size_t(fi.n), -1); // image -> row in rows or test
   for (std::int64_t r = 0; r < n; ++r)
-    row_of[train[r]] = r;
+    row_of[rows[r]] = r;
   for (std::int64_t r = 0; r < m; ++r)
     row_of[test[r]] = r;
 
@@ -326,20 +375,34 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   const mpi::Block ub = mpi::block_of(units, p, me);
   const std::int64_t L = std::int64_t(fi.layers.size()), K = std::int64_t(fi.kinds.size());
   const std::int64_t A = std::int64_t(alphas.size());
+  // K-fold with no more features than the smallest fold's training rows: the Gram form
+  // (fit_kfold_gram), unless --solver dual asks for the kernel form.
+  std::int64_t min_fold_train = n;
+  for (int f = 0; f < opt.folds && opt.alpha_cv == "kfold"; ++f)
+    min_fold_train = std::min(min_fold_train, n - (fold_start[f + 1] - fold_start[f]));
+  auto use_gram = [&](std::int64_t dim) {
+    return opt.alpha_cv == "kfold" &&
+           (opt.solver == "primal" || (opt.solver == "auto" && dim <= min_fold_train));
+  };
   std::int64_t pmax = 0, basis_bytes = 0;
   for (auto d : fi.dims) {
     const std::int64_t r = std::min(n, d);
     pmax = std::max(pmax, d);
-    // U (double + float32), X_test V, s; kfold: per fold the same for its rows (about n + n/K
-    // training rows and n/K held-out rows in all, per fold).
-    basis_bytes += 12 * n * r + 8 * (m * r + r) +
-                   (opt.alpha_cv == "kfold" ? 12 * opt.folds * (n + n / opt.folds) * r : 0);
+    if (use_gram(d)) // X, V and X_test V; per fold V (double + float32), triu(H), means
+      basis_bytes += 8 * (n * d + d * r + m * r) + opt.folds * (12 * (d * r + r * r) + 32 * d);
+    else // U (double + float32), X_test V, s; kfold: per fold the same for its rows (about
+         // n + n/K training rows and n/K held-out rows in all, per fold).
+      basis_bytes += 12 * n * r + 8 * (m * r + r) +
+                     (opt.alpha_cv == "kfold" ? 12 * opt.folds * (n + n / opt.folds) * r : 0);
   }
   basis_bytes *= K;
   const std::int64_t rmax = std::min(n, pmax);
   // Per target: its trials, the averaged/centred responses and the solver's work arrays
-  // (U^T y, residuals, predictions, LOO errors) in double, and the outputs in float.
-  const std::int64_t per_target = 8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 20 * K * L;
+  // (U^T y, residuals, predictions, LOO errors) in double, and the outputs in float; K-fold:
+  // the per-fold X_f^T y and their sum, [A | E], the per-fold r.
+  const std::int64_t per_target =
+      8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 20 * K * L +
+      (opt.alpha_cv == "kfold" ? 8 * ((opt.folds + 3) * pmax + opt.folds * (A + K * L)) : 0);
   // Working set of one basis computation: the features, their standardised copies, the SVD.
   const std::int64_t one_basis = 8 * (fi.n * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
   const double budget = opt.memory_gb * double(1 << 30);
@@ -372,16 +435,20 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
                                           << "memory budget; it is recomputed for each chunk");
 
   // The training side of every (kind, layer): the SVD basis of its standardised training
-  // features and, for kfold, the bases of its folds. Every rank reads and standardises the
-  // features (collective reads); the SVDs are dealt round-robin to the ranks and broadcast
+  // features and, for kfold, the bases of its folds (or, in the Gram form, the eigenpairs of
+  // X^T X and of each fold's training Gram). Every rank reads and standardises the features
+  // (collective reads); the decompositions are dealt round-robin to the ranks and broadcast
   // from their owner, so the X side is computed once and shared.
   struct Side {
     std::int64_t dim = 0;
+    bool gram = false;
     RidgeBasis basis;
     std::vector<FoldBasis> folds;
+    GramBasis gb;
   };
   const int nf = opt.alpha_cv == "kfold" ? opt.folds : 0;
-  std::int64_t job = 0; // running SVD counter: its owner is job % p
+  std::int64_t job = 0; // running job counter: its owner is job % p
+  auto owner_of = [&](bool distribute) { return distribute ? int(job++ % p) : me; };
   auto svd_job = [&](RidgeBasis& out, const std::vector<double>& xa, std::int64_t na,
                      std::int64_t dim, const std::vector<double>& xb, std::int64_t nb,
                      bool distribute) {
@@ -390,7 +457,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       out = make_basis_dual(xa, na, dim, xb, nb, distribute ? comm : MPI_COMM_SELF);
       return;
     }
-    const int owner = distribute ? int(job++ % p) : me;
+    const int owner = owner_of(distribute);
     if (owner == me)
       out = make_basis(xa, na, dim, xb, nb);
     if (distribute)
@@ -402,12 +469,33 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     side.dim = ds.shape()[1];
     const auto x = ds.read_all<float>();
     std::vector<double> xtr, xte;
-    standardise(x, side.dim, train, test, xtr, xte);
+    standardise(x, side.dim, rows, test, xtr, xte);
+    if (use_gram(side.dim)) {
+      side.gram = true;
+      GramBasis& gb = side.gb;
+      gb.n = n;
+      gb.p = side.dim;
+      gb.x = std::move(xtr);
+      int owner = owner_of(distribute);
+      if (owner == me)
+        make_gram_full(gb, xte, m);
+      if (distribute)
+        broadcast_gram_full(gb, owner, comm);
+      gb.folds.resize(static_cast<size_t>(nf));
+      for (int f = 0; f < nf; ++f) {
+        owner = owner_of(distribute);
+        if (owner == me)
+          gb.folds[size_t(f)] = make_gram_fold(gb, fold_start[f], fold_start[f + 1]);
+        if (distribute)
+          broadcast_gram_fold(gb.folds[size_t(f)], gb.p, owner, comm);
+      }
+      return side;
+    }
     svd_job(side.basis, xtr, n, side.dim, xte, m, distribute);
     side.folds.resize(static_cast<size_t>(nf));
     for (int f = 0; f < nf; ++f) {
       std::vector<double> a, b;
-      fold_rows(xtr, n, side.dim, fold, f, side.folds[f], a, b);
+      fold_rows(xtr, n, side.dim, row_fold, f, side.folds[f], a, b);
       svd_job(side.folds[f].basis, a, std::int64_t(side.folds[f].train.size()), side.dim, b,
               std::int64_t(side.folds[f].valid.size()), distribute);
       finish_fold(side.folds[f]);
@@ -456,6 +544,12 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   std::vector<NullAccumulator> acc;
   for (std::int64_t kl = 0; nulls && kl < K * L; ++kl)
     acc.emplace_back(rs, int(G));
+  // K-fold: the held-out Pearson r of every fold at the target's chosen alpha.
+  std::vector<io::Dataset> fold_ds;
+  for (std::int64_t k = 0; nf > 0 && k < K; ++k)
+    fold_ds.push_back(f.create_dataset("/" + fi.kinds[k] + "/fold_r", io::DType::f32,
+                                       {nf, L, bi.targets},
+                                       {nf, L, std::min<std::int64_t>(bi.targets, 4096)}));
   auto nc_ds = f.create_dataset("/noise_ceiling/nc", io::DType::f32, {bi.targets});
   auto sh_ds = f.create_dataset("/noise_ceiling/split_half", io::DType::f32, {bi.targets});
   auto resp = bf.dataset("/brain/responses");
@@ -525,10 +619,12 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       std::vector<std::vector<float>> buf(4, std::vector<float>(static_cast<size_t>(L * t)));
       std::vector<std::vector<float>> preds;
       std::vector<std::int32_t> exceed(static_cast<size_t>(L * t), -1);
+      std::vector<float> fold_r(static_cast<size_t>(nf * L * t));
       for (std::int64_t l = 0; l < L; ++l) {
         Side fresh;
         const Side& side = cache ? cached[k * L + l] : (fresh = build(k, l, false));
-        const RidgeScores sc = opt.alpha_cv == "kfold"
+        const RidgeScores sc = side.gram ? fit_kfold_gram(side.gb, ytr, yte, t, alphas, prec)
+                               : opt.alpha_cv == "kfold"
                                    ? fit_kfold(side.basis, side.folds, ytr, yte, t, alphas, prec)
                                    : fit_loo(side.basis, ytr, yte, t, alphas, prec);
         for (std::int64_t c = 0; c < t; ++c) {
@@ -538,6 +634,10 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           buf[2][l * t + c] = float(sc.r2[c]);
           buf[3][l * t + c] = float(sc.alpha[c]);
         }
+        for (std::int64_t g = 0; g < std::int64_t(sc.fold_r.size()) / std::max<std::int64_t>(t, 1);
+             ++g)
+          for (std::int64_t c = 0; c < t; ++c)
+            fold_r[(g * L + l) * t + c] = float(sc.fold_r[g * t + c]);
         if (opt.store_predictions)
           preds.emplace_back(sc.prediction.begin(), sc.prediction.end());
         if (nulls)
@@ -550,6 +650,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         out_ds[next_ds++].write(preds[l].data(), {0, t0}, {t ? m : 0, t});
       if (opt.permutations > 0)
         exceed_ds[k].write(exceed.data(), {0, t0}, {t ? L : 0, t});
+      if (nf > 0)
+        fold_ds[k].write(fold_r.data(), {0, 0, t0}, {t ? nf : 0, t ? L : 0, t});
     }
     const std::vector<float> ncf(nc.begin(), nc.end()), shf(split_half.begin(), split_half.end());
     nc_ds.write(ncf.data(), {t0}, {t});

@@ -118,15 +118,15 @@ std::vector<double> project_targets(const RidgeBasis& b, const std::vector<doubl
 }
 
 // Refit on all training images with each target's alpha (index into alphas; -1: none) and score
-// on the test images: coefficients in the V basis B[:, c] = g(alpha_c) * U^T y_c, predictions
-// X_test V B.
-RidgeScores refit(const RidgeBasis& b, const std::vector<double>& y_train,
-                  const std::vector<double>& y_test, std::int64_t t,
-                  const std::vector<double>& alphas, const std::vector<std::int64_t>& which) {
-  ProfileEvent ev("gm.ridge.refit");
-  const std::int64_t n = b.n, r = b.r, m = b.m;
-  ProfileEvent::add_flops(2.0 * double(r) * double(t) * double(n + m));
-  const auto uty = project_targets(b, y_train, t);
+// on the test images: coefficients B[k, c] = scale(k, alpha_c) proj[k, c] in a basis of r
+// directions whose test rows are test_v [m, r]; predictions test_v B. Constant targets (zero
+// training variance) get NaN.
+template <class Scale>
+RidgeScores refit_with(std::int64_t r, std::int64_t m, const std::vector<double>& test_v,
+                       const std::vector<double>& proj, Scale&& scale,
+                       const std::vector<double>& y_train, std::int64_t n,
+                       const std::vector<double>& y_test, std::int64_t t,
+                       const std::vector<double>& alphas, const std::vector<std::int64_t>& which) {
   RidgeScores out;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   out.alpha.assign(static_cast<size_t>(t), nan);
@@ -141,16 +141,27 @@ RidgeScores refit(const RidgeBasis& b, const std::vector<double>& y_train,
     const double a = alphas[which[c]];
     out.alpha[c] = a;
     for (std::int64_t k = 0; k < r; ++k)
-      coef[k * t + c] = b.s[k] / (b.s[k] * b.s[k] + a) * uty[k * t + c];
+      coef[k * t + c] = scale(k, a) * proj[k * t + c];
   }
   out.prediction.assign(static_cast<size_t>(m * t), 0.0);
-  linalg::gemm(false, false, m, t, r, 1.0, b.test_v.data(), coef.data(), 0.0,
-               out.prediction.data());
+  linalg::gemm(false, false, m, t, r, 1.0, test_v.data(), coef.data(), 0.0, out.prediction.data());
   score_columns(out.prediction, y_test, m, t, out.r, out.r2);
   for (std::int64_t c = 0; c < t; ++c)
     if (std::isnan(out.alpha[c]))
       out.r[c] = out.r2[c] = nan;
   return out;
+}
+
+// The SVD-basis refit: B[:, c] = g(alpha_c) U^T y_c, g_k = s_k / (s_k^2 + a).
+RidgeScores refit(const RidgeBasis& b, const std::vector<double>& y_train,
+                  const std::vector<double>& y_test, std::int64_t t,
+                  const std::vector<double>& alphas, const std::vector<std::int64_t>& which) {
+  ProfileEvent ev("gm.ridge.refit");
+  ProfileEvent::add_flops(2.0 * double(b.r) * double(t) * double(b.n + b.m));
+  return refit_with(
+      b.r, b.m, b.test_v, project_targets(b, y_train, t),
+      [&](std::int64_t k, double a) { return b.s[k] / (b.s[k] * b.s[k] + a); }, y_train, b.n,
+      y_test, t, alphas, which);
 }
 
 // Per target, the first alpha with the smallest criterion (err [alphas, t]).
@@ -183,12 +194,13 @@ std::vector<double> outside_leverage(const RidgeBasis& b) {
   return outside;
 }
 
-template <class T> const std::vector<T>& u_of(const RidgeBasis& b);
-template <> const std::vector<double>& u_of<double>(const RidgeBasis& b) {
-  return b.u;
-}
-template <> const std::vector<float>& u_of<float>(const RidgeBasis& b) {
-  return b.u32;
+// The float64 or the float32 copy of an array, by the precision T of a pass.
+template <class T>
+const std::vector<T>& pick(const std::vector<double>& d, const std::vector<float>& f) {
+  if constexpr (std::is_same_v<T, double>)
+    return d;
+  else
+    return f;
 }
 
 // sse[c] += sum_i ((resid[i, c] + base[i, c]) w_i)^2 for the t columns; threads over blocks of
@@ -225,7 +237,7 @@ std::vector<double> loo_errors(const RidgeBasis& b, const std::vector<double>& y
                                const std::vector<double>& alphas,
                                const std::vector<double>& outside) {
   const std::int64_t n = b.n, r = b.r;
-  const std::vector<T>& u = u_of<T>(b);
+  const std::vector<T>& u = pick<T>(b.u, b.u32);
   std::vector<T> yperp(y.begin(), y.end()), c(static_cast<size_t>(r * t));
   linalg::gemm(true, false, r, t, n, T(1), u.data(), yperp.data(), T(0), c.data()); // U^T y
   linalg::gemm(false, false, n, t, r, T(-1), u.data(), c.data(), T(1), yperp.data());
@@ -259,29 +271,30 @@ std::vector<double> loo_errors(const RidgeBasis& b, const std::vector<double>& y
   return err;
 }
 
-// Columns whose best criterion is within a relative `tol` of another alpha's.
+// Columns whose best criterion is within a relative tol (times scale[c] when given) of another
+// alpha's.
 std::vector<std::int64_t> near_ties(const std::vector<double>& err, std::int64_t na, std::int64_t t,
-                                    double tol) {
+                                    double tol, const std::vector<double>* scale = nullptr) {
   std::vector<std::int64_t> cols;
   for (std::int64_t c = 0; c < t; ++c) {
     double best = std::numeric_limits<double>::infinity();
     for (std::int64_t a = 0; a < na; ++a)
       best = std::min(best, err[a * t + c]);
+    const double tc = tol * (scale ? (*scale)[c] : 1.0);
     int close = 0;
     for (std::int64_t a = 0; a < na; ++a)
-      close += err[a * t + c] <= best * (1 + tol) + 1e-300 ? 1 : 0;
+      close += err[a * t + c] <= best * (1 + tc) + 1e-300 ? 1 : 0;
     if (close > 1)
       cols.push_back(c);
   }
   return cols;
 }
 
-// Recomputes the criterion of the near-tie columns of a float32 pass with `exact` (float64,
-// on the gathered columns of y) and writes it back into err.
+// Gathers the columns `cols` of y (n x t) and hands them to exact(ys, tc), which recomputes them
+// in float64 and writes its results back.
 template <class F>
-void recheck(std::vector<double>& err, const std::vector<double>& y, std::int64_t n, std::int64_t t,
-             std::int64_t na, F&& exact) {
-  const auto cols = near_ties(err, na, t, 1e-4);
+void recheck(const std::vector<std::int64_t>& cols, const std::vector<double>& y, std::int64_t n,
+             std::int64_t t, F&& exact) {
   if (cols.empty())
     return;
   ProfileEvent ev("gm.ridge.recheck");
@@ -290,10 +303,16 @@ void recheck(std::vector<double>& err, const std::vector<double>& y, std::int64_
   for (std::int64_t i = 0; i < n; ++i)
     for (std::int64_t j = 0; j < tc; ++j)
       ys[i * tc + j] = y[i * t + cols[j]];
-  const std::vector<double> e = exact(ys, tc);
-  for (std::int64_t a = 0; a < na; ++a)
+  exact(ys, tc);
+}
+
+// Writes rows [na, tc] of src into the columns cols of dst [na, t].
+void scatter_columns(const std::vector<double>& src, std::int64_t rows, std::int64_t tc,
+                     const std::vector<std::int64_t>& cols, std::vector<double>& dst,
+                     std::int64_t t) {
+  for (std::int64_t a = 0; a < rows; ++a)
     for (std::int64_t j = 0; j < tc; ++j)
-      err[a * t + cols[j]] = e[a * tc + j];
+      dst[a * t + cols[j]] = src[a * tc + j];
 }
 
 } // namespace
@@ -308,8 +327,9 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
   std::vector<double> err;
   if (precision == Precision::float32) {
     err = loo_errors<float>(b, y_train, t, alphas, outside);
-    recheck(err, y_train, n, t, na, [&](const std::vector<double>& ys, std::int64_t tc) {
-      return loo_errors<double>(b, ys, tc, alphas, outside);
+    const auto cols = near_ties(err, na, t, 1e-4);
+    recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
+      scatter_columns(loo_errors<double>(b, ys, tc, alphas, outside), na, tc, cols, err, t);
     });
   } else {
     err = loo_errors<double>(b, y_train, t, alphas, outside);
@@ -319,14 +339,46 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
 
 namespace {
 
-// Summed squared validation error / n [alphas, t] over the folds, GEMMs in precision T.
+// Pearson r per column from the sums [sa, sb, saa, sbb, sab] of n rows (NaN when undefined).
+double r_from_sums(const double* s5, std::int64_t n) {
+  const double nn = double(n);
+  const double cab = s5[4] - s5[0] * s5[1] / nn, caa = s5[2] - s5[0] * s5[0] / nn,
+               cbb = s5[3] - s5[1] * s5[1] / nn;
+  return caa > 0 && cbb > 0 ? cab / std::sqrt(caa * cbb) : std::numeric_limits<double>::quiet_NaN();
+}
+
+// sums[5 * c + .] += (a, b, a^2, b^2, a b) over the n rows of columns c of a, b (n x t); threads
+// over blocks of columns, rows in order within a column.
+template <class T>
+void add_pair_sums(const T* a, const T* b, std::int64_t n, std::int64_t t, double* sums) {
+  constexpr std::int64_t CB = 256;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t c0 = 0; c0 < t; c0 += CB) {
+    const std::int64_t c1 = std::min(t, c0 + CB);
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t c = c0; c < c1; ++c) {
+        const double x = double(a[i * t + c]), y = double(b[i * t + c]);
+        double* s5 = sums + 5 * c;
+        s5[0] += x;
+        s5[1] += y;
+        s5[2] += x * x;
+        s5[3] += y * y;
+        s5[4] += x * y;
+      }
+  }
+}
+
+// Summed squared validation error / n [alphas, t] over the folds, GEMMs in precision T; and the
+// held-out Pearson r per fold and alpha, fold_r [folds, alphas, t].
 template <class T>
 std::vector<double> kfold_errors(const std::vector<FoldBasis>& folds, std::int64_t n,
                                  const std::vector<double>& y, std::int64_t t,
-                                 const std::vector<double>& alphas) {
+                                 const std::vector<double>& alphas, std::vector<double>& fold_r) {
   const std::int64_t na = std::int64_t(alphas.size());
   std::vector<double> err(static_cast<size_t>(na * t), 0.0);
-  for (const FoldBasis& fd : folds) {
+  fold_r.assign(folds.size() * size_t(na * t), 0.0);
+  for (size_t f = 0; f < folds.size(); ++f) {
+    const FoldBasis& fd = folds[f];
     const RidgeBasis& fb = fd.basis;
     const std::int64_t ntr = fb.n, nva = fb.m, r = fb.r;
     std::vector<double> my(static_cast<size_t>(t), 0.0);
@@ -342,16 +394,12 @@ std::vector<double> kfold_errors(const std::vector<FoldBasis>& folds, std::int64
     for (std::int64_t k = 0; k < nva; ++k)
       for (std::int64_t c = 0; c < t; ++c)
         yv[k * t + c] = T(-(y[fd.valid[k] * t + c] - my[c])); // -y: resid = pred - y
-    const std::vector<T>& u = u_of<T>(fb);
-    const T* tv;
-    if constexpr (std::is_same_v<T, float>)
-      tv = fd.test_v32.data();
-    else
-      tv = fb.test_v.data();
+    const std::vector<T>& u = pick<T>(fb.u, fb.u32);
+    const T* tv = pick<T>(fb.test_v, fd.test_v32).data();
     std::vector<T> c(static_cast<size_t>(r * t)), coef(static_cast<size_t>(r * t)),
         pred(static_cast<size_t>(nva * t));
     linalg::gemm(true, false, r, t, ntr, T(1), u.data(), yf.data(), T(0), c.data());
-    std::vector<double> sse(static_cast<size_t>(t));
+    std::vector<double> sse(static_cast<size_t>(t)), sums(static_cast<size_t>(5 * t));
     for (std::int64_t a = 0; a < na; ++a) {
 #pragma omp parallel for schedule(static)
       for (std::int64_t k = 0; k < r; ++k) {
@@ -363,11 +411,32 @@ std::vector<double> kfold_errors(const std::vector<FoldBasis>& folds, std::int64
       std::fill(sse.begin(), sse.end(), 0.0);
       add_weighted_squares(pred.data(), yv.data(), static_cast<const double*>(nullptr), nva, t,
                            sse.data());
-      for (std::int64_t j = 0; j < t; ++j)
+      std::fill(sums.begin(), sums.end(), 0.0);
+      add_pair_sums(pred.data(), yv.data(), nva, t, sums.data());
+      double* fr = &fold_r[(f * size_t(na) + size_t(a)) * size_t(t)];
+      for (std::int64_t j = 0; j < t; ++j) {
         err[a * t + j] += sse[j] / double(n);
+        fr[j] = -r_from_sums(&sums[5 * j], nva); // yv holds -y
+      }
     }
   }
   return err;
+}
+
+// fold_r [folds, alphas, t] at each column's chosen alpha -> [folds, t] (NaN where none).
+std::vector<double> pick_fold_r(const std::vector<double>& fold_r, std::int64_t folds,
+                                std::int64_t na, std::int64_t t, const RidgeScores& sc,
+                                const std::vector<double>& alphas) {
+  std::vector<double> out(static_cast<size_t>(folds * t), std::numeric_limits<double>::quiet_NaN());
+  for (std::int64_t c = 0; c < t; ++c) {
+    if (std::isnan(sc.alpha[c]))
+      continue;
+    const std::int64_t a =
+        std::int64_t(std::find(alphas.begin(), alphas.end(), sc.alpha[c]) - alphas.begin());
+    for (std::int64_t f = 0; f < folds; ++f)
+      out[f * t + c] = fold_r[(f * na + a) * t + c];
+  }
+  return out;
 }
 
 } // namespace
@@ -402,21 +471,280 @@ RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<FoldBasis>& fds,
                       const std::vector<double>& y_train, const std::vector<double>& y_test,
                       std::int64_t t, const std::vector<double>& alphas, Precision precision) {
   ProfileEvent ev("gm.ridge.kfold");
-  const std::int64_t n = b.n, na = std::int64_t(alphas.size());
+  const std::int64_t n = b.n, na = std::int64_t(alphas.size()), nf = std::int64_t(fds.size());
   double flops = 0;
   for (const auto& fd : fds)
     flops += 2.0 * double(fd.basis.r) * double(t) * double(fd.basis.n + na * fd.basis.m);
   ProfileEvent::add_flops(flops);
-  std::vector<double> err;
+  std::vector<double> err, fold_r;
   if (precision == Precision::float32) {
-    err = kfold_errors<float>(fds, n, y_train, t, alphas);
-    recheck(err, y_train, n, t, na, [&](const std::vector<double>& ys, std::int64_t tc) {
-      return kfold_errors<double>(fds, n, ys, tc, alphas);
+    err = kfold_errors<float>(fds, n, y_train, t, alphas, fold_r);
+    const auto cols = near_ties(err, na, t, 1e-4);
+    recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
+      std::vector<double> fr;
+      scatter_columns(kfold_errors<double>(fds, n, ys, tc, alphas, fr), na, tc, cols, err, t);
+      scatter_columns(fr, nf * na, tc, cols, fold_r, t);
     });
   } else {
-    err = kfold_errors<double>(fds, n, y_train, t, alphas);
+    err = kfold_errors<double>(fds, n, y_train, t, alphas, fold_r);
   }
-  return refit(b, y_train, y_test, t, alphas, argmin_first(err, na, t));
+  RidgeScores sc = refit(b, y_train, y_test, t, alphas, argmin_first(err, na, t));
+  sc.fold_r = pick_fold_r(fold_r, nf, na, t, sc, alphas);
+  return sc;
+}
+
+void make_gram_full(GramBasis& b, const std::vector<double>& x_test, std::int64_t m) {
+  ProfileEvent ev("gm.ridge.gram");
+  const std::int64_t n = b.n, p = b.p;
+  ProfileEvent::add_flops(double(n) * double(p) * double(p) +
+                          4.0 * double(p) * double(p) * double(p));
+  std::vector<double> g(static_cast<size_t>(p * p), 0.0), w, z;
+  linalg::gram(n, p, b.x.data(), 0.0, g.data());
+  linalg::sym_eig(p, g, w, z);
+  std::int64_t r = 0;
+  while (r < p && w[size_t(r)] > 1e-12 * w[0])
+    ++r;
+  b.r = r;
+  b.m = m;
+  b.s2.assign(w.begin(), w.begin() + r);
+  b.v.resize(static_cast<size_t>(p * r));
+  for (std::int64_t j = 0; j < p; ++j)
+    for (std::int64_t k = 0; k < r; ++k)
+      b.v[size_t(j * r + k)] = z[size_t(j * p + k)];
+  b.test_v.assign(static_cast<size_t>(m * r), 0.0);
+  linalg::gemm(false, false, m, r, p, 1.0, x_test.data(), b.v.data(), 0.0, b.test_v.data());
+}
+
+GramFold make_gram_fold(const GramBasis& b, std::int64_t begin, std::int64_t end) {
+  ProfileEvent ev("gm.ridge.gram");
+  const std::int64_t n = b.n, p = b.p, nv = end - begin, nt = n - nv;
+  ProfileEvent::add_flops(double(n) * double(p) * double(p) +
+                          8.0 * double(p) * double(p) * double(p));
+  GramFold f;
+  f.begin = begin;
+  f.end = end;
+  const double* x = b.x.data();
+  std::vector<double> all(static_cast<size_t>(p), 0.0);
+  f.sx.assign(static_cast<size_t>(p), 0.0);
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t j = 0; j < p; ++j)
+      (i >= begin && i < end ? f.sx : all)[size_t(j)] += x[i * p + j];
+  f.mu.resize(static_cast<size_t>(p));
+  for (std::int64_t j = 0; j < p; ++j)
+    f.mu[size_t(j)] = all[size_t(j)] / double(nt);
+  // Centred training Gram: X_tr^T X_tr - nt mu mu^T; held-out scatter about mu:
+  // X_v^T X_v - mu sx^T - sx mu^T + nv mu mu^T.
+  std::vector<double> g(static_cast<size_t>(p * p), 0.0), gv(g);
+  linalg::gram(begin, p, x, 0.0, g.data());
+  linalg::gram(n - end, p, x + end * p, 1.0, g.data());
+  linalg::gram(nv, p, x + begin * p, 0.0, gv.data());
+  for (std::int64_t i = 0; i < p; ++i)
+    for (std::int64_t j = 0; j < p; ++j) {
+      const double mi = f.mu[size_t(i)], mj = f.mu[size_t(j)];
+      g[size_t(i * p + j)] -= double(nt) * mi * mj;
+      gv[size_t(i * p + j)] += -mi * f.sx[size_t(j)] - f.sx[size_t(i)] * mj + double(nv) * mi * mj;
+    }
+  std::vector<double> w, z;
+  linalg::sym_eig(p, g, w, z);
+  std::int64_t r = 0;
+  while (r < p && w[size_t(r)] > 1e-12 * w[0])
+    ++r;
+  f.r = r;
+  f.s2.assign(w.begin(), w.begin() + r);
+  f.v.resize(static_cast<size_t>(p * r));
+  for (std::int64_t j = 0; j < p; ++j)
+    for (std::int64_t k = 0; k < r; ++k)
+      f.v[size_t(j * r + k)] = z[size_t(j * p + k)];
+  // H = V^T Gv V, stored as triu(H) with a halved diagonal: c^T H c = 2 c^T tri c.
+  std::vector<double> gvv(static_cast<size_t>(p * r)), h(static_cast<size_t>(r * r));
+  linalg::gemm(false, false, p, r, p, 1.0, gv.data(), f.v.data(), 0.0, gvv.data());
+  linalg::gemm(true, false, r, r, p, 1.0, f.v.data(), gvv.data(), 0.0, h.data());
+  f.tri.assign(static_cast<size_t>(r * r), 0.0);
+  for (std::int64_t k = 0; k < r; ++k) {
+    f.tri[size_t(k * r + k)] = 0.5 * h[size_t(k * r + k)];
+    for (std::int64_t l = k + 1; l < r; ++l)
+      f.tri[size_t(k * r + l)] = 0.5 * (h[size_t(k * r + l)] + h[size_t(l * r + k)]);
+  }
+  // V^T delta, delta = mean of the held-out rows - mu (for the held-out r).
+  f.vd.assign(static_cast<size_t>(r), 0.0);
+  for (std::int64_t j = 0; j < p; ++j) {
+    const double dj = f.sx[size_t(j)] / double(nv) - f.mu[size_t(j)];
+    for (std::int64_t k = 0; k < r; ++k)
+      f.vd[size_t(k)] += f.v[size_t(j * r + k)] * dj;
+  }
+  f.v32.assign(f.v.begin(), f.v.end());
+  f.tri32.assign(f.tri.begin(), f.tri.end());
+  return f;
+}
+
+namespace {
+
+// The Gram-form K-fold criterion (see ridge.hpp): err [alphas, t] (summed held-out SSE / n),
+// fold_r [folds, alphas, t], sst [t] (summed held-out sum of squares about the fold intercept,
+// / n), and X^T Y [p, t] (float64, for the refit) when xty is given. The per-fold products
+// B_f = X_f^T Y_f are float64 GEMMs; V^T [A | E] and the triangular products run in T.
+template <class T>
+std::vector<double> gram_errors(const GramBasis& b, const std::vector<double>& y, std::int64_t t,
+                                const std::vector<double>& alphas, std::vector<double>& fold_r,
+                                std::vector<double>& sst, std::vector<double>* xty) {
+  const std::int64_t n = b.n, p = b.p, na = std::int64_t(alphas.size());
+  const std::int64_t nfold = std::int64_t(b.folds.size());
+  const size_t pt = size_t(p * t);
+  std::vector<double> bf(size_t(nfold) * pt), s(pt, 0.0);
+  std::vector<double> sy(static_cast<size_t>(nfold * t), 0.0), sy_all(static_cast<size_t>(t), 0.0);
+  {
+    ProfileEvent gev("gm.ridge.kfold.xty");
+    ProfileEvent::add_flops(2.0 * double(n) * double(p) * double(t));
+    for (std::int64_t f = 0; f < nfold; ++f) {
+      const GramFold& fd = b.folds[size_t(f)];
+      linalg::gemm(true, false, p, t, fd.end - fd.begin, 1.0, b.x.data() + fd.begin * p,
+                   y.data() + fd.begin * t, 0.0, &bf[size_t(f) * pt]);
+      for (std::int64_t i = fd.begin; i < fd.end; ++i)
+        for (std::int64_t c = 0; c < t; ++c)
+          sy[f * t + c] += y[i * t + c];
+    }
+    for (std::int64_t f = 0; f < nfold; ++f) {
+      for (size_t e = 0; e < pt; ++e)
+        s[e] += bf[size_t(f) * pt + e];
+      for (std::int64_t c = 0; c < t; ++c)
+        sy_all[c] += sy[f * t + c];
+    }
+  }
+  std::vector<double> err(static_cast<size_t>(na * t), 0.0);
+  fold_r.assign(size_t(nfold * na * t), 0.0);
+  sst.assign(static_cast<size_t>(t), 0.0);
+  std::vector<T> ae, cp, w;
+  std::vector<double> mf(static_cast<size_t>(t)), dy(mf), yc2(mf), ytil2(mf), d;
+  for (std::int64_t f = 0; f < nfold; ++f) {
+    const GramFold& fd = b.folds[size_t(f)];
+    const std::int64_t nv = fd.end - fd.begin, nt = n - nv, r = fd.r;
+    const double* bff = &bf[size_t(f) * pt];
+    // Fold means: mf of the training rows, ybar_v of the held-out ones; the held-out sums of
+    // squares about ybar_v (yc2, for r) and about mf (ytil2 = yc2 + nv (ybar_v - mf)^2).
+    for (std::int64_t c = 0; c < t; ++c) {
+      mf[c] = (sy_all[c] - sy[f * t + c]) / double(nt);
+      dy[c] = sy[f * t + c] / double(nv) - mf[c];
+      yc2[c] = 0;
+    }
+    for (std::int64_t i = fd.begin; i < fd.end; ++i)
+      for (std::int64_t c = 0; c < t; ++c) {
+        const double e = y[i * t + c] - sy[f * t + c] / double(nv);
+        yc2[c] += e * e;
+      }
+    for (std::int64_t c = 0; c < t; ++c) {
+      ytil2[c] = yc2[c] + double(nv) * dy[c] * dy[c];
+      sst[c] += ytil2[c] / double(n);
+    }
+    // [A | E] (p x 2t): A = X_tr^T Y_tr centred = S - B_f - nt mu mf^T,
+    // E = X_v~^T Y_v~ = B_f - mu sy_f^T - sx mf^T + nv mu mf^T.
+    ae.resize(size_t(2) * pt);
+#pragma omp parallel for schedule(static)
+    for (std::int64_t k = 0; k < p; ++k) {
+      const double mu = fd.mu[size_t(k)], sx = fd.sx[size_t(k)];
+      T* row = &ae[size_t(k * 2 * t)];
+      for (std::int64_t c = 0; c < t; ++c) {
+        const double bkc = bff[k * t + c];
+        row[c] = T(s[size_t(k * t + c)] - bkc - double(nt) * mu * mf[c]);
+        row[t + c] = T(bkc - mu * sy[f * t + c] - sx * mf[c] + double(nv) * mu * mf[c]);
+      }
+    }
+    cp.resize(size_t(r * 2 * t));
+    linalg::gemm(true, false, r, 2 * t, p, T(1), pick<T>(fd.v, fd.v32).data(), ae.data(), T(0),
+                 cp.data());
+    w.resize(size_t(r * t));
+    d.resize(size_t(r));
+    for (std::int64_t a = 0; a < na; ++a) {
+      for (std::int64_t k = 0; k < r; ++k)
+        d[size_t(k)] = 1.0 / (fd.s2[size_t(k)] + alphas[size_t(a)]);
+#pragma omp parallel for schedule(static)
+      for (std::int64_t k = 0; k < r; ++k)
+        for (std::int64_t c = 0; c < t; ++c)
+          w[size_t(k * t + c)] = T(d[size_t(k)] * double(cp[size_t(k * 2 * t + c)]));
+      {
+        ProfileEvent qev("gm.ridge.kfold.quad");
+        ProfileEvent::add_flops(double(r) * double(r) * double(t));
+        linalg::trmm_upper(r, t, pick<T>(fd.tri, fd.tri32).data(), w.data());
+      }
+      // Per column: cross = sum_k d_k C_k P_k, quad = 2 sum_k d_k C_k (tri D C)_k,
+      // u = sum_k vd_k d_k C_k; row order within each column, threads over column blocks.
+      double* fr = &fold_r[size_t((f * na + a) * t)];
+      constexpr std::int64_t CB = 256;
+#pragma omp parallel for schedule(static)
+      for (std::int64_t c0 = 0; c0 < t; c0 += CB) {
+        const std::int64_t c1 = std::min(t, c0 + CB);
+        double cross[CB] = {}, quad[CB] = {}, u[CB] = {};
+        for (std::int64_t k = 0; k < r; ++k) {
+          const T* ck = &cp[size_t(k * 2 * t)];
+          const T* wk = &w[size_t(k * t)];
+          const double dk = d[size_t(k)], vk = fd.vd[size_t(k)];
+          for (std::int64_t c = c0; c < c1; ++c) {
+            const double dc = dk * double(ck[c]);
+            cross[c - c0] += dc * double(ck[t + c]);
+            quad[c - c0] += dc * double(wk[c]);
+            u[c - c0] += vk * dc;
+          }
+        }
+        for (std::int64_t c = c0; c < c1; ++c) {
+          const double cr = cross[c - c0], q = 2 * quad[c - c0], uu = u[c - c0];
+          err[size_t(a * t + c)] += (ytil2[c] - 2 * cr + q) / double(n);
+          // Held-out r: covariance and prediction variance about the held-out means.
+          const double cov = cr - double(nv) * uu * dy[c], vp = q - double(nv) * uu * uu;
+          fr[c] = vp > 0 && yc2[c] > 0 ? cov / std::sqrt(vp * yc2[c])
+                                       : std::numeric_limits<double>::quiet_NaN();
+        }
+      }
+    }
+  }
+  if (xty)
+    *xty = std::move(s);
+  return err;
+}
+
+} // namespace
+
+RidgeScores fit_kfold_gram(const GramBasis& b, const std::vector<double>& y_train,
+                           const std::vector<double>& y_test, std::int64_t t,
+                           const std::vector<double>& alphas, Precision precision) {
+  ProfileEvent ev("gm.ridge.kfold");
+  const std::int64_t n = b.n, p = b.p, na = std::int64_t(alphas.size());
+  const std::int64_t nf = std::int64_t(b.folds.size());
+  double flops = 0; // the V^T [A | E] products (xty and quad count their own)
+  for (const auto& fd : b.folds)
+    flops += 4.0 * double(p) * double(fd.r) * double(t);
+  ProfileEvent::add_flops(flops);
+  std::vector<double> fold_r, sst, xty;
+  std::vector<double> err;
+  if (precision == Precision::float32) {
+    err = gram_errors<float>(b, y_train, t, alphas, fold_r, sst, &xty);
+    // The float32 error of SSE = SST - 2 cross + quad is relative to SST, so the recheck band
+    // widens where the fit is good (SSE << SST).
+    std::vector<double> scale(static_cast<size_t>(t), 1.0);
+    for (std::int64_t c = 0; c < t; ++c) {
+      double best = std::numeric_limits<double>::infinity();
+      for (std::int64_t a = 0; a < na; ++a)
+        best = std::min(best, err[size_t(a * t + c)]);
+      scale[c] = best > 0 ? std::max(1.0, sst[c] / best) : 1.0;
+    }
+    const auto cols = near_ties(err, na, t, 1e-4, &scale);
+    recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
+      std::vector<double> fr, ss;
+      scatter_columns(gram_errors<double>(b, ys, tc, alphas, fr, ss, nullptr), na, tc, cols, err,
+                      t);
+      scatter_columns(fr, nf * na, tc, cols, fold_r, t);
+    });
+  } else {
+    err = gram_errors<double>(b, y_train, t, alphas, fold_r, sst, &xty);
+  }
+  // Refit on all training rows: coefficients V diag(1 / (s2 + a)) V^T X^T y in float64.
+  ProfileEvent rev("gm.ridge.refit");
+  ProfileEvent::add_flops(2.0 * double(b.r) * double(t) * double(p + b.m));
+  std::vector<double> proj(static_cast<size_t>(b.r * t), 0.0);
+  linalg::gemm(true, false, b.r, t, p, 1.0, b.v.data(), xty.data(), 0.0, proj.data());
+  RidgeScores sc = refit_with(
+      b.r, b.m, b.test_v, proj, [&](std::int64_t k, double a) { return 1.0 / (b.s2[k] + a); },
+      y_train, n, y_test, t, alphas, argmin_first(err, na, t));
+  sc.fold_r = pick_fold_r(fold_r, nf, na, t, sc, alphas);
+  return sc;
 }
 
 } // namespace gradmap::encoding

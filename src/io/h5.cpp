@@ -503,6 +503,92 @@ DType Dataset::dtype() const {
               std::to_string(sz) + " bytes) for " + where());
 }
 
+std::vector<std::int64_t> Dataset::large_chunks(std::size_t elem_size,
+                                                std::int64_t min_bytes) const {
+  Handle dcpl(GM_CHECK_H5(H5Dget_create_plist(id())));
+  if (H5Pget_layout(dcpl.get()) != H5D_CHUNKED)
+    return {};
+  const int rank = GM_CHECK_H5(H5Pget_chunk(dcpl.get(), 0, nullptr));
+  std::vector<hsize_t> c(static_cast<size_t>(std::max(rank, 1)), 1);
+  GM_CHECK_H5(H5Pget_chunk(dcpl.get(), rank, c.data()));
+  std::vector<std::int64_t> chunk(c.begin(), c.begin() + rank);
+  if (product(chunk) * std::int64_t(elem_size) < min_bytes)
+    return {};
+  return chunk;
+}
+
+void Dataset::read_by_chunks(hid_t memtype, void* buf, std::size_t elem_size,
+                             const std::vector<std::int64_t>& start,
+                             const std::vector<std::int64_t>& count,
+                             const std::vector<std::int64_t>& chunk) const {
+  const size_t nd = count.size();
+  if (product(count) == 0)
+    return;
+  // Strides of the destination (row-major count).
+  std::vector<std::int64_t> stride(nd, 1);
+  for (size_t d = nd - 1; d > 0; --d)
+    stride[d - 1] = stride[d] * count[d];
+  Handle fspace(GM_CHECK_H5(H5Dget_space(id())));
+  Handle dxpl(GM_CHECK_H5(H5Pcreate(H5P_DATASET_XFER)));
+  GM_CHECK_H5(H5Pset_dxpl_mpio(dxpl.get(), H5FD_MPIO_INDEPENDENT));
+  std::vector<char> tile;
+  // Odometer over the chunk-grid tiles of the selection: tile d-range [lo[d], hi[d]).
+  std::vector<std::int64_t> lo(start), hi(nd);
+  auto tile_end = [&](size_t d) {
+    return std::min(start[d] + count[d], (lo[d] / chunk[d] + 1) * chunk[d]);
+  };
+  for (size_t d = 0; d < nd; ++d)
+    hi[d] = tile_end(d);
+  while (true) {
+    std::vector<hsize_t> s(nd), c(nd);
+    for (size_t d = 0; d < nd; ++d) {
+      s[d] = hsize_t(lo[d]);
+      c[d] = hsize_t(hi[d] - lo[d]);
+    }
+    const std::int64_t n = product(std::vector<std::int64_t>(c.begin(), c.end()));
+    tile.resize(size_t(n) * elem_size);
+    GM_CHECK_H5(
+        H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, s.data(), nullptr, c.data(), nullptr));
+    Handle mspace(GM_CHECK_H5(H5Screate_simple(int(nd), c.data(), nullptr)));
+    if (H5Dread(id(), memtype, mspace.get(), fspace.get(), dxpl.get(), tile.data()) < 0) {
+      try {
+        throw_h5_error("H5Dread");
+      } catch (Error& e) {
+        e.context("while reading " + where());
+        throw;
+      }
+    }
+    // Scatter the tile's rows (runs along the last dimension) into buf.
+    const std::int64_t run = std::int64_t(c[nd - 1]);
+    std::vector<std::int64_t> idx(nd, 0); // position inside the tile (last dim fixed at 0)
+    for (std::int64_t k = 0; k < n / run; ++k) {
+      std::int64_t off = 0;
+      for (size_t d = 0; d < nd; ++d)
+        off += (lo[d] + idx[d] - start[d]) * stride[d];
+      std::memcpy(static_cast<char*>(buf) + off * std::int64_t(elem_size),
+                  tile.data() + k * run * std::int64_t(elem_size), size_t(run) * elem_size);
+      for (size_t d = nd - 1; d-- > 0;) {
+        if (++idx[d] < std::int64_t(c[d]))
+          break;
+        idx[d] = 0;
+      }
+    }
+    // Next tile: advance the last dimension first.
+    size_t d = nd;
+    while (d-- > 0) {
+      lo[d] = hi[d];
+      if (lo[d] < start[d] + count[d]) {
+        hi[d] = tile_end(d);
+        break;
+      }
+      lo[d] = start[d];
+      hi[d] = tile_end(d);
+    }
+    if (d == size_t(-1))
+      return;
+  }
+}
+
 void Dataset::transfer(bool write, hid_t memtype, void* buf, std::size_t elem_size,
                        const std::vector<std::int64_t>& start,
                        const std::vector<std::int64_t>& count) const {
@@ -512,6 +598,15 @@ void Dataset::transfer(bool write, hid_t memtype, void* buf, std::size_t elem_si
   for (size_t i = 0; i < dims.size(); ++i)
     GM_REQUIRE(start[i] >= 0 && count[i] >= 0 && start[i] + count[i] <= dims[i],
                "hyperslab out of range for " + where());
+  // Chunks above the 1 MiB chunk cache: read chunk by chunk (decided by the dataset alone, so
+  // every rank takes the same branch; no collective call in it).
+  if (!write && !dims.empty()) {
+    const auto chunk = large_chunks(elem_size, std::int64_t(1) << 20);
+    if (!chunk.empty()) {
+      read_by_chunks(memtype, buf, elem_size, start, count, chunk);
+      return;
+    }
+  }
   // Cut along the first dimension into pieces of at most ~1 GiB; every rank must make the same
   // number of collective calls, so the piece count is agreed over the communicator.
   std::int64_t row_elems = 1;

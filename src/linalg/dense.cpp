@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <string>
 
 #include "gradmap/core/error.hpp"
 
@@ -11,6 +12,8 @@ void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* inf
 void dgesvd_(const char* jobu, const char* jobvt, const int* m, const int* n, double* a,
              const int* lda, double* s, double* u, const int* ldu, double* vt, const int* ldvt,
              double* work, const int* lwork, int* info);
+void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w,
+             double* work, const int* lwork, int* iwork, const int* liwork, int* info);
 void dgesdd_(const char* jobz, const int* m, const int* n, double* a, const int* lda, double* s,
              double* u, const int* ldu, double* vt, const int* ldvt, double* work, const int* lwork,
              int* iwork, int* info);
@@ -34,6 +37,62 @@ void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, floa
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m),
               int(n), int(k), alpha, a, ta ? int(m) : int(k), b, tb ? int(k) : int(n), beta, c,
               int(n));
+}
+
+void gram(std::int64_t n, std::int64_t p, const double* a, double beta, double* c) {
+  if (p == 0)
+    return;
+  // Row-major A^T A: the upper triangle, then mirrored.
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(p), int(n), 1.0, a, int(p), beta, c,
+              int(p));
+  for (std::int64_t i = 0; i < p; ++i)
+    for (std::int64_t j = 0; j < i; ++j)
+      c[i * p + j] = c[j * p + i];
+}
+
+void sym_eig(std::int64_t l, const std::vector<double>& a, std::vector<double>& w,
+             std::vector<double>& z) {
+  // Symmetric: row-major = column-major. dsyevd returns ascending eigenvalues with the vectors
+  // in columns (column-major); reversed and transposed into row-major columns here.
+  const int n = int(l);
+  std::vector<double> cm(a);
+  std::vector<double> wa(static_cast<size_t>(l));
+  w.assign(size_t(l), 0.0);
+  z.assign(size_t(l * l), 0.0);
+  if (l == 0)
+    return;
+  int info = 0, lwork = -1, liwork = -1, iq = 0;
+  double q = 0;
+  dsyevd_("V", "L", &n, cm.data(), &n, wa.data(), &q, &lwork, &iq, &liwork, &info);
+  lwork = int(q);
+  liwork = iq;
+  std::vector<double> work(static_cast<size_t>(std::max(1, lwork)));
+  std::vector<int> iwork(static_cast<size_t>(std::max(1, liwork)));
+  dsyevd_("V", "L", &n, cm.data(), &n, wa.data(), work.data(), &lwork, iwork.data(), &liwork,
+          &info);
+  if (info != 0)
+    throw Error("LAPACK dsyevd failed on a " + std::to_string(l) + " x " + std::to_string(l) +
+                " symmetric matrix (info " + std::to_string(info) + ")");
+  for (std::int64_t k = 0; k < l; ++k) {
+    const std::int64_t src = l - 1 - k;
+    w[size_t(k)] = wa[size_t(src)];
+    for (std::int64_t i = 0; i < l; ++i)
+      z[size_t(i * l + k)] = cm[size_t(src * l + i)];
+  }
+}
+
+void trmm_upper(std::int64_t m, std::int64_t n, const double* t, double* b) {
+  if (m == 0 || n == 0)
+    return;
+  cblas_dtrmm(CblasRowMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, int(m), int(n), 1.0,
+              t, int(m), b, int(n));
+}
+
+void trmm_upper(std::int64_t m, std::int64_t n, const float* t, float* b) {
+  if (m == 0 || n == 0)
+    return;
+  cblas_strmm(CblasRowMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, int(m), int(n),
+              1.0f, t, int(m), b, int(n));
 }
 
 bool cholesky_upper(std::int64_t l, double* g) {

@@ -202,6 +202,16 @@ def test_kfold_matches_a_loop_over_the_same_folds():
             pred = np.column_stack([Ridge(alpha=a, fit_intercept=True).fit(xtr, ytr[:, c]).predict(xte)
                                     for c, a in zip(np.flatnonzero(keep), got)])
             assert np.abs(f["/activations/r"][l][keep] - pearson(pred, yte[:, keep])).max() < 1e-4
+            # fold scores: each fold's held-out r at the chosen alpha ("narrow" runs the Gram
+            # form, "wide" (p > n) the kernel form)
+            fold_r = f["/activations/fold_r"][()]
+            assert fold_r.shape == (4, 2, T) and np.isnan(fold_r[:, l, 7]).all()
+            for k in range(4):
+                tr, va = fold != k, fold == k
+                pv = np.column_stack([Ridge(alpha=a, fit_intercept=True).fit(xtr[tr], ytr[tr][:, c]).predict(xtr[va])
+                                      for c, a in zip(np.flatnonzero(keep), got)])
+                d = np.abs(fold_r[k, l, keep] - pearson(pv, ytr[va][:, keep])).max()
+                assert d < 1e-4, (layer, k, d)
     # the fold assignment does not depend on the number of ranks
     gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out",
              f"{BASE}/kfold1.h5", "--alpha-cv", "kfold", "--folds", 4, "--seed", 3], ranks=1)

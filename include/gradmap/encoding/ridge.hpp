@@ -42,6 +42,7 @@ struct RidgeScores {
   std::vector<double> r;          ///< [t] Pearson r of test predictions (NaN if undefined)
   std::vector<double> r2;         ///< [t] 1 - SSE / SST on the test images
   std::vector<double> prediction; ///< [m, t] test predictions
+  std::vector<double> fold_r;     ///< K-fold: [folds, t] held-out Pearson r at the chosen alpha
 };
 
 /// Precision of the alpha-selection GEMMs (the per-alpha residuals or fold predictions, which
@@ -83,6 +84,54 @@ RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<FoldBasis>& folds,
                       const std::vector<double>& y_train, const std::vector<double>& y_test,
                       std::int64_t t, const std::vector<double>& alphas,
                       Precision precision = Precision::float64);
+
+/// The K-fold path for n > p in the Gram (primal, p x p) form. For fold f with held-out rows
+/// v and training rows tr (each centred with the training rows' means mu, the fold's intercept),
+///   G_f = X_tr^T X_tr = V diag(s2) V^T (p x p eigendecomposition, LAPACK dsyevd),
+///   beta_a = V diag(1 / (s2 + a)) C,  C = V^T X_tr^T Y_tr,
+///   SSE_a = ||Y_v||^2 - 2 sum_k P_k C_k / (s2_k + a) + c^T D_a H D_a c,
+///   P = V^T X_v^T Y_v,  H = V^T X_v^T X_v V (r x r),  D_a = diag(1 / (s2 + a)),
+/// where X_tr^T Y_tr and X_v^T Y_v come from the per-fold products B_f = X_f^T Y_f of the
+/// uncentred rows (their sum is X^T Y, reused by the refit) with rank-one centring terms. Per
+/// target and alpha this costs O(r^2) (one triangular matrix product with H: c^T H c =
+/// 2 c^T triu(H, halved diagonal) c) instead of the held-out predictions' O(n_v r), and no
+/// n x r basis is formed. The training rows must be ordered by fold.
+struct GramFold {
+  std::int64_t begin = 0, end = 0; ///< held-out rows [begin, end)
+  std::int64_t r = 0;              ///< retained eigenpairs (s2_k > 1e-12 s2_0)
+  std::vector<double> v;           ///< [p, r] eigenvectors of the centred training Gram
+  std::vector<double> s2;          ///< [r] its eigenvalues, decreasing
+  std::vector<double> mu;          ///< [p] mean of the fold's training rows
+  std::vector<double> sx;          ///< [p] column sums of the held-out rows
+  std::vector<double> vd;          ///< [r] V^T (mean of the held-out rows - mu)
+  std::vector<double> tri;         ///< [r, r] triu(H) with halved diagonal
+  std::vector<float> v32, tri32;   ///< float32 copies for the float32 selection pass
+};
+
+struct GramBasis {
+  std::int64_t n = 0, p = 0, r = 0, m = 0;
+  std::vector<double> x;      ///< [n, p] standardised training rows, ordered by fold
+  std::vector<double> v, s2;  ///< eigenpairs of X^T X over all training rows ([p, r], [r])
+  std::vector<double> test_v; ///< X_test V, [m, r]
+  std::vector<GramFold> folds;
+};
+
+/// Not collective. The all-rows part of a GramBasis (v, s2, test_v, r; b.x, b.n, b.p must be
+/// set; x_test [m, p]).
+void make_gram_full(GramBasis& b, const std::vector<double>& x_test, std::int64_t m);
+
+/// Not collective. Fold with held-out rows [begin, end) of b.x.
+GramFold make_gram_fold(const GramBasis& b, std::int64_t begin, std::int64_t end);
+
+/// Not collective. Per-target alpha by K-fold CV (the same criterion as fit_kfold: the first
+/// alpha with the smallest summed held-out squared error), the float32 pass rechecked in
+/// float64 where the best alpha is within 1e-4 max(1, SST / SSE_best) of another (the float32
+/// error of the expanded SSE scales with the held-out variance SST, not with SSE), then the
+/// refit on all training rows in float64. y_train rows in the order of b.x.
+RidgeScores fit_kfold_gram(const GramBasis& b, const std::vector<double>& y_train,
+                           const std::vector<double>& y_test, std::int64_t t,
+                           const std::vector<double>& alphas,
+                           Precision precision = Precision::float64);
 
 /// Not collective. Pearson r and R^2 of each column of prediction vs y (both [m, t]).
 void score_columns(const std::vector<double>& prediction, const std::vector<double>& y,

@@ -3,7 +3,10 @@
 // communicator; dataset reads and writes take a hyperslab (start, count) per rank and are
 // collective (H5FD_MPIO_COLLECTIVE), so every rank of the file's communicator must call them,
 // with an empty count where it has nothing to transfer. Transfers are cut into pieces below
-// 1 GiB so that no MPI-IO count overflows int.
+// 1 GiB so that no MPI-IO count overflows int. Reads of datasets whose chunks are larger than
+// HDF5's 1 MiB chunk cache go chunk by chunk instead (independent I/O, one contiguous read per
+// chunk, scattered here): HDF5 would otherwise read such a chunk in one small piece per row of
+// the selection (measured 5.2 s vs 0.25 s for 880 MB in (11000, 256) chunks).
 #include <hdf5.h>
 #include <mpi.h>
 
@@ -106,6 +109,12 @@ private:
   void transfer(bool write, hid_t memtype, void* buf, std::size_t elem_size,
                 const std::vector<std::int64_t>& start,
                 const std::vector<std::int64_t>& count) const;
+  /// The chunk dimensions if the dataset is chunked with chunks of at least min_bytes.
+  std::vector<std::int64_t> large_chunks(std::size_t elem_size, std::int64_t min_bytes) const;
+  void read_by_chunks(hid_t memtype, void* buf, std::size_t elem_size,
+                      const std::vector<std::int64_t>& start,
+                      const std::vector<std::int64_t>& count,
+                      const std::vector<std::int64_t>& chunk) const;
   const File* file_;
   std::string name_;
   Handle id_;
