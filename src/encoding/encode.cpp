@@ -15,9 +15,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 
@@ -447,25 +449,50 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     GramBasis gb;
   };
   const int nf = opt.alpha_cv == "kfold" ? opt.folds : 0;
-  std::int64_t job = 0; // running job counter: its owner is job % p
-  auto owner_of = [&](bool distribute) { return distribute ? int(job++ % p) : me; };
-  auto svd_job = [&](RidgeBasis& out, const std::vector<double>& xa, std::int64_t na,
-                     std::int64_t dim, const std::vector<double>& xb, std::int64_t nb,
-                     bool distribute) {
+  // Decompositions dealt to ranks: each rank first runs the jobs it owns (of every cached
+  // side), then every job is broadcast from its owner, so the ranks work at the same time.
+  struct Job {
+    int owner;
+    std::function<void()> run;
+    std::function<void(int)> share;
+  };
+  std::vector<Job> jobs;
+  std::int64_t job_count = 0; // running job counter: its owner is job_count % p
+  auto add_job = [&](bool distribute, std::function<void()> run, std::function<void(int)> share) {
+    if (!distribute)
+      run();
+    else
+      jobs.push_back({int(job_count++ % p), std::move(run), std::move(share)});
+  };
+  auto run_jobs = [&] {
+    for (auto& j : jobs)
+      if (j.owner == me)
+        j.run();
+    for (auto& j : jobs)
+      j.share(j.owner);
+    jobs.clear();
+  };
+  auto svd_job = [&](RidgeBasis& out, std::vector<double> xa, std::int64_t na, std::int64_t dim,
+                     std::vector<double> xb, std::int64_t nb, bool distribute) {
     if (opt.solver == "dual" || (opt.solver == "auto" && dim > na)) {
       // The kernel form, computed by all ranks together (ScaLAPACK) when they are all here.
       out = make_basis_dual(xa, na, dim, xb, nb, distribute ? comm : MPI_COMM_SELF);
       return;
     }
-    const int owner = owner_of(distribute);
-    if (owner == me)
-      out = make_basis(xa, na, dim, xb, nb);
-    if (distribute)
-      broadcast_basis(out, owner, comm);
+    auto xs = std::make_shared<std::pair<std::vector<double>, std::vector<double>>>(std::move(xa),
+                                                                                    std::move(xb));
+    add_job(
+        distribute,
+        [&out, xs, na, dim, nb] {
+          out = make_basis(xs->first, na, dim, xs->second, nb);
+          xs->first.clear();
+          xs->second.clear();
+        },
+        [&out, this_comm = comm](int owner) { broadcast_basis(out, owner, this_comm); });
   };
-  auto build = [&](std::int64_t k, std::int64_t l, bool distribute) {
+  // Fills side (which must stay in place until run_jobs) for (kind k, layer l).
+  auto build = [&](std::int64_t k, std::int64_t l, bool distribute, Side& side) {
     auto ds = ff.dataset("/features/" + fi.kinds[k] + "/" + fi.layers[l]);
-    Side side;
     side.dim = ds.shape()[1];
     const auto x = ds.read_all<float>();
     std::vector<double> xtr, xte;
@@ -476,37 +503,50 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       gb.n = n;
       gb.p = side.dim;
       gb.x = std::move(xtr);
-      int owner = owner_of(distribute);
-      if (owner == me)
-        make_gram_full(gb, xte, m);
-      if (distribute)
-        broadcast_gram_full(gb, owner, comm);
+      auto xt = std::make_shared<std::vector<double>>(std::move(xte));
+      add_job(
+          distribute,
+          [&gb, xt, m] {
+            make_gram_full(gb, *xt, m);
+            xt->clear();
+          },
+          [&gb, this_comm = comm](int owner) { broadcast_gram_full(gb, owner, this_comm); });
       gb.folds.resize(static_cast<size_t>(nf));
-      for (int f = 0; f < nf; ++f) {
-        owner = owner_of(distribute);
-        if (owner == me)
-          gb.folds[size_t(f)] = make_gram_fold(gb, fold_start[f], fold_start[f + 1]);
-        if (distribute)
-          broadcast_gram_fold(gb.folds[size_t(f)], gb.p, owner, comm);
-      }
-      return side;
+      for (int f = 0; f < nf; ++f)
+        add_job(
+            distribute,
+            [&gb, f, b = fold_start[f], e = fold_start[f + 1]] {
+              gb.folds[size_t(f)] = make_gram_fold(gb, b, e);
+            },
+            [&gb, f, this_comm = comm](int owner) {
+              broadcast_gram_fold(gb.folds[size_t(f)], gb.p, owner, this_comm);
+            });
+      return;
     }
-    svd_job(side.basis, xtr, n, side.dim, xte, m, distribute);
     side.folds.resize(static_cast<size_t>(nf));
     for (int f = 0; f < nf; ++f) {
       std::vector<double> a, b;
       fold_rows(xtr, n, side.dim, row_fold, f, side.folds[f], a, b);
-      svd_job(side.folds[f].basis, a, std::int64_t(side.folds[f].train.size()), side.dim, b,
-              std::int64_t(side.folds[f].valid.size()), distribute);
-      finish_fold(side.folds[f]);
+      const std::int64_t na = std::int64_t(side.folds[f].train.size()),
+                         nb = std::int64_t(side.folds[f].valid.size());
+      svd_job(side.folds[f].basis, std::move(a), na, side.dim, std::move(b), nb, distribute);
     }
-    return side;
+    svd_job(side.basis, std::move(xtr), n, side.dim, std::move(xte), m, distribute);
+  };
+  auto finish = [&](Side& side) {
+    for (auto& fd : side.folds)
+      finish_fold(fd);
   };
   std::vector<Side> cached;
-  if (cache)
+  if (cache) {
+    cached.resize(static_cast<size_t>(K * L));
     for (std::int64_t k = 0; k < K; ++k)
       for (std::int64_t l = 0; l < L; ++l)
-        cached.push_back(build(k, l, true));
+        build(k, l, true, cached[size_t(k * L + l)]);
+    run_jobs();
+    for (auto& side : cached)
+      finish(side);
+  }
 
   // 4. Outputs (collective creation), then the chunks.
   io::OutputFile out(opt.out, comm);
@@ -622,7 +662,11 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       std::vector<float> fold_r(static_cast<size_t>(nf * L * t));
       for (std::int64_t l = 0; l < L; ++l) {
         Side fresh;
-        const Side& side = cache ? cached[k * L + l] : (fresh = build(k, l, false));
+        if (!cache) {
+          build(k, l, false, fresh);
+          finish(fresh);
+        }
+        const Side& side = cache ? cached[size_t(k * L + l)] : fresh;
         const RidgeScores sc = side.gram ? fit_kfold_gram(side.gb, ytr, yte, t, alphas, prec)
                                : opt.alpha_cv == "kfold"
                                    ? fit_kfold(side.basis, side.folds, ytr, yte, t, alphas, prec)

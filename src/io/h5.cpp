@@ -522,35 +522,62 @@ void Dataset::read_by_chunks(hid_t memtype, void* buf, std::size_t elem_size,
                              const std::vector<std::int64_t>& count,
                              const std::vector<std::int64_t>& chunk) const {
   const size_t nd = count.size();
-  if (product(count) == 0)
-    return;
-  // Strides of the destination (row-major count).
-  std::vector<std::int64_t> stride(nd, 1);
+  // This rank's tiles: the selection cut at the chunk grid (tile t spans [lo, lo + c)).
+  std::vector<std::vector<hsize_t>> tiles_lo, tiles_c;
+  if (product(count) > 0) {
+    std::vector<std::int64_t> lo(start);
+    auto tile_end = [&](size_t d) {
+      return std::min(start[d] + count[d], (lo[d] / chunk[d] + 1) * chunk[d]);
+    };
+    while (true) {
+      std::vector<hsize_t> l(nd), c(nd);
+      for (size_t d = 0; d < nd; ++d) {
+        l[d] = hsize_t(lo[d]);
+        c[d] = hsize_t(tile_end(d) - lo[d]);
+      }
+      tiles_lo.push_back(l);
+      tiles_c.push_back(c);
+      size_t d = nd; // next tile: the last dimension first
+      while (d-- > 0) {
+        lo[d] = tile_end(d);
+        if (lo[d] < start[d] + count[d])
+          break;
+        lo[d] = start[d];
+      }
+      if (d == size_t(-1))
+        break;
+    }
+  }
+  // Collective: every rank makes the same number of H5Dread calls (empty ones past its tiles).
+  std::int64_t calls = std::int64_t(tiles_lo.size());
+  GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &calls, 1, MPI_INT64_T, MPI_MAX, file_->comm()));
+  std::vector<std::int64_t> stride(nd, 1); // of the destination (row-major count)
   for (size_t d = nd - 1; d > 0; --d)
     stride[d - 1] = stride[d] * count[d];
   Handle fspace(GM_CHECK_H5(H5Dget_space(id())));
   Handle dxpl(GM_CHECK_H5(H5Pcreate(H5P_DATASET_XFER)));
-  GM_CHECK_H5(H5Pset_dxpl_mpio(dxpl.get(), H5FD_MPIO_INDEPENDENT));
+  GM_CHECK_H5(H5Pset_dxpl_mpio(dxpl.get(), H5FD_MPIO_COLLECTIVE));
   std::vector<char> tile;
-  // Odometer over the chunk-grid tiles of the selection: tile d-range [lo[d], hi[d]).
-  std::vector<std::int64_t> lo(start), hi(nd);
-  auto tile_end = [&](size_t d) {
-    return std::min(start[d] + count[d], (lo[d] / chunk[d] + 1) * chunk[d]);
-  };
-  for (size_t d = 0; d < nd; ++d)
-    hi[d] = tile_end(d);
-  while (true) {
-    std::vector<hsize_t> s(nd), c(nd);
-    for (size_t d = 0; d < nd; ++d) {
-      s[d] = hsize_t(lo[d]);
-      c[d] = hsize_t(hi[d] - lo[d]);
+  for (std::int64_t i = 0; i < calls; ++i) {
+    const bool mine = i < std::int64_t(tiles_lo.size());
+    Handle mspace;
+    std::int64_t n = 0;
+    if (mine) {
+      const auto& l = tiles_lo[size_t(i)];
+      const auto& c = tiles_c[size_t(i)];
+      n = product(std::vector<std::int64_t>(c.begin(), c.end()));
+      tile.resize(size_t(n) * elem_size);
+      GM_CHECK_H5(
+          H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, l.data(), nullptr, c.data(), nullptr));
+      mspace = Handle(GM_CHECK_H5(H5Screate_simple(int(nd), c.data(), nullptr)));
+    } else {
+      GM_CHECK_H5(H5Sselect_none(fspace.get()));
+      hsize_t one = 1;
+      mspace = Handle(GM_CHECK_H5(H5Screate_simple(1, &one, nullptr)));
+      GM_CHECK_H5(H5Sselect_none(mspace.get()));
     }
-    const std::int64_t n = product(std::vector<std::int64_t>(c.begin(), c.end()));
-    tile.resize(size_t(n) * elem_size);
-    GM_CHECK_H5(
-        H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, s.data(), nullptr, c.data(), nullptr));
-    Handle mspace(GM_CHECK_H5(H5Screate_simple(int(nd), c.data(), nullptr)));
-    if (H5Dread(id(), memtype, mspace.get(), fspace.get(), dxpl.get(), tile.data()) < 0) {
+    if (H5Dread(id(), memtype, mspace.get(), fspace.get(), dxpl.get(),
+                mine ? static_cast<void*>(tile.data()) : buf) < 0) {
       try {
         throw_h5_error("H5Dread");
       } catch (Error& e) {
@@ -558,13 +585,17 @@ void Dataset::read_by_chunks(hid_t memtype, void* buf, std::size_t elem_size,
         throw;
       }
     }
+    if (!mine)
+      continue;
     // Scatter the tile's rows (runs along the last dimension) into buf.
+    const auto& l = tiles_lo[size_t(i)];
+    const auto& c = tiles_c[size_t(i)];
     const std::int64_t run = std::int64_t(c[nd - 1]);
     std::vector<std::int64_t> idx(nd, 0); // position inside the tile (last dim fixed at 0)
     for (std::int64_t k = 0; k < n / run; ++k) {
       std::int64_t off = 0;
       for (size_t d = 0; d < nd; ++d)
-        off += (lo[d] + idx[d] - start[d]) * stride[d];
+        off += (std::int64_t(l[d]) + idx[d] - start[d]) * stride[d];
       std::memcpy(static_cast<char*>(buf) + off * std::int64_t(elem_size),
                   tile.data() + k * run * std::int64_t(elem_size), size_t(run) * elem_size);
       for (size_t d = nd - 1; d-- > 0;) {
@@ -573,19 +604,6 @@ void Dataset::read_by_chunks(hid_t memtype, void* buf, std::size_t elem_size,
         idx[d] = 0;
       }
     }
-    // Next tile: advance the last dimension first.
-    size_t d = nd;
-    while (d-- > 0) {
-      lo[d] = hi[d];
-      if (lo[d] < start[d] + count[d]) {
-        hi[d] = tile_end(d);
-        break;
-      }
-      lo[d] = start[d];
-      hi[d] = tile_end(d);
-    }
-    if (d == size_t(-1))
-      return;
   }
 }
 
@@ -599,7 +617,7 @@ void Dataset::transfer(bool write, hid_t memtype, void* buf, std::size_t elem_si
     GM_REQUIRE(start[i] >= 0 && count[i] >= 0 && start[i] + count[i] <= dims[i],
                "hyperslab out of range for " + where());
   // Chunks above the 1 MiB chunk cache: read chunk by chunk (decided by the dataset alone, so
-  // every rank takes the same branch; no collective call in it).
+  // every rank takes the same branch).
   if (!write && !dims.empty()) {
     const auto chunk = large_chunks(elem_size, std::int64_t(1) << 20);
     if (!chunk.empty()) {

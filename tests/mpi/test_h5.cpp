@@ -73,6 +73,49 @@ TEST(H5, ColumnBlocksOfARowMajorDataset) {
     EXPECT_DOUBLE_EQ(mine[r * b.size()], r + 0.001 * b.begin);
 }
 
+TEST(H5, LargeChunksAreReadTileByTileCollectively) {
+  // Chunks of 64 x 4 x 1100 floats (1.1 MB) exceed the 1 MiB chunk cache, so reads go chunk by
+  // chunk: uneven boxes per rank (different tile counts, one rank empty), HDF5 conversion to
+  // double, and a box inside one chunk.
+  const std::string dir = shared_tmpdir(world(), "bigchunks");
+  const std::int64_t a = 70, b = 9, c = 1100;
+  auto value = [](std::int64_t i, std::int64_t j, std::int64_t k) {
+    return float(i * 100000 + j * 2000 + k);
+  };
+  const int me = mpi::rank(world()), P = mpi::size(world());
+  {
+    io::OutputFile out(dir + "/big.h5", world());
+    auto ds = out.file().create_dataset("/r", io::DType::f32, {a, b, c}, {64, 4, c});
+    const auto rows = mpi::block_of(a, P, me);
+    std::vector<float> mine;
+    for (auto i = rows.begin; i < rows.end; ++i)
+      for (std::int64_t j = 0; j < b; ++j)
+        for (std::int64_t k = 0; k < c; ++k)
+          mine.push_back(value(i, j, k));
+    ds.write(mine.data(), {rows.begin, 0, 0}, {rows.size(), b, c});
+    out.commit();
+  }
+  io::File f = io::File::open(dir + "/big.h5", world());
+  auto ds = f.dataset("/r");
+  const bool empty = P > 1 && me == P - 1;
+  const auto blk = empty ? mpi::Block{} : mpi::block_of(b, std::max(1, P - 1), me);
+  const std::vector<std::int64_t> start = {3, empty ? 0 : blk.begin, 5};
+  const std::vector<std::int64_t> count = {65, empty ? 0 : blk.size(), c - 5};
+  const auto got = ds.read<double>(start, count);
+  ASSERT_EQ(got.size(), size_t(count[0] * count[1] * count[2]));
+  for (std::int64_t i = 0; i < count[0]; ++i)
+    for (std::int64_t j = 0; j < count[1]; ++j)
+      for (std::int64_t k = 0; k < count[2]; ++k)
+        ASSERT_EQ(got[size_t((i * count[1] + j) * count[2] + k)],
+                  double(value(start[0] + i, start[1] + j, start[2] + k)))
+            << i << " " << j << " " << k;
+  const auto inside = ds.read<float>({10, 1, 100}, {2, 2, 3});
+  EXPECT_EQ(inside[0], value(10, 1, 100));
+  EXPECT_EQ(inside[11], value(11, 2, 102));
+  const auto all = ds.read_all<float>();
+  EXPECT_EQ(all.back(), value(a - 1, b - 1, c - 1));
+}
+
 TEST(H5, StringsAndAttributesRoundTrip) {
   const std::string dir = shared_tmpdir(world(), "attrs");
   {

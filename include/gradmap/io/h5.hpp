@@ -4,9 +4,10 @@
 // collective (H5FD_MPIO_COLLECTIVE), so every rank of the file's communicator must call them,
 // with an empty count where it has nothing to transfer. Transfers are cut into pieces below
 // 1 GiB so that no MPI-IO count overflows int. Reads of datasets whose chunks are larger than
-// HDF5's 1 MiB chunk cache go chunk by chunk instead (independent I/O, one contiguous read per
-// chunk, scattered here): HDF5 would otherwise read such a chunk in one small piece per row of
-// the selection (measured 5.2 s vs 0.25 s for 880 MB in (11000, 256) chunks).
+// HDF5's 1 MiB chunk cache go chunk by chunk instead (one collective read per chunk-grid tile
+// of the selection, scattered here; ranks with fewer tiles make empty calls): HDF5 would
+// otherwise read such a chunk in one small piece per row of the selection (measured 5.2 s vs
+// 0.25 s for 880 MB in (11000, 256) chunks).
 #include <hdf5.h>
 #include <mpi.h>
 
