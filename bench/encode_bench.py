@@ -152,12 +152,21 @@ def bench(a, d):
         print(f"gradmap encode -n {ranks} x {threads} threads: {wall:.1f} s wall, peak RSS {rss:.2f} GiB{rate}")
         # every profiled phase (rank 0's times; rates over all ranks), with the GEMM peak of its
         # precision: the X^T Y products run in float64, the rest of the selection in float32
-        phases = []
-        for name, sec, mf in re.findall(r"^(gm\.\S+)\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M):
+        phases, table = [], {}
+        for name, sec, fl, mf in re.findall(r"^(gm\.\S+)\s+\d+ \S+ (\S+) \S+ (\S+) .*?(\d+)$", p.stdout, re.M):
             gf = int(mf) / 1000
+            table[name] = (float(sec), float(fl))
             peak_of = peak if name == "gm.ridge.kfold.xty" else speak
             phases.append(f"{name} {float(sec):.1f} s" + (f" {gf:.0f} GF/s ({100 * gf / peak_of:.0f}%)" if gf else ""))
         print("    phases: " + "; ".join(phases))
+        if "gm.ridge.kfold" in table and "gm.ridge.kfold.xty" in table:
+            # The K-fold phase mixes float64 GEMMs (X_f^T Y, refit) and float32 work: its time at
+            # the measured peaks of each precision over its actual time (per rank: flops of rank 0).
+            sec, fl = table["gm.ridge.kfold"]
+            f64 = table["gm.ridge.kfold.xty"][1] + table.get("gm.ridge.refit", (0, 0))[1]
+            ideal = f64 / (peak * 1e9 / ranks) + (fl - f64) / (speak * 1e9 / ranks)
+            print(f"    kfold phase at the precision-weighted GEMM peak would take {ideal:.1f} s: "
+                  f"{100 * ideal / sec:.0f}% of peak")
     one, two = configs[0], configs[1]
     print(f"speed-up 1 rank x {one[1]} threads -> 2 ranks x {two[1]}: {res[one] / res[two]:.2f}x")
     if a.one_thread_scaling:

@@ -614,7 +614,7 @@ std::vector<double> gram_errors(const GramBasis& b, const std::vector<double>& y
   fold_r.assign(size_t(nfold * na * t), 0.0);
   sst.assign(static_cast<size_t>(t), 0.0);
   std::vector<T> ae, cp, w;
-  std::vector<double> mf(static_cast<size_t>(t)), dy(mf), yc2(mf), ytil2(mf), d;
+  std::vector<double> mf(static_cast<size_t>(t)), dy(mf), yc2(mf), ytil2(mf), dall, cross, ucol;
   for (std::int64_t f = 0; f < nfold; ++f) {
     const GramFold& fd = b.folds[size_t(f)];
     const std::int64_t nv = fd.end - fd.begin, nt = n - nv, r = fd.r;
@@ -652,40 +652,60 @@ std::vector<double> gram_errors(const GramBasis& b, const std::vector<double>& y
     linalg::gemm(true, false, r, 2 * t, p, T(1), pick<T>(fd.v, fd.v32).data(), ae.data(), T(0),
                  cp.data());
     w.resize(size_t(r * t));
-    d.resize(size_t(r));
-    for (std::int64_t a = 0; a < na; ++a) {
+    // cross[a, c] = sum_k d_ak C_kc P_kc and u[a, c] = sum_k vd_k d_ak C_kc for every alpha in
+    // one pass over C and P; rows in order within each column, threads over column blocks.
+    constexpr std::int64_t CB = 256;
+    dall.resize(size_t(na * r));
+    for (std::int64_t a = 0; a < na; ++a)
       for (std::int64_t k = 0; k < r; ++k)
-        d[size_t(k)] = 1.0 / (fd.s2[size_t(k)] + alphas[size_t(a)]);
+        dall[size_t(a * r + k)] = 1.0 / (fd.s2[size_t(k)] + alphas[size_t(a)]);
+    cross.assign(size_t(na * t), 0.0);
+    ucol.assign(size_t(na * t), 0.0);
+#pragma omp parallel for schedule(static)
+    for (std::int64_t c0 = 0; c0 < t; c0 += CB) {
+      const std::int64_t c1 = std::min(t, c0 + CB);
+      for (std::int64_t k = 0; k < r; ++k) {
+        const T* ck = &cp[size_t(k * 2 * t)];
+        const double vk = fd.vd[size_t(k)];
+        for (std::int64_t a = 0; a < na; ++a) {
+          const double dk = dall[size_t(a * r + k)];
+          double* cr = &cross[size_t(a * t)];
+          double* uc = &ucol[size_t(a * t)];
+          for (std::int64_t c = c0; c < c1; ++c) {
+            const double dc = dk * double(ck[c]);
+            cr[c] += dc * double(ck[t + c]);
+            uc[c] += vk * dc;
+          }
+        }
+      }
+    }
+    for (std::int64_t a = 0; a < na; ++a) {
+      const double* d = &dall[size_t(a * r)];
 #pragma omp parallel for schedule(static)
       for (std::int64_t k = 0; k < r; ++k)
         for (std::int64_t c = 0; c < t; ++c)
-          w[size_t(k * t + c)] = T(d[size_t(k)] * double(cp[size_t(k * 2 * t + c)]));
+          w[size_t(k * t + c)] = T(d[k] * double(cp[size_t(k * 2 * t + c)]));
       {
         ProfileEvent qev("gm.ridge.kfold.quad");
         ProfileEvent::add_flops(double(r) * double(r) * double(t));
         linalg::trmm_upper(r, t, pick<T>(fd.tri, fd.tri32).data(), w.data());
       }
-      // Per column: cross = sum_k d_k C_k P_k, quad = 2 sum_k d_k C_k (tri D C)_k,
-      // u = sum_k vd_k d_k C_k; row order within each column, threads over column blocks.
+      // Per column: quad = 2 sum_k d_k C_k (tri D C)_k.
       double* fr = &fold_r[size_t((f * na + a) * t)];
-      constexpr std::int64_t CB = 256;
 #pragma omp parallel for schedule(static)
       for (std::int64_t c0 = 0; c0 < t; c0 += CB) {
         const std::int64_t c1 = std::min(t, c0 + CB);
-        double cross[CB] = {}, quad[CB] = {}, u[CB] = {};
+        double quad[CB] = {};
         for (std::int64_t k = 0; k < r; ++k) {
           const T* ck = &cp[size_t(k * 2 * t)];
           const T* wk = &w[size_t(k * t)];
-          const double dk = d[size_t(k)], vk = fd.vd[size_t(k)];
-          for (std::int64_t c = c0; c < c1; ++c) {
-            const double dc = dk * double(ck[c]);
-            cross[c - c0] += dc * double(ck[t + c]);
-            quad[c - c0] += dc * double(wk[c]);
-            u[c - c0] += vk * dc;
-          }
+          const double dk = d[k];
+          for (std::int64_t c = c0; c < c1; ++c)
+            quad[c - c0] += dk * double(ck[c]) * double(wk[c]);
         }
         for (std::int64_t c = c0; c < c1; ++c) {
-          const double cr = cross[c - c0], q = 2 * quad[c - c0], uu = u[c - c0];
+          const double cr = cross[size_t(a * t + c)], q = 2 * quad[c - c0],
+                       uu = ucol[size_t(a * t + c)];
           err[size_t(a * t + c)] += (ytil2[c] - 2 * cr + q) / double(n);
           // Held-out r: covariance and prediction variance about the held-out means.
           const double cov = cr - double(nv) * uu * dy[c], vp = q - double(nv) * uu * uu;
