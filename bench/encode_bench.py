@@ -153,7 +153,7 @@ def bench(a, d):
         # every profiled phase (rank 0's times; rates over all ranks), with the GEMM peak of its
         # precision: the X^T Y products run in float64, the rest of the selection in float32
         phases, table = [], {}
-        for name, sec, fl, mf in re.findall(r"^(gm\.\S+)\s+\d+ \S+ (\S+) \S+ (\S+) .*?(\d+)$", p.stdout, re.M):
+        for name, sec, fl, mf in re.findall(r"^(gm\.\S+) +\d+ \S+ (\S+) \S+ (\S+) .*?(\d+)$", p.stdout, re.M):
             gf = int(mf) / 1000
             table[name] = (float(sec), float(fl))
             peak_of = peak if name == "gm.ridge.kfold.xty" else speak
