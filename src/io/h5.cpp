@@ -512,7 +512,9 @@ std::vector<std::int64_t> Dataset::large_chunks(std::size_t elem_size,
   std::vector<hsize_t> c(static_cast<size_t>(std::max(rank, 1)), 1);
   GM_CHECK_H5(H5Pget_chunk(dcpl.get(), rank, c.data()));
   std::vector<std::int64_t> chunk(c.begin(), c.begin() + rank);
-  if (product(chunk) * std::int64_t(elem_size) < min_bytes)
+  // Above 1 GiB a tile could exceed an int count in MPI-IO: such chunks take the piecewise path.
+  const std::int64_t bytes = product(chunk) * std::int64_t(elem_size);
+  if (bytes < min_bytes || bytes > (std::int64_t(1) << 30))
     return {};
   return chunk;
 }
