@@ -7,13 +7,12 @@
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/profile.hpp"
+#include "gradmap/linalg/dense.hpp"
 #include "gradmap/mpi/comm.hpp"
 
 extern "C" {
 void dsyrk_(const char* uplo, const char* trans, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* beta, double* c, const int* ldc);
-void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w,
-             double* work, const int* lwork, int* iwork, const int* liwork, int* info);
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc);
@@ -33,26 +32,6 @@ void pdsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const
 
 namespace gradmap::linalg {
 
-namespace {
-
-// Column-major symmetric eigendecomposition on one rank; a is overwritten by the eigenvectors.
-void local_eig(int n, std::vector<double>& a, std::vector<double>& w) {
-  w.resize(size_t(n));
-  int info = 0, lwork = -1, liwork = -1, iq = 0;
-  double q = 0;
-  dsyevd_("V", "L", &n, a.data(), &n, w.data(), &q, &lwork, &iq, &liwork, &info);
-  lwork = int(q);
-  liwork = iq;
-  std::vector<double> work(static_cast<size_t>(lwork));
-  std::vector<int> iwork(static_cast<size_t>(liwork));
-  dsyevd_("V", "L", &n, a.data(), &n, w.data(), work.data(), &lwork, iwork.data(), &liwork, &info);
-  if (info != 0)
-    throw Error("LAPACK dsyevd failed on the " + std::to_string(n) + "-image kernel (info " +
-                std::to_string(info) + ")");
-}
-
-} // namespace
-
 void kernel_eig(const std::vector<double>& x, std::int64_t n64, std::int64_t p64, MPI_Comm comm,
                 std::vector<double>& w, std::vector<double>& z) {
   ProfileEvent ev("gm.ridge.kernel");
@@ -69,7 +48,8 @@ void kernel_eig(const std::vector<double>& x, std::int64_t n64, std::int64_t p64
     ev_cm.assign(size_t(n) * size_t(n), 0.0);
     const double one = 1, zero = 0;
     dsyrk_("L", "T", &n, &p, &one, x.data(), &p, &zero, ev_cm.data(), &n);
-    local_eig(n, ev_cm, wa);
+    sym_eig(n, ev_cm, w, z); // reads the lower (column-major) triangle
+    return;
   } else {
     // A 1 x P process grid from comm. (Debian 12's ScaLAPACK 2.2.1 PDSYEVD returned wrong
     // eigenvectors on a 2 x 2 grid with 32 x 32 blocks and above, in tests/mpi/test_kernel_eig.cpp
