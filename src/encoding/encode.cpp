@@ -678,8 +678,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           buf[2][l * t + c] = float(sc.r2[c]);
           buf[3][l * t + c] = float(sc.alpha[c]);
         }
-        for (std::int64_t g = 0; g < std::int64_t(sc.fold_r.size()) / std::max<std::int64_t>(t, 1);
-             ++g)
+        for (std::int64_t g = 0; g < nf; ++g) // K-fold: sc.fold_r is [nf, t]
           for (std::int64_t c = 0; c < t; ++c)
             fold_r[(g * L + l) * t + c] = float(sc.fold_r[g * t + c]);
         if (opt.store_predictions)

@@ -423,18 +423,17 @@ std::vector<double> kfold_errors(const std::vector<FoldBasis>& folds, std::int64
   return err;
 }
 
-// fold_r [folds, alphas, t] at each column's chosen alpha -> [folds, t] (NaN where none).
+// fold_r [folds, alphas, t] at each column's chosen alpha (which[c]; NaN where the refit left
+// the column unfitted) -> [folds, t].
 std::vector<double> pick_fold_r(const std::vector<double>& fold_r, std::int64_t folds,
-                                std::int64_t na, std::int64_t t, const RidgeScores& sc,
-                                const std::vector<double>& alphas) {
+                                std::int64_t na, std::int64_t t,
+                                const std::vector<std::int64_t>& which, const RidgeScores& sc) {
   std::vector<double> out(static_cast<size_t>(folds * t), std::numeric_limits<double>::quiet_NaN());
   for (std::int64_t c = 0; c < t; ++c) {
     if (std::isnan(sc.alpha[c]))
       continue;
-    const std::int64_t a =
-        std::int64_t(std::find(alphas.begin(), alphas.end(), sc.alpha[c]) - alphas.begin());
     for (std::int64_t f = 0; f < folds; ++f)
-      out[f * t + c] = fold_r[(f * na + a) * t + c];
+      out[f * t + c] = fold_r[(f * na + which[c]) * t + c];
   }
   return out;
 }
@@ -488,8 +487,9 @@ RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<FoldBasis>& fds,
   } else {
     err = kfold_errors<double>(fds, n, y_train, t, alphas, fold_r);
   }
-  RidgeScores sc = refit(b, y_train, y_test, t, alphas, argmin_first(err, na, t));
-  sc.fold_r = pick_fold_r(fold_r, nf, na, t, sc, alphas);
+  const auto which = argmin_first(err, na, t);
+  RidgeScores sc = refit(b, y_train, y_test, t, alphas, which);
+  sc.fold_r = pick_fold_r(fold_r, nf, na, t, which, sc);
   return sc;
 }
 
@@ -760,10 +760,11 @@ RidgeScores fit_kfold_gram(const GramBasis& b, const std::vector<double>& y_trai
   ProfileEvent::add_flops(2.0 * double(b.r) * double(t) * double(p + b.m));
   std::vector<double> proj(static_cast<size_t>(b.r * t), 0.0);
   linalg::gemm(true, false, b.r, t, p, 1.0, b.v.data(), xty.data(), 0.0, proj.data());
+  const auto which = argmin_first(err, na, t);
   RidgeScores sc = refit_with(
       b.r, b.m, b.test_v, proj, [&](std::int64_t k, double a) { return 1.0 / (b.s2[k] + a); },
-      y_train, n, y_test, t, alphas, argmin_first(err, na, t));
-  sc.fold_r = pick_fold_r(fold_r, nf, na, t, sc, alphas);
+      y_train, n, y_test, t, alphas, which);
+  sc.fold_r = pick_fold_r(fold_r, nf, na, t, which, sc);
   return sc;
 }
 
