@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Export a vision model to TorchScript in gradmap's model contract, and check the export.
 
-Contract (design.md): the saved module's
+Contract (docs/design.md): the saved module's
     forward(x: Tensor[B, 3, H, W]) -> Tuple[List[Tensor], Tensor]
 returns the per-layer outputs in network order ([B, T, D] tokens, [B, C, H, W] feature maps or
 [B, D]) and the final output (logits or embedding). Optional attributes:

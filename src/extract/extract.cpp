@@ -1,4 +1,4 @@
-// gradmap extract (design.md "extract"):
+// gradmap extract (docs/design.md):
 // 1. Validate the stimuli and build this rank's model copy (model::FeatureExtractor).
 // 2. Open features.h5.partial: resume it when its fingerprint (everything that changes the
 //    numbers) matches, else create it with one dataset per (kind, layer).

@@ -53,7 +53,7 @@ FEATS, Y, TRIAL_STIM, TEST = make_data()
 
 
 def prepared(layer):
-    """design.md's data preparation, in numpy: average repetitions, split, z-score, centre."""
+    """docs/design.md's data preparation, in numpy: average repetitions, split, z-score, centre."""
     ymean = np.zeros((N, T))
     np.add.at(ymean, TRIAL_STIM, Y)
     ymean /= REPS
@@ -279,7 +279,7 @@ def test_recovers_the_planted_layers_on_simulated_data():
                   for k in ("activations", "gradients")}  # layer x time
         assert curves["activations"].max() > 0.2
         assert abs(np.nanmean(s["/activations/r"][()].reshape(6, 6, 20)[:, noise])) < 0.05
-        # design.md's top-layer criterion: the gradient response peaks after the activation one.
+        # docs/design.md top-layer criterion: the gradient response peaks after the activation one.
         # (The order of the activation peaks across layers is NOT recovered at this size: the
         # reference network's pooled layer features are too correlated; see the issue notes.)
         top = [times[curves[k][-1].argmax()] for k in ("activations", "gradients")]

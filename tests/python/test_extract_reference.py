@@ -55,7 +55,7 @@ def augmented_view(x01, index, seed, out_size):
 
 
 def reference(module, images, labels, pooling, input_size=None, objective="cross-entropy", seed=0):
-    """What gradmap must compute: design.md's preprocessing, the summed objective, dL/dh_l."""
+    """What gradmap must compute: docs/design.md's preprocessing, the summed objective, dL/dh_l."""
     x01 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = x01
     if input_size and x.shape[-1] != input_size:
@@ -215,43 +215,139 @@ def test_traced_export_of_a_hooked_model():
     compare(f"{BASE}/seq.h5", wrapped, img, labels, "mean")
 
 
-def test_builtin_features_independent_of_ranks_and_batch_size():
-    sim = f"{BASE}/sim"
+# Rounding of float32 conv kernels depends on the BLAS kernel (OPENBLAS_CORETYPE), the batch size
+# and the thread split: measured max |z32 - z64| / S = 3.7e-7 for tinycnn's pre-activations z,
+# with S = |W| * |h| + |b| the sum of the absolute terms of each output. A ReLU mask can therefore
+# differ between two float32 runs only where |z64| / S < 2 x 3.7e-7; KINK_MARGIN leaves a
+# factor 2.7 beyond that. Such a flip passes or blocks a whole upstream gradient (seen: one image,
+# 2.7e-3 relative, in conv1-conv4 gradients, on AVX-512 kernels), so the gradients of the layers
+# below a near-kink are excused for that image; activations are continuous across a kink and are
+# compared for every image.
+KINK_MARGIN = 2e-6
+
+
+def kink_margins(weights, stimuli):
+    """min over positions of |z| / S for each image and ReLU layer of builtin:tinycnn, float64."""
+    py = PyTinyCnn()
+    py.load_state_dict(dict(torch.jit.load(weights).state_dict()))
+    py = py.double().eval()
+    with h5py.File(stimuli) as f:
+        img = f["/stimuli/images"][()]
+    h = (torch.from_numpy(img).permute(0, 3, 1, 2).double() / 255 - MEAN.double()) / STD.double()
+    margins = []
+    with torch.no_grad():
+        for i in range(6):
+            conv = getattr(py, f"conv{i + 1}")
+            z = conv(h)
+            s = F.conv2d(h.abs(), conv.weight.abs(), conv.bias.abs(), stride=conv.stride, padding=1)
+            margins.append((z.abs() / s).flatten(1).min(1).values.numpy())
+            h = torch.relu(z)
+    return np.stack(margins, 1)  # [N, 6]
+
+
+def assert_same_features(a, b, tol=1e-6, margins=None, what=""):
+    """Every feature of files a and b agrees to tol relative to the layer's largest magnitude, per
+    image. With margins ([N, layers], tinycnn): the gradients of layer l of an image with a
+    pre-activation within KINK_MARGIN of a ReLU kink in a layer above l are excused, at most half
+    of the images per layer (else the comparison would have no teeth)."""
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        names = [n.decode() if isinstance(n, bytes) else n for n in fa["/features"].attrs["layers"]]
+        for kind in ("activations", "gradients"):
+            for l, name in enumerate(names):
+                x, y = fa[f"/features/{kind}/{name}"][()], fb[f"/features/{kind}/{name}"][()]
+                e = np.abs(x - y).reshape(len(x), -1).max(1) / max(np.abs(x).max(), 1e-30)
+                keep = np.ones(len(x), bool)
+                if margins is not None and kind == "gradients":
+                    keep = ~(margins[:, l + 1:] < KINK_MARGIN).any(1)
+                    assert keep.mean() >= 0.5, f"{what} {name}: {np.sum(~keep)} images excused"
+                bad = np.where(keep & (e >= tol))[0]
+                assert len(bad) == 0, (f"{what} {kind}/{name}: images {bad[:5]} differ by {e[bad].max():.2e} "
+                                       f"(kink margins {None if margins is None else margins[bad[:5]]})")
+
+
+def simulated_reference(tag):
+    """A small simulated stimulus set of this test's own and its tinycnn features at batch 1 on
+    one rank, with the weights saved (for the kink margins)."""
+    sim, ref, w = f"{BASE}/{tag}-sim", f"{BASE}/{tag}-b1.h5", f"{BASE}/{tag}.weights"
     gradmap(["simulate", "--out", sim, "--images", 90, "--test-images", 10, "--voxels", 20,
              "--modality", "fmri"])
-    gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/b1.h5",
-             "--batch-size", 1, "--block", 32], ranks=1)
+    gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", ref, "--batch-size", 1, "--block", 32,
+             "--save-weights", w], ranks=1)
+    return sim, ref, kink_margins(w, f"{sim}/stimuli.h5")
+
+
+def test_builtin_features_independent_of_ranks_and_batch_size():
+    sim, ref, margins = simulated_reference("indep")
     gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/b16.h5",
              "--batch-size", 16, "--block", 32], ranks=2)
     gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/b5.h5",
              "--batch-size", 5, "--block", 7], ranks=3)
-    p = gradmap(["validate", f"{BASE}/b1.h5"])
+    p = gradmap(["validate", ref])
     assert "features, 90 images, 2 kinds x 6 layers" in p.stdout, p.stdout
-    with h5py.File(f"{BASE}/b1.h5") as a, h5py.File(f"{BASE}/b16.h5") as b, h5py.File(f"{BASE}/b5.h5") as c:
-        for kind in ("activations", "gradients"):
-            for name in a[f"/features/{kind}"]:
-                x = a[f"/features/{kind}/{name}"][()]
-                for other in (b, c):
-                    e = rel_err(other[f"/features/{kind}/{name}"][()], x)
-                    assert e < 1e-6, f"{kind}/{name}: {e:.2e}"
+    for other in ("b16", "b5"):
+        assert_same_features(ref, f"{BASE}/{other}.h5", margins=margins, what=other)
+    with h5py.File(ref) as a:
         assert a["/features"].attrs["model"] == "builtin:tinycnn"
+    # The margin check must be able to fail: a gradient changed by 1e-5 of its scale in one image
+    # that is not near a kink is caught.
+    bad = f"{BASE}/b16-perturbed.h5"
+    shutil.copy(f"{BASE}/b16.h5", bad)
+    i = int(np.where(~(margins[:, 1:] < KINK_MARGIN).any(1))[0][0])
+    with h5py.File(bad, "r+") as f:
+        d = f["/features/gradients/conv1"]
+        d[i] = d[i] + 1e-5 * np.abs(d[()]).max()
+    try:
+        assert_same_features(ref, bad, margins=margins)
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError("a perturbed gradient passed the kink-aware comparison")
     # A self-supervised objective too: its augmentations are keyed by the global image index.
     # Tolerance 1e-5, not 1e-6: DINO's teacher softmax at temperature 0.04 amplifies the ~1e-7
     # batch-size-dependent rounding of float32 conv kernels (measured: 2.3e-6 at batch 1 vs 16).
     for n, batch in ((1, 1), (3, 16)):
         gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/dino{n}.h5",
                  "--objective", "dino", "--seed", 3, "--batch-size", batch, "--block", 32], ranks=n)
-    with h5py.File(f"{BASE}/dino1.h5") as a, h5py.File(f"{BASE}/dino3.h5") as b:
-        for name in a["/features/gradients"]:
-            e = rel_err(b[f"/features/gradients/{name}"][()], a[f"/features/gradients/{name}"][()])
-            assert e < 1e-5, f"dino gradients/{name}: {e:.2e}"
+    assert_same_features(f"{BASE}/dino1.h5", f"{BASE}/dino3.h5", tol=1e-5, margins=margins, what="dino")
+
+
+class SmoothCnn(torch.nn.Module):
+    """A CNN without kinks (softplus, tanh): its features are smooth functions of the input, so
+    batch and rank independence holds to float32 rounding for every image, with no exception."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.c1 = torch.nn.Conv2d(3, 12, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(12, 24, 3, stride=2, padding=1)
+        self.c3 = torch.nn.Conv2d(24, 24, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(24, 8)
+
+    def forward(self, x):
+        h1 = F.softplus(self.c1(x))
+        h2 = torch.tanh(self.c2(h1))
+        h3 = F.softplus(self.c3(h2))
+        return [h1, h2, h3], self.head(h3.mean((2, 3)))
+
+
+def test_smooth_model_features_independent_of_ranks_and_batch_size_for_every_image():
+    sim = f"{BASE}/smooth-sim"
+    gradmap(["simulate", "--out", sim, "--images", 60, "--test-images", 6, "--voxels", 10,
+             "--modality", "fmri"])
+    model = f"{BASE}/smooth.pt"
+    with h5py.File(f"{sim}/stimuli.h5") as f:
+        size = f["/stimuli/images"].shape[1]
+    ex.export(SmoothCnn(), model, size, layer_names=["c1", "c2", "c3"])
+    runs = (("s1", 1, 1, 32), ("s16", 2, 16, 32), ("s5", 3, 5, 7))
+    for tag, n, batch, block in runs:
+        gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--model", f"torchscript:{model}",
+                 "--batch-size", batch, "--block", block, "--out", f"{BASE}/{tag}.h5"], ranks=n)
+    for tag in ("s16", "s5"):
+        assert_same_features(f"{BASE}/s1.h5", f"{BASE}/{tag}.h5", tol=1e-6, what=tag)
 
 
 def test_resume_skips_completed_blocks():
-    sim = f"{BASE}/sim"
-    ref = f"{BASE}/b1.h5"
-    if not os.path.exists(ref):
-        test_builtin_features_independent_of_ranks_and_batch_size()
+    sim, ref, margins = simulated_reference("resume")
     # A partial output as a killed run leaves it: blocks 0 and 2 done (block 0 holds a sentinel,
     # proving it is not recomputed), blocks 1 and 3 not done (zeroed).
     out = f"{BASE}/resume.h5"
@@ -272,7 +368,11 @@ def test_resume_skips_completed_blocks():
         for name in f["/features/gradients"]:
             x, y = f[f"/features/gradients/{name}"][()], r[f"/features/gradients/{name}"][()]
             assert (x[:32] == 7.0).all(), "a completed block was recomputed"
-            assert rel_err(x[32:], y[32:]) < 1e-6
+    with h5py.File(out, "r+") as f, h5py.File(ref) as r:  # the recomputed rest, kink-aware
+        for kind in ("activations", "gradients"):
+            for name in f[f"/features/{kind}"]:
+                f[f"/features/{kind}/{name}"][:32] = r[f"/features/{kind}/{name}"][:32]
+    assert_same_features(ref, out, margins=margins, what="resumed")
     # A different setting does not resume: the fingerprint differs, the run starts over.
     shutil.copy(ref, out + ".partial")
     p = gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", out, "--block", 32,
@@ -440,6 +540,8 @@ def test_bad_models_and_inputs():
 run_tests([test_vit_matches_pytorch_for_each_pooling, test_vit_resizes_with_antialiasing,
            test_batchnorm_cnn_matches_pytorch_with_self_labels, test_self_supervised_objectives_match_pytorch,
            test_poolings_and_a_user_objective_match_pytorch, test_traced_export_of_a_hooked_model,
-           test_builtin_features_independent_of_ranks_and_batch_size, test_resume_skips_completed_blocks,
+           test_builtin_features_independent_of_ranks_and_batch_size,
+           test_smooth_model_features_independent_of_ranks_and_batch_size_for_every_image,
+           test_resume_skips_completed_blocks,
            test_builtin_models_match_pytorch_reimplementations,
            test_bad_models_and_inputs])

@@ -1,5 +1,5 @@
 """Independent checks (h5py + numpy + scikit-learn, no gradmap code) of the simulated datasets:
-the schema of design.md, and the planted answer visible in the data themselves.
+the schema of docs/design.md, and the planted answer visible in the data themselves.
 
 - Split-half reliability across repetitions is snr / (1 + snr) for signal voxels and 0 for noise
   voxels and for every voxel of the null scenario.

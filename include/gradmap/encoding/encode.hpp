@@ -1,5 +1,5 @@
 #pragma once
-// `gradmap encode` (design.md): for every kind, layer and target, ridge regression from the
+// `gradmap encode` (docs/design.md): for every kind, layer and target, ridge regression from the
 // features to the responses with a per-target penalty chosen on the training images, scored by
 // Pearson r on the test images. Targets (voxels, or sensors with all their times) are split
 // over ranks; each rank reads its column block of the responses and writes its columns of the

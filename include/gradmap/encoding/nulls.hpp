@@ -1,6 +1,6 @@
 #pragma once
 // Permutation and bootstrap replicates of the test-set scores, computed while the test
-// predictions are in memory (design.md, docs/statistics.md).
+// predictions are in memory (docs/design.md, docs/statistics.md).
 //
 // Permutation b pairs the prediction of test row perm_b(i) with the response of test row i:
 // r_b = Pearson(pred[perm_b], y). The same permutations serve every target, layer and kind, and

@@ -1,6 +1,6 @@
 #pragma once
-// `gradmap extract`: per-layer activations and gradients of every stimulus, written to
-// features.h5 (design.md). Images are dealt to ranks in blocks; each rank runs its own model copy;
+// `gradmap extract` (docs/design.md): per-layer activations and gradients of every stimulus,
+// written to features.h5. Images are dealt to ranks in blocks; each rank runs its own model copy;
 // rows are written with collective parallel-HDF5 writes. Completion is recorded per block in the
 // partial output, so a rerun after a kill continues where it stopped.
 #include <mpi.h>

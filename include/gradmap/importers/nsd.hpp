@@ -1,6 +1,6 @@
 #pragma once
 // `gradmap import-nsd`: the Natural Scenes Dataset in its published layout -> stimuli.h5 and
-// brain_fmri.h5 in gradmap's schema (design.md). Streams one session of betas at a time per
+// brain_fmri.h5 in gradmap's schema (docs/design.md). Streams one session of betas at a time per
 // rank (ranks take sessions round-robin) and the stimuli one image at a time, so memory is
 // bounded by one session's [750, voxels] block whatever the subject's size.
 #include <mpi.h>

@@ -1,5 +1,5 @@
 #pragma once
-// The data schema of design.md and its validator. Every reader calls these before using a file:
+// The data schema (docs/design.md) and its validator. Every reader calls these before using a file:
 // they check the `gradmap_schema` attribute, the presence, dtype and shape of each dataset, index
 // ranges and NaN/Inf, and name the file and dataset that is wrong. Metadata checks run
 // identically on every rank; data checks are split over ranks (row blocks) and agreed with

@@ -8,7 +8,7 @@
 
 namespace gradmap::model {
 
-/// What to extract and how (design.md's conventions).
+/// What to extract and how (docs/design.md's conventions).
 struct ExtractorOptions {
   std::string model = "builtin:tinycnn"; ///< builtin:NAME or torchscript:PATH
   std::string weights;                   ///< built-in models: load these weights (torch::save)
