@@ -113,38 +113,59 @@ def meg_figures(s, summ, out):
     return figs
 
 
+VERDICT_COLORS = {"diverges": "tab:red", "consistent": "tab:green", "undetermined": "tab:grey"}
+DIVERGENCE = (("fmri", "D_space", "Space (fMRI): are the gradients of layer l where the activations of layer l are?"),
+              ("meg", "D_time", "Time (MEG): do the gradients arrive top-down, after the forward sweep?"))
+
+
 def headline_figure(summ, out):
+    """Left: the hierarchy statistics with their intervals. Right: the divergence verdicts."""
     rows = []
-    for mod, rho, d in (("fmri", "rho_space", "D_space"), ("meg", "rho_time", "D_time")):
-        if mod not in summ:
-            continue
+    for mod, rho in (("fmri", "rho_space"), ("meg", "rho_time")):
         for k in KINDS:
-            if k in summ[mod].get(rho, {}):
+            if mod in summ and k in summ[mod].get(rho, {}):
                 rows.append((f"{rho} ({k})", summ[mod][rho][k]))
-        if d in summ[mod]:
-            rows.append((d, summ[mod][d]))
-    if not rows:
+    verdicts = [(mod, d, q, summ[mod][d]) for mod, d, q in DIVERGENCE if mod in summ and d in summ[mod]]
+    if not rows and not verdicts:
         return []
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1))
+    fig, (ax, vx) = plt.subplots(1, 2, figsize=(9, 0.45 * max(len(rows), 2 * len(verdicts)) + 1.5),
+                                 gridspec_kw={"width_ratios": [1.2, 1]})
     for i, (name, st) in enumerate(rows):
         v, (lo, hi) = st["value"], st["ci"]
         if v is None:
             continue
-        lo = v if lo is None else lo
-        hi = v if hi is None else hi
-        # A percentile bootstrap CI need not contain the observed value: draw the interval itself.
+        lo = -1 if lo is None else lo  # an infinite bound (undefined replicates) runs to the edge
+        hi = 1 if hi is None else hi
         ax.hlines(i, lo, hi, color="k", lw=1)
         ax.plot([lo, hi], [i, i], "|", color="k", ms=8)
         ax.plot(v, i, "o", color="k")
-        ax.text(max(hi, v) + 0.05, i, f"p = {st['p']:.3g}" if st["p"] is not None else "", va="center", fontsize=7)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r[0] for r in rows], fontsize=8)
-    ax.set_xlabel("value with bootstrap CI")
-    ax.set_xlim(-1.3, 2.6)
+    ax.set_xlabel("Spearman rho with bootstrap CI")
+    ax.set_xlim(-1.1, 1.1)
     ax.invert_yaxis()
-    ax.set_title("Hierarchy and divergence statistics")
-    return [("Hierarchy and divergence", save(fig, out, "headline.png"))]
+    ax.set_title("Hierarchy", fontsize=10)
+    vx.axis("off")
+    vx.set_title("Biological backprop: verdicts", fontsize=10)
+    for i, (mod, d, question, st) in enumerate(verdicts):
+        y = 0.9 - i * 0.45
+        vx.text(0.0, y, question, fontsize=7, va="top", wrap=True)
+        vx.text(0.0, y - 0.12, st.get("verdict", "n/a").upper(), fontsize=14, weight="bold", va="top",
+                color=VERDICT_COLORS.get(st.get("verdict"), "k"))
+        vx.text(0.0, y - 0.27, f"p(diverges) = {fmt_p(st['p'], summ[mod])}, "
+                f"p(consistent) = {fmt_p(st.get('p_consistent'), summ[mod])}", fontsize=7, va="top")
+    return [("Hierarchy and divergence verdicts", save(fig, out, "headline.png"))]
+
+
+def fmt_p(p, mod_summ):
+    return "n/a" if p is None else f"{p:.3g}"
+
+
+def sentence(mod, d, st):
+    """One plain sentence saying what a divergence verdict means."""
+    where = "in space (fMRI)" if mod == "fmri" else "in time (MEG)"
+    return f"{where}: <b>{html.escape(st.get('verdict', 'n/a'))}</b>: {html.escape(st.get('reason', ''))}."
 
 
 def main(stats_dir, out):
@@ -161,8 +182,13 @@ def main(stats_dir, out):
              "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>",
              "</head><body><h1>gradmap report</h1>",
-             f"<p>Statistics: <code>{html.escape(os.path.abspath(stats_dir))}</code></p>",
-             "<h2>Headline numbers</h2><table><tr><th>statistic</th><th>value</th><th>CI</th><th>p</th></tr>"]
+             f"<p>Statistics: <code>{html.escape(os.path.basename(os.path.normpath(stats_dir)))}</code></p>",
+             "<h2>Does the brain look like it runs backpropagation?</h2><ul>"]
+    for mod, d, _ in DIVERGENCE:
+        if mod in summ and d in summ[mod]:
+            parts.append(f"<li>{sentence(mod, d, summ[mod][d])}</li>")
+    parts.append("</ul><h2>Headline numbers</h2><table><tr><th>statistic</th><th>value</th><th>CI</th>"
+                 "<th>p</th><th>verdict</th></tr>")
     for mod, rho, d in (("fmri", "rho_space", "D_space"), ("meg", "rho_time", "D_time")):
         if mod not in summ:
             continue
@@ -172,7 +198,8 @@ def main(stats_dir, out):
         for name, st in items:
             fmt = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731
             parts.append(f"<tr><td>{name}</td><td>{fmt(st['value'])}</td>"
-                         f"<td>[{fmt(st['ci'][0])}, {fmt(st['ci'][1])}]</td><td>{fmt(st['p'])}</td></tr>")
+                         f"<td>[{fmt(st['ci'][0])}, {fmt(st['ci'][1])}]</td><td>{fmt(st['p'])}</td>"
+                         f"<td>{html.escape(st.get('verdict', ''))}</td></tr>")
     parts.append("</table>")
     for title, name in figs:
         data = base64.b64encode(open(os.path.join(out, "figures", name), "rb").read()).decode()

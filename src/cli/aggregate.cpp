@@ -7,7 +7,7 @@ namespace gradmap::cli {
 Command aggregate_command() {
   Command c;
   c.name = "aggregate";
-  c.usage = "--stats DIR --stats DIR [...] [--label NAME ...] --out DIR [--ci 0.95]";
+  c.usage = "--stats DIR --stats DIR [...] [--label NAME ...] --out DIR [--ci 0.95] [--alpha 0.05]";
   c.summary =
       "Combines several `gradmap stats` outputs (subjects, or models) into one table: for\n"
       "rho_space / rho_time per kind, D_space, D_time and the peak-layer agreement, the value\n"
@@ -19,7 +19,8 @@ Command aggregate_command() {
                     "a stats output directory (repeat)")(
         "label", po::value<std::vector<std::string>>(), "a name per input (default: dir name)")(
         "out", po::value<std::string>()->required(),
-        "output directory")("ci", po::value<double>()->default_value(0.95), "confidence level");
+        "output directory")("ci", po::value<double>()->default_value(0.95), "confidence level")(
+        "alpha", po::value<double>()->default_value(0.05), "level of the group divergence verdicts");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     stats::AggregateOptions o;
@@ -28,6 +29,7 @@ Command aggregate_command() {
       o.labels = vm["label"].as<std::vector<std::string>>();
     o.out = vm["out"].as<std::string>();
     o.ci = vm["ci"].as<double>();
+    o.alpha = vm["alpha"].as<double>();
     stats::aggregate(o, ctx.comm);
   };
   return c;

@@ -21,6 +21,8 @@ Command simulate_command() {
         "(gradients follow activations in space, top-down in time), or null (no signal)")(
         "modality", po::value<std::string>()->default_value(def.modality), "fmri, meg or both")(
         "seed", po::value<std::uint64_t>()->default_value(def.seed), "random seed")(
+        "noise-seed", po::value<std::uint64_t>()->default_value(def.noise_seed),
+        "seed of the trial noise alone (0: --seed); the stimuli and the planted structure stay")(
         "images", po::value<std::int64_t>()->default_value(def.images),
         "distinct images")("test-images", po::value<std::int64_t>()->default_value(def.test_images),
                            "held-out test images")(
@@ -50,6 +52,7 @@ Command simulate_command() {
     o.scenario = vm["scenario"].as<std::string>();
     o.modality = vm["modality"].as<std::string>();
     o.seed = vm["seed"].as<std::uint64_t>();
+    o.noise_seed = vm["noise-seed"].as<std::uint64_t>();
     o.images = vm["images"].as<std::int64_t>();
     o.test_images = vm["test-images"].as<std::int64_t>();
     o.image_size = vm["image-size"].as<std::int64_t>();

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <memory>
 #include <numeric>
+#include <vector>
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
@@ -37,11 +38,56 @@ const char* const kKinds[2] = {"activations", "gradients"};
 constexpr std::uint32_t kProjectionStream = 1;
 constexpr std::uint32_t kPcaStream = 0x10000;
 
+// Every option of ExtractOptions, with what it changes. The resume key of the block-wise
+// features (and the reuse key of the pooled features before PCA) is generated from this table, so
+// an option cannot be left out of it by accident: adding a member to ExtractOptions changes its
+// size and fails the static_assert below until the member is listed here.
+enum class Affects { features, pca, nothing };
+struct OptionField {
+  const char* name;
+  std::string value;
+  Affects affects;
+};
+std::vector<OptionField> option_fields(const ExtractOptions& o) {
+  using std::to_string;
+  return {
+      {"stimuli", o.stimuli, Affects::features},
+      {"model", o.model, Affects::features},
+      {"weights", o.weights, Affects::features},
+      {"objective", o.objective, Affects::features},
+      {"seed", to_string(o.seed), Affects::features},
+      {"labels", o.labels, Affects::features},
+      {"pooling", o.pooling, Affects::features},
+      {"block", to_string(o.block), Affects::features}, // the layout of the progress record
+      {"projection", to_string(o.projection), Affects::features},
+      {"pca", to_string(o.pca), Affects::pca},
+      {"split_from", o.split_from, Affects::pca},
+      {"pca_oversample", to_string(o.pca_oversample), Affects::pca},
+      {"pca_power_iterations", to_string(o.pca_power_iterations), Affects::pca},
+      // Not in the key: where the output goes, and settings proven not to change the numbers
+      // beyond float32 rounding (batch size, ranks, threads: tested) or that only say how to run.
+      {"out", o.out, Affects::nothing},
+      {"save_weights", o.save_weights, Affects::nothing},
+      {"device", o.device, Affects::nothing},
+      {"batch_size", to_string(o.batch_size), Affects::nothing},
+      {"threads", to_string(o.threads), Affects::nothing},
+      {"local_rank", to_string(o.local_rank), Affects::nothing},
+      {"resume", to_string(o.resume), Affects::nothing},
+  };
+}
+// 20 members (10 strings, 6 64-bit integers, 3 ints, a bool) as laid out by libstdc++ on x86-64;
+// a tripwire, not an ABI promise: update it together with option_fields().
+static_assert(sizeof(std::string) != 32 || sizeof(ExtractOptions) == 392,
+              "ExtractOptions changed: list the new option in option_fields()");
+
+// The key of the block-wise features: every option that changes them, and the stimuli's shape.
 std::string fingerprint(const ExtractOptions& o, const io::StimuliInfo& s) {
-  return "model=" + o.model + ";weights=" + o.weights + ";objective=" + o.objective +
-         ";labels=" + o.labels + ";seed=" + std::to_string(o.seed) + ";pooling=" + o.pooling +
-         ";images=" + std::to_string(s.n) + "x" + std::to_string(s.height) + "x" +
-         std::to_string(s.width) + ";block=" + std::to_string(o.block) + ";stimuli=" + o.stimuli;
+  std::string fp;
+  for (const auto& f : option_fields(o))
+    if (f.affects == Affects::features)
+      fp += std::string(f.name) + "=" + f.value + ";";
+  return fp + "images=" + std::to_string(s.n) + "x" + std::to_string(s.height) + "x" +
+         std::to_string(s.width);
 }
 
 std::string dataset_name(int kind, const std::string& layer) {

@@ -1,4 +1,4 @@
-// Per-layer activations and gradients (design.md "Models" and "Conventions"). The only
+// Per-layer activations and gradients (docs/design.md "Conventions"). The only
 // translation unit that includes LibTorch; everything else sees plain buffers.
 #include "gradmap/model/features.hpp"
 
@@ -51,6 +51,41 @@ struct TinyCnn : BuiltinNet {
   std::vector<std::string> layer_names() const override {
     std::vector<std::string> n;
     for (int i = 1; i <= 6; ++i)
+      n.push_back("conv" + std::to_string(i));
+    return n;
+  }
+};
+
+// ----------------------------------------------------------------------- built-in: deepcnn
+// The deeper reference network of the calibrations (12 layers, as many as small real models):
+// twelve 3x3 conv + ReLU stages (stride 2 at stages 4, 8, 12; 16-16-16-16-32-32-32-32-64-64-64-64
+// channels), global average pooling and a linear head of 10 classes. Any input size >= 8 pixels.
+struct DeepCnn : BuiltinNet {
+  std::vector<torch::nn::Conv2d> convs;
+  torch::nn::Linear head{nullptr};
+  DeepCnn() {
+    int64_t in = 3;
+    for (int i = 0; i < 12; ++i) {
+      const int64_t out = int64_t(16) << (i / 4), stride = (i % 4 == 3) ? 2 : 1;
+      convs.push_back(register_module(
+          "conv" + std::to_string(i + 1),
+          torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 3).stride(stride).padding(1))));
+      in = out;
+    }
+    head = register_module("head", torch::nn::Linear(in, 10));
+  }
+  std::pair<std::vector<torch::Tensor>, torch::Tensor> run(const torch::Tensor& input) override {
+    std::vector<torch::Tensor> out;
+    torch::Tensor x = input;
+    for (auto& c : convs) {
+      x = torch::relu(c->forward(x));
+      out.push_back(x);
+    }
+    return {out, head->forward(x.mean({2, 3}))};
+  }
+  std::vector<std::string> layer_names() const override {
+    std::vector<std::string> n;
+    for (int i = 1; i <= 12; ++i)
       n.push_back("conv" + std::to_string(i));
     return n;
   }
@@ -162,17 +197,21 @@ void init_deterministic(torch::nn::Module& m, std::uint64_t seed, double gain) {
 
 constexpr std::uint64_t kTinyCnnSeed = 0x7469ULL; // the seed of builtin:tinycnn
 constexpr std::uint64_t kTinyVitSeed = 0x7476ULL; // the seed of builtin:tinyvit
+constexpr std::uint64_t kDeepCnnSeed = 0x6463ULL; // the seed of builtin:deepcnn
 
 std::shared_ptr<BuiltinNet> make_builtin(const std::string& name) {
   std::shared_ptr<BuiltinNet> net;
   if (name == "tinycnn") {
     net = std::make_shared<TinyCnn>();
     init_deterministic(*net, kTinyCnnSeed, 6.0);
+  } else if (name == "deepcnn") {
+    net = std::make_shared<DeepCnn>();
+    init_deterministic(*net, kDeepCnnSeed, 6.0);
   } else if (name == "tinyvit") {
     net = std::make_shared<TinyVit>();
     init_deterministic(*net, kTinyVitSeed, 3.0);
   } else {
-    throw Error("unknown built-in model '" + name + "' (built-in models: tinycnn, tinyvit)");
+    throw Error("unknown built-in model '" + name + "' (built-in models: tinycnn, deepcnn, tinyvit)");
   }
   return net;
 }
@@ -180,7 +219,7 @@ std::shared_ptr<BuiltinNet> make_builtin(const std::string& name) {
 } // namespace
 
 std::vector<std::string> builtin_models() {
-  return {"tinycnn", "tinyvit"};
+  return {"tinycnn", "deepcnn", "tinyvit"};
 }
 
 std::string torch_version() {
@@ -220,7 +259,7 @@ struct FeatureExtractor::Impl {
     return {list, tup->elements()[1].toTensor()};
   }
 
-  // Pooling (design.md conventions): feature maps [B, C, H, W]: `mean` over positions, or
+  // Pooling (docs/design.md conventions): feature maps [B, C, H, W]: `mean` over positions, or
   // `grid:G`, the average over each cell of a G x G grid (adaptive average pooling), flattened
   // channel-major to [B, C G G]; tokens [B, T, D]: `mean` over all tokens, `cls` (token 0),
   // `patch-mean` (tokens 1..T-1) or `cls+patch-mean` (both, concatenated: [B, 2D]).

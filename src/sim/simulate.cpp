@@ -1,4 +1,4 @@
-// `gradmap simulate` (design.md "Simulation"): the built-in dataset and the test oracle.
+// `gradmap simulate` (docs/design.md "Simulation"): the built-in dataset and the test oracle.
 //
 // 1. Stimuli: image i is rendered from Philox(seed, i); images are dealt to ranks in chunks of
 //    kChunk so that every chunk goes through the network as the same batch whatever the number
@@ -292,6 +292,7 @@ void write_common(const io::File& f, const SimulateOptions& o, const Design& d,
   f.set_attr("/truth", "pooling", std::string("mean"));
   f.set_attr("/truth", "scenario", o.scenario);
   f.set_attr("/truth", "seed", static_cast<std::int64_t>(o.seed));
+  f.set_attr("/truth", "noise_seed", static_cast<std::int64_t>(o.noise_seed_or_seed()));
   f.set_attr("/truth", "layers", layers);
   f.set_attr("/truth", "snr", std::vector<double>{modality == "fmri" ? o.snr : o.meg_snr});
   f.set_attr("/truth", "gradient_share", std::vector<double>{o.gradient_share});
@@ -422,7 +423,7 @@ void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design
             sig[i] = std::sqrt(1 - share) * sig[i] + std::sqrt(share) * g[i];
         }
       }
-      Philox nrng(o.seed, Stream::fmri_noise, std::uint32_t(v), 0);
+      Philox nrng(o.noise_seed_or_seed(), Stream::fmri_noise, std::uint32_t(v), 0);
       for (std::int64_t t = 0; t < T; ++t) {
         const double s = sig.empty() ? 0.0 : amp * sig[d.trial_stimulus[t]];
         buf[t * nc + (v - c0)] = static_cast<float>(s + nrng.normal());
@@ -537,7 +538,7 @@ void simulate_meg(const SimulateOptions& o, const Features& feats, const Design&
     for (std::int64_t t = t0; t < t0 + nt; ++t) {
       const std::int64_t img = d.trial_stimulus[t];
       for (std::int64_t s = mine.begin; s < mine.end; ++s) {
-        Philox nrng(o.seed, Stream::meg_noise, std::uint32_t(s), std::uint32_t(t));
+        Philox nrng(o.noise_seed_or_seed(), Stream::meg_noise, std::uint32_t(s), std::uint32_t(t));
         float* row = &buf[((t - t0) * ns + (s - mine.begin)) * NT];
         for (std::int64_t k = 0; k < NT; ++k) {
           double sig = 0;

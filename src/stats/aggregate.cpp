@@ -8,6 +8,8 @@
 #include <fstream>
 #include <iomanip>
 #include <limits>
+#include <map>
+#include <algorithm>
 #include <sstream>
 
 #include "gradmap/core/error.hpp"
@@ -16,6 +18,7 @@
 #include "gradmap/io/h5.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/sim/philox.hpp"
+#include "gradmap/stats/divergence.hpp"
 
 namespace gradmap::stats {
 
@@ -68,6 +71,23 @@ double sign_flip_p(const std::vector<double>& xs, std::int64_t random_flips, std
   return double(1 + hits) / double(random_flips + 1);
 }
 
+// Fisher's method: X = -2 sum ln p_i, p = P(chi2(2S) >= X) = exp(-X/2) sum_{k<S} (X/2)^k / k!.
+// Any non-finite input p makes the combination 1 (an undefined test supports no claim).
+double fisher_combined_p(const std::vector<double>& p) {
+  double half = 0;
+  for (double x : p) {
+    if (!(x >= 0 && x <= 1))
+      return 1.0;
+    half -= std::log(std::max(x, 1e-300));
+  }
+  double term = 1, sum = 1;
+  for (size_t k = 1; k < p.size(); ++k) {
+    term *= half / double(k);
+    sum += term;
+  }
+  return std::min(1.0, std::exp(-half) * sum);
+}
+
 std::pair<double, double> t_interval(const std::vector<double>& xs, double level) {
   const auto x = finite(xs);
   const size_t n = x.size();
@@ -94,6 +114,8 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
     throw UsageError("--out: an output directory is required");
   if (!(o.ci > 0 && o.ci < 1))
     throw UsageError("--ci: must be in (0, 1)");
+  if (!(o.alpha > 0 && o.alpha < 1))
+    throw UsageError("--alpha: must be in (0, 1)");
   std::vector<std::string> labels = o.labels;
   for (size_t i = 0; labels.size() < o.stats.size(); ++i) {
     std::string d = o.stats[i];
@@ -166,8 +188,11 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
           mean += x / double(fin.size());
       }
       const auto [lo, hi] = t_interval(v, o.ci);
-      // H0 for every entry: 0 (no hierarchy; no divergence); agreement has no null of 0.
-      const double p = name == "peak_layer_agreement" ? kNaN : sign_flip_p(v);
+      // H0 of the rho entries: 0 (no hierarchy). D_space / D_time are descriptive here (their
+      // H0 is not 0): their group test is the combination of the per-input tests below; the
+      // agreement has no null of 0.
+      const bool no_sign_test = name == "peak_layer_agreement" || name == d;
+      const double p = no_sign_test ? kNaN : sign_flip_p(v);
       f.write_small("/" + mod + "/" + name + "/values", v, {std::int64_t(S)});
       f.write_small("/" + mod + "/" + name + "/summary", std::vector<double>{mean, lo, hi, p}, {4});
       js << (first ? "" : ",") << "\n    \"" << name << "\": {\"mean\": " << num(mean)
@@ -177,6 +202,47 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
         js << (i ? ", " : "") << num(v[i]);
       js << "]}";
       first = false;
+    }
+    // Group inference on the divergence verdicts (docs/statistics.md, "Group level"): Fisher's
+    // combination of the per-input p-values of "diverges" and of the signal tests (valid for
+    // independent inputs whose p-values are uniform or conservative under H0: X = -2 sum ln p ~
+    // chi2(2S)), and the intersection-union p of "consistent in every input" (max over inputs).
+    const std::string tests = "/" + mod + "/" + d + "_tests";
+    if (files[0].exists(tests)) {
+      std::vector<double> pd, pc, psa, psg;
+      std::map<std::string, int> count{{"diverges", 0}, {"consistent", 0}, {"undetermined", 0}};
+      for (size_t i = 0; i < S; ++i) {
+        if (!files[i].exists(tests))
+          throw UsageError(o.stats[i] + "/stats.h5: " + tests + " is missing");
+        const auto x = files[i].dataset(tests).read_all<double>();
+        if (x.size() != 4)
+          throw UsageError(o.stats[i] + "/stats.h5: " + tests + " must hold 4 values");
+        pd.push_back(x[0]);
+        pc.push_back(x[1]);
+        psa.push_back(x[2]);
+        psg.push_back(x[3]);
+        count[files[i].attr_string("/" + mod + "/" + d, "verdict")] += 1;
+      }
+      Verdict v;
+      v.p_diverges = fisher_combined_p(pd);
+      v.p_consistent = *std::max_element(pc.begin(), pc.end());
+      v.p_signal_activations = fisher_combined_p(psa);
+      v.p_signal_gradients = fisher_combined_p(psg);
+      decide(v, o.alpha);
+      f.write_small("/" + mod + "/" + d + "/group_tests",
+                    std::vector<double>{v.p_diverges, v.p_consistent, v.p_signal_activations,
+                                        v.p_signal_gradients},
+                    {4});
+      f.set_attr("/" + mod + "/" + d, "group_verdict", v.verdict);
+      js << ",\n    \"" << d << "_group\": {\"verdict\": \"" << v.verdict
+         << "\", \"p_diverges_fisher\": " << num(v.p_diverges)
+         << ", \"p_consistent_all\": " << num(v.p_consistent)
+         << ", \"p_signal_activations_fisher\": " << num(v.p_signal_activations)
+         << ", \"p_signal_gradients_fisher\": " << num(v.p_signal_gradients)
+         << ", \"inputs_diverges\": " << count["diverges"]
+         << ", \"inputs_consistent\": " << count["consistent"]
+         << ", \"inputs_undetermined\": " << count["undetermined"] << ", \"inputs\": " << S
+         << ", \"reason\": \"" << v.reason << "\"}";
     }
     // Mean ROI x layer (fMRI) or latency-curve (MEG) tables across inputs.
     for (const auto& k :

@@ -19,6 +19,7 @@
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/mpi/comm.hpp"
+#include "gradmap/stats/divergence.hpp"
 
 namespace gradmap::stats {
 
@@ -105,6 +106,10 @@ void validate(const StatsOptions& o) {
     throw UsageError("--alpha: must be in (0, 1)");
   if (!(o.ci > 0 && o.ci < 1))
     throw UsageError("--ci: must be in (0, 1)");
+  if (!(o.space_margin >= 0 && o.space_margin < 1))
+    throw UsageError("--space-margin: must be in [0, 1) (a share of the network's depth)");
+  if (!(o.time_margin >= 0) || !std::isfinite(o.time_margin))
+    throw UsageError("--time-margin: must be >= 0 (seconds per layer)");
 }
 
 namespace {
@@ -116,32 +121,19 @@ struct Stat {
 };
 
 void finish_ci(Stat& s, double ci) {
-  s.lo = quantile(s.boot, (1 - ci) / 2);
-  s.hi = quantile(s.boot, 1 - (1 - ci) / 2);
-}
-
-// Two-sided bootstrap p-value of H0: statistic = h0, from the share of replicates on either
-// side of h0: p = min(1, 2 min((1 + #{b <= h0}), (1 + #{b >= h0})) / (B + 1)).
-double boot_p(const std::vector<double>& boot, double h0) {
-  double below = 1, above = 1, n = 1;
-  for (double b : boot) {
-    if (!std::isfinite(b))
-      continue;
-    below += b <= h0 ? 1 : 0;
-    above += b >= h0 ? 1 : 0;
-    n += 1;
-  }
-  return std::min(1.0, 2 * std::min(below, above) / n);
+  const Interval i = bc_interval(s.boot, s.value, ci);
+  s.lo = i.lo;
+  s.hi = i.hi;
 }
 
 // Two-sided permutation p-value: (1 + #{|null| >= |value|}) / (B + 1); an undefined null
-// replicate (constant peak layers) counts as 0.
+// replicate (constant peak layers) counts as at least as extreme (divergence.hpp's rule).
 double perm_p(const std::vector<double>& null, double value) {
   if (null.empty() || std::isnan(value))
     return kNaN;
   double c = 1;
   for (double v : null)
-    c += std::abs(std::isnan(v) ? 0.0 : v) >= std::abs(value) - 1e-12 ? 1 : 0;
+    c += std::isnan(v) || std::abs(v) >= std::abs(value) - 1e-12 ? 1 : 0;
   return c / double(null.size() + 1);
 }
 
@@ -193,7 +185,7 @@ Hierarchy hierarchy(const KindData& kd, bool meg, std::int64_t L, std::int64_t G
         double tau = kNaN;
         for (std::int64_t g = 0; g < G; ++g) {
           const double v = a[(l * G + g) * R + b];
-          if (!std::isnan(v) && v > best) {
+          if (value[g] > 0 && !std::isnan(v) && v > best) { // post-stimulus window only
             best = v;
             tau = value[g];
           }
@@ -231,6 +223,21 @@ Hierarchy hierarchy(const KindData& kd, bool meg, std::int64_t L, std::int64_t G
     h.rho.boot.push_back(one(kd.boot_group, Bb, b, nullptr));
   h.rho.p = perm_p(h.null, h.rho.value);
   return h;
+}
+
+std::string json_list(const std::vector<double>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i)
+    s += (i ? ", " : "") + num(v[i]);
+  return s + "]";
+}
+
+// [[lo, hi], ...] from a flat [n, 2] vector.
+std::string json_pairs(const std::vector<double>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i + 1 < v.size(); i += 2)
+    s += (i ? ", [" : "[") + num(v[i]) + ", " + num(v[i + 1]) + "]";
+  return s + "]";
 }
 
 std::string json_stat(const Stat& s) {
@@ -408,30 +415,65 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
       summary << "]";
     }
 
-    // Divergence: both kinds needed. D_space = rho(act) - rho(grad), H0: D = 0;
-    // D_time = rho_time(grad) - (-1), H0: D = 0 (the top-down order of a biological backprop).
+    // Divergence (docs/statistics.md): both kinds needed. The predictions of a biological
+    // backprop as tests with a verdict: space (fMRI) by peak-layer confidence sets per ROI, time
+    // (MEG) by the slope of the gradients' peak latencies on layer and the top-layer gap.
     if (kinds.size() == 2) {
-      Stat d;
-      const Hierarchy &a = hier[0], &g = hier[1];
-      d.value = meg ? g.rho.value + 1 : a.rho.value - g.rho.value;
-      for (std::int64_t b = 0; b < Bb; ++b)
-        d.boot.push_back(meg ? g.rho.boot[b] + 1 : a.rho.boot[b] - g.rho.boot[b]);
-      finish_ci(d, o.ci);
-      d.p = boot_p(d.boot, 0.0);
-      // The permutation null of D (signal destroyed in both kinds), for reference.
-      std::vector<double> dnull;
-      for (std::int64_t b = 0; b < B; ++b)
-        dnull.push_back(meg ? g.null[b] + 1 : a.null[b] - g.null[b]);
-      const double p_nosignal = perm_p(dnull, d.value);
+      const Profiles obs[2] = {{&kinds[0].group_r, L, G, 1}, {&kinds[1].group_r, L, G, 1}};
+      const Profiles boot[2] = {{&kinds[0].boot_group, L, G, Bb}, {&kinds[1].boot_group, L, G, Bb}};
+      const Profiles null[2] = {{&kinds[0].null_group, L, G, B}, {&kinds[1].null_group, L, G, B}};
+      Verdict v;
+      std::ostringstream extra;
+      if (meg) {
+        const TimeDivergence td = time_divergence(obs[0], obs[1], boot[0], boot[1], null[0],
+                                                  null[1], value, o.time_margin, o.alpha, o.ci);
+        v = td.v;
+        f.write_small(mod + "/top_layer_latency_gap", std::vector<double>{td.gap, td.gap_lo, td.gap_hi}, {3});
+        for (int k = 0; k < 2; ++k) {
+          const std::string base = mod + "/" + kinds[k].name + "/";
+          const Latencies& lat = k ? td.grad : td.act;
+          f.write_small(base + "onset_latency", lat.onset, {L});
+          f.write_small(base + "peak_latency_ci", td.peak_ci[k], {L, 2});
+          f.write_small(base + "onset_latency_ci", td.onset_ci[k], {L, 2});
+          extra << ",\n    \"peak_latency_ci_" << kinds[k].name << "\": " << json_pairs(td.peak_ci[k])
+                << ",\n    \"onset_latency_" << kinds[k].name << "\": " << json_list(lat.onset)
+                << ",\n    \"onset_latency_ci_" << kinds[k].name << "\": " << json_pairs(td.onset_ci[k]);
+        }
+        extra << ",\n    \"top_layer_latency_gap\": {\"value\": " << num(td.gap) << ", \"ci\": ["
+              << num(td.gap_lo) << ", " << num(td.gap_hi) << "]}";
+      } else {
+        const double margin = o.space_margin * double(L - 1);
+        const SpaceDivergence sd = space_divergence(obs[0], obs[1], boot[0], boot[1], null[0],
+                                                    null[1], group_n, margin, o.alpha, o.ci);
+        v = sd.v;
+        f.write_small(mod + "/D_space_p_diverges_roi", sd.p_div_roi, {G});
+        f.write_small(mod + "/D_space_p_consistent_roi", sd.p_cons_roi, {G});
+        f.write_small(mod + "/activations/peak_layer_p", sd.peak_p_act, {L, G});
+        f.write_small(mod + "/gradients/peak_layer_p", sd.peak_p_grad, {L, G});
+        extra << ",\n    \"D_space_p_diverges_roi\": " << json_list(sd.p_div_roi)
+              << ",\n    \"D_space_p_consistent_roi\": " << json_list(sd.p_cons_roi)
+              << ",\n    \"D_space_margin_layers\": " << num(margin);
+      }
       const char* dn = meg ? "D_time" : "D_space";
-      f.write_small(mod + "/" + dn, std::vector<double>{d.value, d.lo, d.hi, d.p}, {4});
-      f.write_small(mod + "/" + dn + "_boot", d.boot, {Bb});
-      summary << ",\n    \"" << dn << "\": " << json_stat(d) << ",\n    \"" << dn
-              << "_p_permutation_nosignal\": " << num(p_nosignal);
-      if (meg) { // top layer: tau_grad - tau_act (a biological backprop needs > 0)
-        const double gap = g.peak[L - 1] - a.peak[L - 1];
-        summary << ",\n    \"top_layer_latency_gap\": " << num(gap);
-      } else { // voxelwise agreement of the peak-layer maps over voxels significant in both
+      f.write_small(mod + "/" + dn, std::vector<double>{v.value, v.lo, v.hi, v.p_diverges}, {4});
+      f.write_small(mod + "/" + dn + "_boot", v.boot, {Bb});
+      f.write_small(mod + "/" + dn + "_tests",
+                    std::vector<double>{v.p_diverges, v.p_consistent, v.p_signal_activations,
+                                        v.p_signal_gradients},
+                    {4});
+      f.set_attr(mod + "/" + dn, "verdict", v.verdict);
+      summary << ",\n    \"" << dn << "\": {\"value\": " << num(v.value) << ", \"ci\": ["
+              << num(v.lo) << ", " << num(v.hi) << "], \"p\": " << num(v.p_diverges)
+              << ", \"verdict\": \"" << v.verdict << "\", \"p_consistent\": "
+              << num(v.p_consistent) << ", \"p_signal_activations\": "
+              << num(v.p_signal_activations)
+              << ", \"p_signal_gradients\": " << num(v.p_signal_gradients)
+              << ", \"ci_extended\": " << (v.ci_extended ? "true" : "false")
+              << ", \"margin\": " << num(meg ? o.time_margin : o.space_margin * double(L - 1))
+              << ", \"reason\": \"" << v.reason << "\"}" << extra.str();
+      GM_INFO("stats: " << modality << ": " << dn << " verdict: " << v.verdict << " (p diverges "
+                        << num(v.p_diverges) << ", p consistent " << num(v.p_consistent) << ")");
+      if (!meg) { // voxelwise agreement of the peak-layer maps over voxels significant in both
         std::vector<double> pk[2], lv;
         std::int64_t both = 0, same = 0;
         std::vector<std::int32_t> peak_map[2];

@@ -380,6 +380,50 @@ def test_resume_skips_completed_blocks():
     assert "already done" not in p.stderr
 
 
+def test_every_option_that_changes_features_is_in_the_resume_key():
+    """A finished output planted as a partial one (every block marked done, a sentinel value) is
+    resumed only when nothing that changes the features differs: each such option in turn forces
+    a recompute; batch size and threads do not. With --pca, the pooled features are reused across
+    PCA settings but not across --projection (the old key left it out)."""
+    sim, ref, _ = simulated_reference("key")
+    w = f"{BASE}/key.weights"
+    stim = f"{sim}/stimuli.h5"
+    copy = f"{BASE}/key-stimuli-copy.h5"
+    shutil.copy(stim, copy)
+    base = ["--stimuli", stim, "--block", 32]
+
+    def planted(out):
+        shutil.copy(ref, out + ".partial")
+        with h5py.File(out + ".partial", "r+") as f:
+            f["/features/gradients/conv1"][0] = 7.0
+
+    def resumed(args, out):
+        planted(out)
+        p = gradmap(["extract", *args, "--out", out], ranks=2)
+        with h5py.File(out) as f:
+            sentinel = f["/features/gradients/conv1"].shape[1] == 16 and bool((f["/features/gradients/conv1"][0] == 7.0).all())
+        assert ("already done" in p.stderr) == sentinel, p.stderr
+        return sentinel
+
+    out = f"{BASE}/key.h5"
+    assert resumed(base, out), "the unchanged options did not resume"
+    assert resumed([*base, "--batch-size", 5, "--threads", 1], out), "batch size / threads forced a recompute"
+    changes = {"model": ["--model", "builtin:deepcnn"], "weights": ["--weights", w],
+               "objective": ["--objective", "cosine"], "seed": ["--seed", 9], "labels": ["--labels", "self"],
+               "pooling": ["--pooling", "grid:2"], "projection": ["--projection", 8]}
+    for name, extra in changes.items():
+        assert not resumed([*base, *extra], out), f"--{name} changed but the partial output was resumed"
+    assert not resumed(["--stimuli", copy, "--block", 32], out), "another stimuli file was resumed"
+    assert not resumed(["--stimuli", stim, "--block", 16], out), "another block size was resumed"
+    # PCA: the pooled features are keyed like the rest; PCA settings reuse them, --projection does not.
+    pca = [*base, "--pca", 4, "--split-from", f"{sim}/brain_fmri.h5"]
+    gradmap(["extract", *pca, "--out", f"{BASE}/key-pca.h5"], ranks=2)
+    p = gradmap(["extract", *pca, "--pca-power-iterations", 3, "--out", f"{BASE}/key-pca.h5"], ranks=2)
+    assert "reusing the pooled features" in p.stderr, p.stderr
+    p = gradmap(["extract", *pca, "--projection", 8, "--out", f"{BASE}/key-pca.h5"], ranks=2)
+    assert "reusing the pooled features" not in p.stderr, "stale pooled features reused after --projection changed"
+
+
 class PyTinyCnn(torch.nn.Module):
     """builtin:tinycnn written independently in PyTorch (same parameter names)."""
 
@@ -542,6 +586,6 @@ run_tests([test_vit_matches_pytorch_for_each_pooling, test_vit_resizes_with_anti
            test_poolings_and_a_user_objective_match_pytorch, test_traced_export_of_a_hooked_model,
            test_builtin_features_independent_of_ranks_and_batch_size,
            test_smooth_model_features_independent_of_ranks_and_batch_size_for_every_image,
-           test_resume_skips_completed_blocks,
+           test_resume_skips_completed_blocks, test_every_option_that_changes_features_is_in_the_resume_key,
            test_builtin_models_match_pytorch_reimplementations,
            test_bad_models_and_inputs])

@@ -1,15 +1,17 @@
 """Permutation/bootstrap machinery (encode) and `gradmap stats` against independent computations:
 numpy with the same (stored) permutations and bootstrap counts for exceedance counts, max-statistic
 and group means; tests/philox.py for the permutations themselves; statsmodels multipletests
-(fdr_bh, fdr_by) for the q-values; scipy.stats.spearmanr for rho_space / rho_time; -n 1 vs -n 2
-and 1 vs 2 threads for identical p- and q-values."""
+(fdr_bh, fdr_by) for the q-values; scipy.stats.spearmanr for rho_space / rho_time; the divergence
+tests (peak-layer confidence sets, Theil-Sen latency slopes via scipy.stats.theilslopes, BC
+intervals via scipy.stats.norm) and the group combination (scipy.stats.combine_pvalues) written
+again in numpy; -n 1 vs -n 2 and 1 vs 2 threads for identical p- and q-values."""
 import json
 import os
 import sys
 
 import h5py
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import combine_pvalues, norm, spearmanr, theilslopes
 from statsmodels.stats.multitest import multipletests
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -131,7 +133,14 @@ def test_ranks_and_threads_give_identical_p_and_q():
     sb = json.load(open(f"{BASE}/stats2/summary.json"))
     for mod, key in (("fmri", "rho_space"), ("meg", "rho_time")):
         for kind in ("activations", "gradients"):
-            assert np.allclose(sa[mod][key][kind]["ci"], sb[mod][key][kind]["ci"], atol=1e-9)
+            assert np.allclose(np.array(sa[mod][key][kind]["ci"], float), np.array(sb[mod][key][kind]["ci"], float),
+                               atol=1e-9, equal_nan=True)
+    for mod, key in (("fmri", "D_space"), ("meg", "D_time")):
+        x, y = sa[mod][key], sb[mod][key]
+        assert x["verdict"] == y["verdict"], (mod, x, y)
+        for k in ("value", "p", "p_consistent", "p_signal_gradients"):
+            assert np.isclose(x[k], y[k], rtol=1e-9, atol=1e-12), (mod, k, x, y)
+        assert np.allclose(np.array(x["ci"], float), np.array(y["ci"], float), atol=1e-9, equal_nan=True)
 
 
 def test_fdr_fwer_equal_statsmodels_and_numpy():
@@ -175,20 +184,137 @@ def test_hierarchy_equals_scipy_spearman():
             rb = np.array([spearmanr(level, np.argmax(boot[:, :, b], 0))[0] for b in range(BB)])
             mine = s[f"/fmri/{kind}/rho_space_boot"][()]
             assert np.allclose(mine, rb, equal_nan=True)
-            lo, hi = np.nanquantile(rb, [0.025, 0.975])
-            assert np.allclose(summary["fmri"]["rho_space"][kind]["ci"], [lo, hi])
+            assert np.allclose(summary["fmri"]["rho_space"][kind]["ci"], bc_interval(rb, rho), equal_nan=True)
             null = f[f"/{kind}/null_group"][()]
             rn = np.array([spearmanr(level, np.argmax(null[:, :, b], 0))[0] for b in range(B)])
-            p = (1 + (np.abs(np.nan_to_num(rn)) >= abs(rho) - 1e-12).sum()) / (B + 1)
+            # an undefined null replicate counts as at least as extreme
+            p = (1 + (np.isnan(rn) | (np.abs(rn) >= abs(rho) - 1e-12)).sum()) / (B + 1)
             assert np.isclose(summary["fmri"]["rho_space"][kind]["p"], p)
             c = g[f"/{kind}/group_r"][()]  # [L, T] latency curves
-            tau = times[np.argmax(c, axis=1)]
+            tau = latencies(c, times)[0]  # post-stimulus window only
             assert np.allclose(summary["meg"][f"peak_latency_{kind}"], tau)
             assert np.isclose(summary["meg"]["rho_time"][kind]["value"],
                               spearmanr(np.arange(len(tau)), tau)[0])
 
 
-def fake_stats(d, rho_a, rho_g, layers=("l0", "l1")):
+def bc_interval(boot, est, level=0.95):
+    """Efron's bias-corrected percentile interval, extended to contain the estimate."""
+    boot = np.asarray(boot, float)
+    fin = boot[np.isfinite(boot)]
+    u = len(boot) - len(fin)
+    s = np.concatenate([fin, np.full(u // 2, -np.inf), np.full(u - u // 2, np.inf)])
+    n = len(s)
+    share = np.clip(((s < est).sum() + 0.5 * (s == est).sum()) / n, 0.5 / n, 1 - 0.5 / n)
+    z0, z = norm.ppf(share), norm.ppf(0.5 + level / 2)
+    assert u == 0, "the reference handles defined replicates only"
+    lo, hi = np.quantile(fin, [norm.cdf(2 * z0 - z), norm.cdf(2 * z0 + z)])
+    return [min(lo, est), max(hi, est)]
+
+
+def peak_p(obs, boot):
+    """Peak-layer p-values of one profile: obs [L], boot [L, BB]."""
+    L = len(obs)
+    p = np.ones(L)
+    for l in range(L):
+        best = 1.0
+        for k in range(L):
+            if k != l:
+                d = boot[k] - boot[l]
+                sd = d.std(ddof=1)
+                best = min(best, norm.sf((obs[k] - obs[l]) / sd) if sd > 0 else float(not obs[k] > obs[l]))
+        p[l] = min(1.0, (L - 1) * best)
+    return p
+
+
+def p_signal(obs, null, use):
+    m = obs[:, use].max()
+    return (1 + (null[:, use, :].max((0, 1)) >= m).sum()) / (null.shape[2] + 1)
+
+
+def latencies(c, times):
+    """Peak and onset latency per layer of latency curves c [L, T], post-stimulus times only."""
+    peak, onset = [], []
+    post = times > 0
+    for row in c:
+        x = np.where(post, row, -np.inf)
+        i = int(np.argmax(x))
+        peak.append(times[i])
+        onset.append(times[np.where(post[:i + 1] & (row[:i + 1] >= row[i] / 2))[0][0]])
+    return np.array(peak), np.array(onset)
+
+
+def claim_p(x):
+    """One-sided bootstrap p of the claim x > 0 (undefined replicates count against it)."""
+    x = np.asarray(x, float)
+    return (1 + (~(x > 0)).sum()) / (len(x) + 1)
+
+
+def verdict(p_div, p_cons, p_sa, p_sg, alpha=0.05):
+    if not (p_sa < alpha and p_sg < alpha):
+        return "undetermined"
+    return "consistent" if p_cons < alpha else "diverges" if p_div < alpha else "undetermined"
+
+
+def test_divergence_equals_numpy_and_scipy():
+    s = json.load(open(f"{BASE}/stats2/summary.json"))
+    # Space: peak-layer confidence sets per ROI, Bonferroni across ROIs, IUT for consistency.
+    with load("fmri") as f, h5py.File(f"{BASE}/stats2/stats.h5") as st:
+        obs = [f[f"/{k}/group_r"][()] for k in ("activations", "gradients")]
+        boot = [f[f"/{k}/boot_group"][()] for k in ("activations", "gradients")]
+        null = [f[f"/{k}/null_group"][()] for k in ("activations", "gradients")]
+        n = f["/activations/group_n"][()][0]  # [L, G]: the same voxels for every layer
+        L, G = obs[0].shape
+        margin = 0.2 * (L - 1)
+        use = n > 0
+        p_div, p_cons, dist = [], [], []
+        for g in np.where(use)[0]:
+            pa, pg = peak_p(obs[0][:, g], boot[0][:, g]), peak_p(obs[1][:, g], boot[1][:, g])
+            assert np.allclose(st["/fmri/activations/peak_layer_p"][:, g], pa, rtol=1e-6, atol=1e-12)
+            assert np.allclose(st["/fmri/gradients/peak_layer_p"][:, g], pg, rtol=1e-6, atol=1e-12)
+            p_div.append(min(1, 2 * np.max(np.minimum(pa, pg))))
+            far = [min(pa[a], pg[b]) for a in range(L) for b in range(L) if abs(a - b) > margin]
+            p_cons.append(min(1, 2 * max(far)))
+        d = s["fmri"]["D_space"]
+        assert np.allclose(np.array(s["fmri"]["D_space_p_diverges_roi"])[use], p_div, rtol=1e-6, atol=1e-12)
+        assert np.isclose(d["p"], min(1, use.sum() * min(p_div)), rtol=1e-6, atol=1e-12)
+        assert np.isclose(d["p_consistent"], max(p_cons), rtol=1e-6, atol=1e-12)
+        psa, psg = p_signal(obs[0], null[0], use), p_signal(obs[1], null[1], use)
+        assert np.isclose(d["p_signal_activations"], psa) and np.isclose(d["p_signal_gradients"], psg)
+        assert d["verdict"] == verdict(d["p"], d["p_consistent"], psa, psg), d
+        dist = lambda a, b: np.abs(np.argmax(a[:, use], 0) - np.argmax(b[:, use], 0)).mean()  # noqa: E731
+        value = dist(obs[0], obs[1])
+        rb = [dist(boot[0][:, :, b], boot[1][:, :, b]) for b in range(BB)]
+        assert np.isclose(d["value"], value) and np.allclose(d["ci"], bc_interval(rb, value))
+    # Time: Theil-Sen slope of the gradients' peak latencies, top-layer gap, share-based p-values.
+    with load("meg") as f:
+        times = f["/groups/value"][()]
+        obs = [f[f"/{k}/group_r"][()] for k in ("activations", "gradients")]
+        boot = [f[f"/{k}/boot_group"][()] for k in ("activations", "gradients")]
+        null = [f[f"/{k}/null_group"][()] for k in ("activations", "gradients")]
+        L = obs[0].shape[0]
+        lat = [latencies(o, times) for o in obs]
+        for k, kind in enumerate(("activations", "gradients")):
+            assert np.allclose(s["meg"][f"peak_latency_{kind}"], lat[k][0])
+            assert np.allclose(s["meg"][f"onset_latency_{kind}"], lat[k][1])
+        slope = theilslopes(lat[1][0], np.arange(L))[0]
+        gap = lat[1][0][-1] - lat[0][0][-1]
+        sb, gb = [], []
+        for b in range(BB):
+            la, lg = latencies(boot[0][:, :, b], times)[0], latencies(boot[1][:, :, b], times)[0]
+            sb.append(theilslopes(lg, np.arange(L))[0])
+            gb.append(lg[-1] - la[-1])
+        sb, gb = np.array(sb), np.array(gb)
+        d = s["meg"]["D_time"]
+        assert np.isclose(d["value"], slope) and np.allclose(d["ci"], bc_interval(sb, slope))
+        assert np.isclose(d["p"], min(1, 2 * min(claim_p(sb), claim_p(-gb))))
+        assert np.isclose(d["p_consistent"], max(claim_p(-sb), claim_p(gb)))
+        assert np.isclose(s["meg"]["top_layer_latency_gap"]["value"], gap)
+        use = times > 0
+        psa, psg = p_signal(obs[0], null[0], use), p_signal(obs[1], null[1], use)
+        assert d["verdict"] == verdict(d["p"], d["p_consistent"], psa, psg), d
+
+
+def fake_stats(d, rho_a, rho_g, layers=("l0", "l1"), tests=None, verdict_="undetermined"):
     os.makedirs(d, exist_ok=True)
     with h5py.File(f"{d}/stats.h5", "w") as f:
         f.attrs["gradmap_schema"] = np.int64(1)
@@ -197,6 +323,8 @@ def fake_stats(d, rho_a, rho_g, layers=("l0", "l1")):
             f[f"/fmri/{k}/rho_space"] = np.array([v, 0, 0, 0.5])
             f[f"/fmri/{k}/group_r"] = np.full((len(layers), 3), v)
         f["/fmri/D_space"] = np.array([rho_a - rho_g, 0, 0, 0.5])
+        f["/fmri/D_space"].attrs["verdict"] = verdict_
+        f["/fmri/D_space_tests"] = np.array(tests if tests is not None else [0.5, 0.5, 0.01, 0.01])
 
 
 def test_aggregate_equals_scipy_and_numpy_sign_flip():
@@ -208,8 +336,10 @@ def test_aggregate_equals_scipy_and_numpy_sign_flip():
         if n == 6:
             g6 = g
         dirs = [f"{BASE}/agg{n}/s{i}" for i in range(n)]
-        for d, x, y in zip(dirs, a, g):
-            fake_stats(d, x, y)
+        tests = rng.uniform(0, 1, (n, 4)) ** 3
+        verdicts = rng.choice(["diverges", "consistent", "undetermined"], n)
+        for d, x, y, te, vd in zip(dirs, a, g, tests, verdicts):
+            fake_stats(d, x, y, tests=te, verdict_=str(vd))
         args = ["aggregate", "--out", f"{BASE}/agg{n}/out"]
         for d in dirs:
             args += ["--stats", d]
@@ -220,9 +350,19 @@ def test_aggregate_equals_scipy_and_numpy_sign_flip():
             assert np.isclose(e["mean"], v.mean())
             lo, hi = student_t.interval(0.95, n - 1, loc=v.mean(), scale=v.std(ddof=1) / np.sqrt(n))
             assert np.allclose(e["ci"], [lo, hi]), (name, e["ci"], lo, hi)
+            if name == "D_space":  # not centred on its H0: combined by the group tests instead
+                assert e["p_sign_flip"] is None
+                continue
             signs = np.array(list(product([1, -1], repeat=n)))
             p = (np.abs(signs @ v) >= abs(v.sum()) * (1 - 1e-12)).mean()
             assert np.isclose(e["p_sign_flip"], p), (name, e["p_sign_flip"], p)
+        grp = res["D_space_group"]
+        fisher = [combine_pvalues(tests[:, j], method="fisher")[1] for j in range(4)]
+        assert np.isclose(grp["p_diverges_fisher"], fisher[0], rtol=1e-9)
+        assert np.isclose(grp["p_consistent_all"], tests[:, 1].max())
+        assert np.isclose(grp["p_signal_gradients_fisher"], fisher[3], rtol=1e-9)
+        assert grp["verdict"] == verdict(fisher[0], tests[:, 1].max(), fisher[2], fisher[3])
+        assert grp["inputs_diverges"] == (verdicts == "diverges").sum() and grp["inputs"] == n
         with h5py.File(f"{BASE}/agg{n}/out/aggregate.h5") as f:
             assert np.allclose(f["/fmri/activations/group_r_mean"][()], a.mean())
     fake_stats(f"{BASE}/agg_other", 0.1, 0.2, layers=("x", "y", "z"))
@@ -261,5 +401,6 @@ if __name__ == "__main__":
     setup()
     run_tests([test_permutations_are_philox_fisher_yates, test_replicates_equal_numpy,
                test_ranks_and_threads_give_identical_p_and_q, test_fdr_fwer_equal_statsmodels_and_numpy,
-               test_hierarchy_equals_scipy_spearman, test_aggregate_equals_scipy_and_numpy_sign_flip,
+               test_hierarchy_equals_scipy_spearman, test_divergence_equals_numpy_and_scipy,
+               test_aggregate_equals_scipy_and_numpy_sign_flip,
                test_bad_inputs])

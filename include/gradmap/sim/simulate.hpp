@@ -1,6 +1,6 @@
 #pragma once
 // `gradmap simulate`: synthetic stimuli and fMRI / MEG responses with a planted, known answer
-// (design.md "Simulation"). The responses are generated from the pooled activations and
+// (docs/design.md "Simulation"). The responses are generated from the pooled activations and
 // gradients of the built-in reference network, so `gradmap extract` with the settings recorded in
 // /truth reproduces the generating features.
 #include <mpi.h>
@@ -15,6 +15,10 @@ struct SimulateOptions {
   std::string scenario = "misaligned"; ///< misaligned | aligned | null
   std::string modality = "both";       ///< fmri | meg | both
   std::uint64_t seed = 1;
+  /// Seed of the trial noise only (0: the same as seed). Changing it alone keeps the stimuli, the
+  /// features and the planted structure and redraws the noise (calibration over noise draws).
+  std::uint64_t noise_seed = 0;
+  std::uint64_t noise_seed_or_seed() const { return noise_seed ? noise_seed : seed; }
   std::int64_t images = 600;      ///< distinct stimuli
   std::int64_t test_images = 100; ///< held out (/brain/test_stimuli)
   std::int64_t image_size = 32;   ///< pixels (square)

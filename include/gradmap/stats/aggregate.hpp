@@ -22,11 +22,16 @@ double sign_flip_p(const std::vector<double>& x, std::int64_t random_flips = 100
 /// values ({NaN, NaN} for fewer than 2).
 std::pair<double, double> t_interval(const std::vector<double>& x, double level);
 
+/// Not collective. Fisher's combination of independent p-values: P(chi2(2S) >= -2 sum ln p_i);
+/// 1 if any p is not in [0, 1].
+double fisher_combined_p(const std::vector<double>& p);
+
 struct AggregateOptions {
   std::vector<std::string> stats;  ///< `gradmap stats` output directories
   std::vector<std::string> labels; ///< one per input (default: the directory names)
   std::string out;
   double ci = 0.95;
+  double alpha = 0.05; ///< level of the group verdicts
 };
 
 /// Collective on comm.

@@ -1,5 +1,5 @@
 #pragma once
-// `gradmap stats` (design.md, docs/statistics.md): per-target permutation p-values, FDR (BH, BY)
+// `gradmap stats` (docs/statistics.md): per-target permutation p-values, FDR (BH, BY)
 // and max-statistic FWER, peak layers, and the spatial (fMRI) and temporal (MEG) hierarchy and
 // divergence statistics with bootstrap CIs and p-values, from the replicates encode stored in
 // scores.h5. Writes OUT/stats.h5 and OUT/summary.json.
@@ -32,6 +32,8 @@ struct StatsOptions {
   double q = 0.05;                 ///< FDR level for "significant"
   double alpha = 0.05;             ///< FWER level
   double ci = 0.95;                ///< confidence level of the bootstrap intervals
+  double space_margin = 0.2;       ///< equivalence margin of D_space, as a share of L - 1 layers
+  double time_margin = 0.0;        ///< equivalence margin of D_time (s per layer)
 };
 
 /// Not collective. Throws UsageError naming the option.
