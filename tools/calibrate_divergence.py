@@ -14,6 +14,10 @@ For each network and base seed the stimuli, features and planted structure are m
 Replicates run as single-rank processes, --jobs at a time.
 
   tools/calibrate_divergence.py --replicates 100 --jobs 2 --out calib.json [--markdown table.md]
+  tools/calibrate_divergence.py --regroup calib.json     (group tables from a saved run)
+
+Group inference (4 and 8 subjects) is checked on the same replicates: disjoint sets of S noise
+draws of a cell play S subjects and get the verdict of `gradmap aggregate`.
 """
 import argparse
 import json
@@ -147,6 +151,62 @@ def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, p
             "seconds": round(time.time() - t0, 1), "cells": rows}
 
 
+def fisher(ps):
+    """Fisher's combination (as gradmap aggregate): P(chi2(2S) >= -2 sum ln p)."""
+    if any(p is None or not (0 <= p <= 1) for p in ps):
+        return 1.0
+    half = -sum(math.log(max(p, 1e-300)) for p in ps)
+    term = total = 1.0
+    for k in range(1, len(ps)):
+        term *= half / k
+        total += term
+    return min(1.0, math.exp(-half) * total)
+
+
+def group_verdict(subjects, alpha):
+    """The group verdict of `gradmap aggregate` from per-subject results."""
+    p_div = fisher([s["p"] for s in subjects])
+    p_cons = max(1.0 if s["p_consistent"] is None else s["p_consistent"] for s in subjects)
+    p_sa = fisher([s["p_signal_activations"] for s in subjects])
+    p_sg = fisher([s["p_signal_gradients"] for s in subjects])
+    if not (p_sa < alpha and p_sg < alpha):
+        return "undetermined"
+    return "consistent" if p_cons < alpha else "diverges" if p_div < alpha else "undetermined"
+
+
+def group_rates(res, sizes=(4, 8)):
+    """Group inference checked by simulation: the replicates of a cell, taken S at a time
+    (disjoint sets: independent noise draws as subjects), give group verdicts."""
+    cells = {}
+    for r in res["raw"]:
+        for mod in ("fmri", "meg"):
+            cells.setdefault((r["network"], mod, r["scenario"], r["snr"][mod]), []).append(r[mod])
+    rows = []
+    for (net, mod, sc, snr), subs in sorted(cells.items()):
+        for S in sizes:
+            groups = [subs[i:i + S] for i in range(0, len(subs) - S + 1, S)]
+            if not groups:
+                continue
+            v = [group_verdict(g, res["alpha"]) for g in groups]
+            row = {"network": net, "modality": mod, "statistic": STAT[mod], "scenario": sc, "snr": snr,
+                   "subjects": S, "n": len(groups)}
+            for name in ("diverges", "consistent", "undetermined"):
+                row[name] = v.count(name)
+                row[f"{name}_share"] = v.count(name) / len(groups)
+                row[f"{name}_ci95"] = wilson(v.count(name), len(groups))
+            rows.append(row)
+    return rows
+
+
+def markdown_groups(rows):
+    out = ["| network | statistic | scenario | SNR | subjects | groups | diverges | consistent | undetermined |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['network']} | {r['statistic']} | {r['scenario']} | {r['snr']} | {r['subjects']} | "
+                   f"{r['n']} | {r['diverges']} | {r['consistent']} | {r['undetermined']} |")
+    return "\n".join(out)
+
+
 def markdown(res):
     out = ["| network | statistic | scenario | SNR | n | diverges | consistent | undetermined | CI contains estimate |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -173,17 +233,26 @@ if __name__ == "__main__":
     ap.add_argument("--bootstraps", type=int, default=200)
     ap.add_argument("--out", help="JSON results")
     ap.add_argument("--markdown", help="the table as markdown")
+    ap.add_argument("--regroup", help="a saved JSON result: print its tables (with the group rates) and exit")
     a = ap.parse_args()
+    if a.regroup:
+        res = json.load(open(a.regroup))
+        print(markdown(res))
+        print()
+        print(markdown_groups(group_rates(res)))
+        sys.exit(0)
     snrs = {"fmri": [float(x) for x in a.fmri_snr.split(",")], "meg": [float(x) for x in a.meg_snr.split(",")]}
     if len(snrs["fmri"]) != len(snrs["meg"]):
         sys.exit("--fmri-snr and --meg-snr need the same number of levels (one simulation each)")
     res = calibrate(a.gradmap, a.networks.split(","), a.scenarios.split(","), snrs,
                     a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps)
+    res["groups"] = group_rates(res)
     text = json.dumps(res, indent=1)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
     print(markdown(res))
+    print(markdown_groups(res["groups"]))
     if a.markdown:
         with open(a.markdown, "w") as f:
-            f.write(markdown(res) + "\n")
+            f.write(markdown(res) + "\n\n" + markdown_groups(res["groups"]) + "\n")

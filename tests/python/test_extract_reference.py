@@ -443,6 +443,25 @@ class PyTinyCnn(torch.nn.Module):
         return outs, self.head(x.mean((2, 3)))
 
 
+class PyDeepCnn(torch.nn.Module):
+    """builtin:deepcnn written independently in PyTorch (same parameter names)."""
+
+    def __init__(self):
+        super().__init__()
+        ch = [3] + [16] * 4 + [32] * 4 + [64] * 4
+        for i in range(12):
+            setattr(self, f"conv{i + 1}", torch.nn.Conv2d(ch[i], ch[i + 1], 3, stride=2 if i % 4 == 3 else 1, padding=1))
+        self.head = torch.nn.Linear(64, 10)
+        self.layer_names = [f"conv{i}" for i in range(1, 13)]
+
+    def forward(self, x):
+        outs = []
+        for i in range(12):
+            x = torch.relu(getattr(self, f"conv{i + 1}")(x))
+            outs.append(x)
+        return outs, self.head(x.mean((2, 3)))
+
+
 class PyVitBlock(torch.nn.Module):
     def __init__(self, d=64, heads=4):
         super().__init__()
@@ -488,6 +507,7 @@ def test_builtin_models_match_pytorch_reimplementations():
     with h5py.File(f"{BASE}/s24.h5") as f:
         labels = f["/stimuli/labels"][()]
     for name, py, pooling, size in (("tinycnn", PyTinyCnn(), "mean", None),
+                                    ("deepcnn", PyDeepCnn(), "mean", None),
                                     ("tinyvit", PyTinyVit(), "patch-mean", 32)):
         out, w = f"{BASE}/builtin-{name}.h5", f"{BASE}/{name}.weights"
         gradmap(["extract", "--stimuli", f"{BASE}/s24.h5", "--model", f"builtin:{name}", "--pooling", pooling,

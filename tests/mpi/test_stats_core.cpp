@@ -1,0 +1,159 @@
+// The numerical cores of `gradmap stats` and `aggregate` (pure functions; run at 1, 2 and 4 ranks
+// with the other MPI tests, where every rank must get the same numbers): BH/BY, Spearman with ties,
+// the BC interval, the contrast and peak-layer p-values, the Theil-Sen slope, latencies, Fisher's
+// combination and the verdict rule. Expected values computed by hand or with SciPy (noted).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+
+#include "gradmap/mpi/comm.hpp"
+#include "gradmap/stats/aggregate.hpp"
+#include "gradmap/stats/divergence.hpp"
+#include "gradmap/stats/stats.hpp"
+
+using namespace gradmap::stats;
+
+namespace {
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+}
+
+TEST(StatsCore, BenjaminiHochbergAndYekutieli) {
+  // statsmodels multipletests([0.01, 0.04, 0.03, nan, 0.2], method=fdr_bh / fdr_by) over the finite 4
+  const std::vector<double> p = {0.01, 0.04, 0.03, kNaN, 0.2};
+  const auto bh = fdr(p, false), by = fdr(p, true);
+  EXPECT_NEAR(bh[0], 0.04, 1e-15);
+  EXPECT_NEAR(bh[1], 0.0533333333333333, 1e-12);
+  EXPECT_NEAR(bh[2], 0.0533333333333333, 1e-12);
+  EXPECT_TRUE(std::isnan(bh[3]));
+  EXPECT_NEAR(bh[4], 0.2, 1e-15);
+  const double c = 1 + 0.5 + 1.0 / 3 + 0.25;
+  EXPECT_NEAR(by[0], 0.04 * c, 1e-12);
+  EXPECT_NEAR(by[4], std::min(1.0, 0.2 * c), 1e-12);
+}
+
+TEST(StatsCore, SpearmanWithTies) {
+  // scipy.stats.spearmanr([1, 2, 3, 4, 5], [1, 1, 2, 4, 3]) = 0.8720815992723809
+  EXPECT_NEAR(spearman({1, 2, 3, 4, 5}, {1, 1, 2, 4, 3}), 0.8720815992723809, 1e-12);
+  EXPECT_TRUE(std::isnan(spearman({1, 2, 3}, {2, 2, 2}))); // constant: undefined
+}
+
+TEST(StatsCore, BiasCorrectedIntervalContainsItsEstimate) {
+  // Symmetric replicates around the estimate: z0 = 0, BC = percentile interval.
+  std::vector<double> b;
+  for (int i = 0; i <= 1000; ++i)
+    b.push_back(i / 1000.0);
+  const Interval sym = bc_interval(b, 0.5, 0.95);
+  EXPECT_NEAR(sym.lo, 0.025, 1e-9);
+  EXPECT_NEAR(sym.hi, 0.975, 1e-9);
+  EXPECT_FALSE(sym.extended);
+  // Every replicate above the estimate (the old D_time): the percentile interval would exclude
+  // it; BC shifts down and, at the extreme, is extended to contain it.
+  std::vector<double> above(200, 1.0);
+  for (int i = 0; i < 200; ++i)
+    above[i] = 1.0 + i / 100.0;
+  const Interval ex = bc_interval(above, 0.5, 0.95);
+  EXPECT_LE(ex.lo, 0.5);
+  EXPECT_GE(ex.hi, 0.5);
+  EXPECT_TRUE(ex.extended);
+  // Undefined replicates widen the interval: half at each end.
+  std::vector<double> with_nan = b;
+  with_nan.insert(with_nan.end(), 200, kNaN);
+  const Interval w = bc_interval(with_nan, 0.5, 0.95);
+  EXPECT_TRUE(std::isnan(w.lo) && std::isnan(w.hi)); // 100 at -inf, 100 at +inf: infinite bounds
+}
+
+TEST(StatsCore, OneSidedClaimAndContrastPValues) {
+  std::vector<double> x = {1, 2, -1, kNaN};
+  EXPECT_DOUBLE_EQ(p_claim_positive(x), 3.0 / 5.0); // -1 and NaN do not support the claim
+  // Wald p with the bootstrap SE: d = 2, sd(d*) = 1 -> 1 - Phi(2) = 0.022750131948179
+  std::vector<double> d;
+  std::mt19937 rng(3);
+  std::normal_distribution<double> n01;
+  for (int i = 0; i < 20000; ++i)
+    d.push_back(2 + n01(rng));
+  EXPECT_NEAR(p_contrast_positive(2.0, d), 0.022750131948179, 1.5e-3);
+  EXPECT_NEAR(normal_quantile(0.975), 1.959963984540054, 1e-12);
+}
+
+TEST(StatsCore, PeakLayerSetsHoldTheTruePeakAndDivergeOnlyWhenSeparated) {
+  // Two kinds, one ROI, 4 layers, 400 paired replicates around known profiles.
+  const std::int64_t L = 4, G = 1, B = 400;
+  std::vector<double> act = {0.1, 0.5, 0.2, 0.1}, grad_same = {0.05, 0.3, 0.1, 0.05},
+                      grad_far = {0.05, 0.05, 0.1, 0.3};
+  std::mt19937 rng(7);
+  std::normal_distribution<double> noise(0, 0.02);
+  auto boot_of = [&](const std::vector<double>& m) {
+    std::vector<double> b(static_cast<size_t>(L * G * B));
+    for (std::int64_t l = 0; l < L; ++l)
+      for (std::int64_t r = 0; r < B; ++r)
+        b[l * B + r] = m[l] + noise(rng);
+    return b;
+  };
+  const auto ba = boot_of(act), bs = boot_of(grad_same), bf = boot_of(grad_far);
+  const Profiles oa{&act, L, G, 1}, os{&grad_same, L, G, 1}, of{&grad_far, L, G, 1};
+  const Profiles pa{&ba, L, G, B}, ps{&bs, L, G, B}, pf{&bf, L, G, B};
+  const auto peak = peak_pvalues(oa, pa, 0);
+  EXPECT_GT(peak[1], 0.05); // the true peak stays in the set
+  EXPECT_LT(peak[0], 1e-6);
+  // A permutation null far below the observed maxima: both kinds carry signal.
+  std::vector<double> null(static_cast<size_t>(L * G * 50), 0.0);
+  const Profiles pn{&null, L, G, 50};
+  const std::vector<std::int64_t> n = {10};
+  const auto same = space_divergence(oa, os, pa, ps, pn, pn, n, 0.6, 0.05, 0.95);
+  EXPECT_EQ(same.v.verdict, "consistent");
+  EXPECT_GT(same.v.p_diverges, 0.05);
+  const auto far = space_divergence(oa, of, pa, pf, pn, pn, n, 0.6, 0.05, 0.95);
+  EXPECT_EQ(far.v.verdict, "diverges");
+  EXPECT_DOUBLE_EQ(far.v.value, 2.0); // |3 - 1|
+  // No gradient signal (its observed maxima inside the null): undetermined, whatever the peaks.
+  std::vector<double> high_null(static_cast<size_t>(L * G * 50), 1.0);
+  const Profiles ph{&high_null, L, G, 50};
+  const auto none = space_divergence(oa, of, pa, pf, pn, ph, n, 0.6, 0.05, 0.95);
+  EXPECT_EQ(none.v.verdict, "undetermined");
+}
+
+TEST(StatsCore, TheilSenSlopeAndLatencies) {
+  // scipy.stats.theilslopes([0.3, 0.25, 0.9, 0.15, 0.1], range(5))[0] = -0.05 (one outlier)
+  EXPECT_NEAR(layer_slope({0.3, 0.25, 0.9, 0.15, 0.1}), -0.05, 1e-12);
+  EXPECT_TRUE(std::isnan(layer_slope({kNaN, 0.2})));
+  // Latency curves [2 layers, 5 times]; the baseline (t <= 0) peak is ignored.
+  const std::vector<double> times = {-0.1, 0.0, 0.1, 0.2, 0.3};
+  const std::vector<double> c = {9, 0, 0.2, 0.6, 0.1, /* layer 1 */ 0, 0, 0.4, 0.3, 0.8};
+  const Latencies lat = latencies(Profiles{&c, 2, 5, 1}, 0, times);
+  EXPECT_DOUBLE_EQ(lat.peak[0], 0.2);
+  EXPECT_DOUBLE_EQ(lat.onset[0], 0.2); // 0.2 < 0.6 / 2 at t = 0.1
+  EXPECT_DOUBLE_EQ(lat.peak[1], 0.3);
+  EXPECT_DOUBLE_EQ(lat.onset[1], 0.1); // 0.4 >= 0.8 / 2
+}
+
+TEST(StatsCore, FisherCombinationAndVerdictRule) {
+  // scipy.stats.combine_pvalues([0.2, 0.04, 0.5, 0.3], method="fisher")[1] = 0.0972496313158357
+  EXPECT_NEAR(fisher_combined_p({0.2, 0.04, 0.5, 0.3}), 0.0972496313158357, 1e-12);
+  EXPECT_DOUBLE_EQ(fisher_combined_p({0.2, kNaN}), 1.0);
+  Verdict v;
+  v.p_signal_activations = v.p_signal_gradients = 0.001;
+  v.p_diverges = 0.01;
+  v.p_consistent = 0.5;
+  decide(v, 0.05);
+  EXPECT_EQ(v.verdict, "diverges");
+  v.p_consistent = 0.01; // both: a difference inside the margin
+  decide(v, 0.05);
+  EXPECT_EQ(v.verdict, "consistent");
+  v.p_signal_gradients = 0.2; // no gradient signal: never diverges
+  decide(v, 0.05);
+  EXPECT_EQ(v.verdict, "undetermined");
+}
+
+TEST(StatsCore, EveryRankComputesTheSameVerdict) {
+  // The stats stage computes on every rank; a rank-dependent path would show here.
+  Verdict v;
+  v.p_signal_activations = v.p_signal_gradients = 0.001;
+  v.p_diverges = 0.02;
+  v.p_consistent = 0.7;
+  decide(v, 0.05);
+  int mine = v.verdict == "diverges" ? 1 : 0, all = 0;
+  MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  EXPECT_EQ(all, gradmap::mpi::size(MPI_COMM_WORLD));
+}
