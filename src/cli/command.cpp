@@ -2,6 +2,8 @@
 
 #include <fstream>
 #include <iostream>
+#include <string>
+#include <thread>
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
@@ -123,6 +125,12 @@ void apply_common(const po::variables_map& vm, Context& ctx) {
   const int threads = threads_of(vm, ctx);
   if (threads < 1)
     throw UsageError("--threads: must be at least 1");
+  // More threads than the node has cores only oversubscribes (and thread pools of that size can
+  // take minutes to start): refused, on every rank alike.
+  const int node_cores = int(std::thread::hardware_concurrency());
+  if (node_cores > 0 && threads > node_cores)
+    throw UsageError("--threads: " + std::to_string(threads) + " exceeds the " +
+                     std::to_string(node_cores) + " cores of this node");
   const int usable = mpi::Environment::usable_cores();
   if (threads > usable)
     GM_WARN("--threads " << threads << " but this rank is bound to " << usable

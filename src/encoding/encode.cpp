@@ -73,8 +73,9 @@ void validate(const EncodeOptions& o) {
 namespace {
 
 // Standardises the columns of x [N, p] with the mean and population std of the training rows;
-// returns the training and test rows.
-void standardise(const std::vector<float>& x, std::int64_t p,
+// returns the training and test rows, and the number of columns constant over the training rows
+// (set to 0).
+std::int64_t standardise(const std::vector<float>& x, std::int64_t p,
                  const std::vector<std::int64_t>& train, const std::vector<std::int64_t>& test,
                  std::vector<double>& xtr, std::vector<double>& xte) {
   const std::int64_t n = std::int64_t(train.size());
@@ -97,6 +98,7 @@ void standardise(const std::vector<float>& x, std::int64_t p,
   };
   fill(train, xtr);
   fill(test, xte);
+  return std::count(sd.begin(), sd.end(), 0.0);
 }
 
 // Noise ceiling per target from the repetitions of the test images (Allen et al. 2022, NSD's
@@ -496,7 +498,10 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     side.dim = ds.shape()[1];
     const auto x = ds.read_all<float>();
     std::vector<double> xtr, xte;
-    standardise(x, side.dim, rows, test, xtr, xte);
+    if (standardise(x, side.dim, rows, test, xtr, xte) == side.dim)
+      GM_WARN("encode: every feature of " << fi.kinds[k] << "/" << fi.layers[l]
+                                          << " is constant over the training images: its "
+                                          << "predictions are constant and its scores NaN");
     if (use_gram(side.dim)) {
       side.gram = true;
       GramBasis& gb = side.gb;

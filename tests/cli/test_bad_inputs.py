@@ -107,6 +107,28 @@ def test_trial_stimulus_out_of_range():
     expect_failure(["validate", path], "test stimulus -1 outside")
 
 
+def test_empty_test_set_and_too_many_threads():
+    def edit(f):
+        del f["/brain/test_stimuli"]
+        f.create_dataset("/brain/test_stimuli", shape=(0,), dtype=np.int64)
+    path = broken_copy("brain_fmri.h5", "empty_test.h5", edit)
+    expect_failure(["validate", path], f"/brain/test_stimuli in {path}: no test stimuli")
+    expect_failure(["validate", path, "--threads", 100000], "--threads: 100000 exceeds the")
+
+
+def test_constant_layer_is_reported():
+    feats = f"{BASE}/feats.h5"
+    gradmap(["extract", "--stimuli", f"{GOOD}/stimuli.h5", "--out", feats], ranks=2)
+    with h5py.File(feats, "r+") as f:
+        f["/features/gradients/conv2"][...] = 1.5
+    p = gradmap(["encode", "--features", feats, "--brain", f"{GOOD}/brain_fmri.h5", "--out",
+                 f"{BASE}/const_scores.h5"], ranks=2)
+    assert "every feature of gradients/conv2 is constant over the training images" in p.stderr, p.stderr
+    assert p.stderr.count("every feature of") == 1, p.stderr  # one layer, reported once
+    with h5py.File(f"{BASE}/const_scores.h5") as f:
+        assert np.isnan(f["/gradients/r"][1]).all() and np.isfinite(f["/gradients/r"][0]).any()
+
+
 def test_unknown_option_and_no_output():
     out = f"{BASE}/unknown"
     expect_failure(["simulate", "--out", out, "--bogus", 3], "unrecognised option '--bogus'")
@@ -143,4 +165,5 @@ def test_bad_config_value():
 
 run_tests([test_missing_file, test_corrupt_file, test_wrong_schema_version, test_wrong_dtype,
            test_wrong_shape, test_nan_in_responses, test_trial_stimulus_out_of_range,
+           test_empty_test_set_and_too_many_threads, test_constant_layer_is_reported,
            test_unknown_option_and_no_output, test_bad_option_values, test_bad_config_value])
