@@ -163,12 +163,16 @@ def fisher(ps):
     return min(1.0, math.exp(-half) * total)
 
 
-def group_verdict(subjects, alpha):
-    """The group verdict of `gradmap aggregate` from per-subject results."""
-    p_div = fisher([s["p"] for s in subjects])
-    p_cons = max(1.0 if s["p_consistent"] is None else s["p_consistent"] for s in subjects)
-    p_sa = fisher([s["p_signal_activations"] for s in subjects])
-    p_sg = fisher([s["p_signal_gradients"] for s in subjects])
+def group_verdict(subjects, alpha, permutations, bootstraps):
+    """The group verdict of `gradmap aggregate` from per-subject results (p-values floored at the
+    resolution of their replicates)."""
+    def fl(p, f):
+        return 1.0 if p is None else max(p, f)
+    fb, fp = 1 / (bootstraps + 1), 1 / (permutations + 1)
+    p_div = fisher([fl(s["p"], fb) for s in subjects])
+    p_cons = max(fl(s["p_consistent"], 0) for s in subjects)
+    p_sa = fisher([fl(s["p_signal_activations"], fp) for s in subjects])
+    p_sg = fisher([fl(s["p_signal_gradients"], fp) for s in subjects])
     if not (p_sa < alpha and p_sg < alpha):
         return "undetermined"
     return "consistent" if p_cons < alpha else "diverges" if p_div < alpha else "undetermined"
@@ -187,7 +191,7 @@ def group_rates(res, sizes=(4, 8)):
             groups = [subs[i:i + S] for i in range(0, len(subs) - S + 1, S)]
             if not groups:
                 continue
-            v = [group_verdict(g, res["alpha"]) for g in groups]
+            v = [group_verdict(g, res["alpha"], res["permutations"], res["bootstraps"]) for g in groups]
             row = {"network": net, "modality": mod, "statistic": STAT[mod], "scenario": sc, "snr": snr,
                    "subjects": S, "n": len(groups)}
             for name in ("diverges", "consistent", "undetermined"):

@@ -46,7 +46,7 @@ void print_version() {
   H5get_libversion(&maj, &min, &rel);
   char mpi_version[MPI_MAX_LIBRARY_VERSION_STRING];
   int len = 0;
-  MPI_Get_library_version(mpi_version, &len);
+  GM_CHECK_MPI(MPI_Get_library_version(mpi_version, &len));
   std::string mpi(mpi_version, len);
   mpi = mpi.substr(0, mpi.find_first_of(",\n"));
   std::cout << "gradmap " << GRADMAP_VERSION << "\n  HDF5 " << maj << "." << min << "." << rel

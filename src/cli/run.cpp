@@ -123,7 +123,7 @@ void run_stage(const Stage& st, const std::string& config, Context& ctx) {
       if (o.size() > 4 && o.compare(o.size() - 4, 4, ".key") == 0) // "X.key" marks X complete
         std::filesystem::remove(o.substr(0, o.size() - 4));
     }
-  MPI_Barrier(ctx.comm);
+  GM_CHECK_MPI(MPI_Barrier(ctx.comm));
   const Command* cmd = find_command(st.name);
   std::vector<std::string> args = {"--config", config};
   args.insert(args.end(), st.args.begin(), st.args.end());
@@ -141,7 +141,7 @@ void run_stage(const Stage& st, const std::string& config, Context& ctx) {
       std::filesystem::rename(o + ".partial", o);
     }
   }
-  MPI_Barrier(ctx.comm);
+  GM_CHECK_MPI(MPI_Barrier(ctx.comm));
   GM_INFO("run: stage " << st.name << " finished in " << t.stop() << " s");
 }
 
@@ -178,7 +178,7 @@ Command run_command() {
       throw UsageError("--data: '" + data + "' is not simulate, nsd or things-meg");
     if (mpi::rank(ctx.comm) == 0)
       io::make_directories(out);
-    MPI_Barrier(ctx.comm);
+    GM_CHECK_MPI(MPI_Barrier(ctx.comm));
     if (!vm.count("log-file"))
       log::set_file(out + "/gradmap.log");
     GM_INFO("run: config " << config << ", output " << out << ", " << mpi::size(ctx.comm)
@@ -213,7 +213,7 @@ Command run_command() {
       for (size_t i = 1; i < 3; ++i)
         if (std::find(outputs.begin(), outputs.end(), data_files[i]) == outputs.end())
           std::filesystem::remove(data_files[i]);
-    MPI_Barrier(ctx.comm);
+    GM_CHECK_MPI(MPI_Barrier(ctx.comm));
     run_stage(data_stage, config, ctx);
 
     // The extract settings that reproduce the features the simulated responses came from

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "gradmap/core/error.hpp"
+#include "gradmap/core/mpi_check.hpp"
 
 namespace gradmap::signals {
 
@@ -30,7 +31,7 @@ int pending() {
 
 void check(MPI_Comm comm, const std::string& where) {
   int s = received;
-  MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_INT, MPI_MAX, comm);
+  GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_INT, MPI_MAX, comm));
   if (s == 0)
     return;
   const char* name = s == SIGTERM   ? "SIGTERM"

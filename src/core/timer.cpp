@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "gradmap/core/log.hpp"
+#include "gradmap/core/mpi_check.hpp"
 
 namespace gradmap {
 namespace {
@@ -32,13 +33,13 @@ double StageTimer::stop() {
 
 void report_stage_times(MPI_Comm comm) {
   int p = 1;
-  MPI_Comm_size(comm, &p);
+  GM_CHECK_MPI(MPI_Comm_size(comm, &p));
   // std::map iterates in sorted order, so every rank reduces the stages in the same order.
   for (const auto& [name, secs] : totals()) {
     double mn = secs, mx = secs, sm = secs;
-    MPI_Allreduce(MPI_IN_PLACE, &mn, 1, MPI_DOUBLE, MPI_MIN, comm);
-    MPI_Allreduce(MPI_IN_PLACE, &mx, 1, MPI_DOUBLE, MPI_MAX, comm);
-    MPI_Allreduce(MPI_IN_PLACE, &sm, 1, MPI_DOUBLE, MPI_SUM, comm);
+    GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &mn, 1, MPI_DOUBLE, MPI_MIN, comm));
+    GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &mx, 1, MPI_DOUBLE, MPI_MAX, comm));
+    GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &sm, 1, MPI_DOUBLE, MPI_SUM, comm));
     char buf[200];
     std::snprintf(buf, sizeof buf, "time %-24s min %8.2fs  mean %8.2fs  max %8.2fs", name.c_str(),
                   mn, sm / p, mx);

@@ -375,7 +375,7 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
                                  << grid_str(p.grid) << " grid");
   if (me == 0)
     io::make_directories(o.out_dir);
-  MPI_Barrier(comm);
+  GM_CHECK_MPI(MPI_Barrier(comm));
 
   // brain_fmri.h5: metadata, then one session per rank per round.
   const std::string brain_path = o.out_dir + "/brain_fmri.h5";

@@ -638,7 +638,7 @@ void Dataset::transfer(bool write, hid_t memtype, void* buf, std::size_t elem_si
   const std::int64_t rows = dims.empty() ? 1 : count[0];
   const bool empty = product(count) == 0;
   std::int64_t pieces = empty ? 0 : (rows + rows_per_piece - 1) / rows_per_piece;
-  MPI_Allreduce(MPI_IN_PLACE, &pieces, 1, MPI_INT64_T, MPI_MAX, file_->comm());
+  GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &pieces, 1, MPI_INT64_T, MPI_MAX, file_->comm()));
   pieces = std::max<std::int64_t>(pieces, 1);
 
   Handle fspace(GM_CHECK_H5(H5Dget_space(id())));

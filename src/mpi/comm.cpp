@@ -5,13 +5,6 @@
 
 namespace gradmap::mpi {
 
-void throw_mpi_error(int rc, const char* what) {
-  char msg[MPI_MAX_ERROR_STRING];
-  int len = 0;
-  MPI_Error_string(rc, msg, &len);
-  throw Error(std::string("MPI call failed: ") + what + ": " + std::string(msg, len));
-}
-
 void collective_check(MPI_Comm comm, const std::function<void()>& f) {
   std::string message;
   bool failed = false;

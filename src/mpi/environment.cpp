@@ -11,6 +11,7 @@
 
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/signals.hpp"
+#include "gradmap/mpi/comm.hpp"
 
 extern "C" void openblas_set_num_threads(int);
 
@@ -19,15 +20,19 @@ namespace gradmap::mpi {
 Environment::Environment(int& argc, char**& argv) {
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  // Errors on the world communicator (and the communicators derived from it, which inherit the
+  // handler) are returned, not fatal: every MPI call is wrapped in GM_CHECK_MPI, which turns a
+  // failure into a gradmap::Error naming the call; main prints it once and aborts the job.
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   int r = 0, s = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
+  GM_CHECK_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &r));
+  GM_CHECK_MPI(MPI_Comm_size(MPI_COMM_WORLD, &s));
   log::init(r, s);
   MPI_Comm node;
-  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, r, MPI_INFO_NULL, &node);
-  MPI_Comm_size(node, &local_size_);
-  MPI_Comm_rank(node, &local_rank_);
-  MPI_Comm_free(&node);
+  GM_CHECK_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, r, MPI_INFO_NULL, &node));
+  GM_CHECK_MPI(MPI_Comm_size(node, &local_size_));
+  GM_CHECK_MPI(MPI_Comm_rank(node, &local_rank_));
+  GM_CHECK_MPI(MPI_Comm_free(&node));
   // PETSc reads its options from PETSC_OPTIONS; argv belongs to gradmap's own parser.
   PETSC_COMM_WORLD = MPI_COMM_WORLD;
   if (PetscInitializeNoArguments() == 0)

@@ -91,7 +91,7 @@ void report(const ReportOptions& o, MPI_Comm comm) {
     io::make_directories(tables);
     io::make_directories(maps);
   }
-  MPI_Barrier(comm);
+  GM_CHECK_MPI(MPI_Barrier(comm));
   const char* kinds[2] = {"activations", "gradients"};
   std::ostringstream headline;
   headline << "modality,statistic,kind,value,ci_low,ci_high,p\n";

@@ -210,6 +210,9 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
     const std::string tests = "/" + mod + "/" + d + "_tests";
     if (files[0].exists(tests)) {
       std::vector<double> pd, pc, psa, psg;
+      // Each input's p-values are floored at the resolution of its replicates, 1 / (B_b + 1)
+      // (B + 1 for the permutation signal tests): a Wald p in the far tail must not carry a
+      // Fisher combination alone.
       std::map<std::string, int> count{{"diverges", 0}, {"consistent", 0}, {"undetermined", 0}};
       for (size_t i = 0; i < S; ++i) {
         if (!files[i].exists(tests))
@@ -217,10 +220,17 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
         const auto x = files[i].dataset(tests).read_all<double>();
         if (x.size() != 4)
           throw UsageError(o.stats[i] + "/stats.h5: " + tests + " must hold 4 values");
-        pd.push_back(x[0]);
-        pc.push_back(x[1]);
-        psa.push_back(x[2]);
-        psg.push_back(x[3]);
+        const auto floor_of = [&](const char* replicates) { // 0 when the count is not recorded
+          return files[i].has_attr("/" + mod, replicates)
+                     ? 1.0 / double(files[i].attr_int("/" + mod, replicates) + 1)
+                     : 0.0;
+        };
+        const double fb = floor_of("bootstraps"), fp = floor_of("permutations");
+        auto floored = [](double p, double f) { return std::isfinite(p) ? std::max(p, f) : 1.0; };
+        pd.push_back(floored(x[0], fb));
+        pc.push_back(floored(x[1], 0)); // non-finite: 1, never supports "consistent"
+        psa.push_back(floored(x[2], fp));
+        psg.push_back(floored(x[3], fp));
         count[files[i].attr_string("/" + mod + "/" + d, "verdict")] += 1;
       }
       Verdict v;
@@ -229,6 +239,12 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
       v.p_signal_activations = fisher_combined_p(psa);
       v.p_signal_gradients = fisher_combined_p(psg);
       decide(v, o.alpha);
+      if (v.verdict == "diverges")
+        v.reason = "the prediction fails in at least one of the " + std::to_string(S) +
+                   " inputs (" + std::to_string(count["diverges"]) + " diverge on their own)";
+      else if (v.verdict == "consistent")
+        v.reason = "consistent with the prediction in every one of the " + std::to_string(S) +
+                   " inputs";
       f.write_small("/" + mod + "/" + d + "/group_tests",
                     std::vector<double>{v.p_diverges, v.p_consistent, v.p_signal_activations,
                                         v.p_signal_gradients},
@@ -273,7 +289,7 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
     write_file_atomically(o.out + "/aggregate.json", js.str());
     write_file_atomically(o.out + "/aggregate.csv", csv.str());
   }
-  MPI_Barrier(comm);
+  GM_CHECK_MPI(MPI_Barrier(comm));
   GM_INFO("aggregate: " << S << " inputs -> " << o.out << "/aggregate.{h5,json,csv}");
 }
 

@@ -19,8 +19,10 @@ double sorted_quantile(const std::vector<double>& s, double q) {
   q = std::clamp(q, 0.0, 1.0);
   const double pos = q * double(s.size() - 1);
   const size_t lo = size_t(std::floor(pos)), hi = std::min(s.size() - 1, lo + 1);
-  if (std::isinf(s[lo]) || std::isinf(s[hi]))
-    return pos - double(lo) < 0.5 || lo == hi ? s[lo] : s[hi];
+  if (std::isinf(s[lo]))
+    return s[lo];
+  if (std::isinf(s[hi]))
+    return pos > double(lo) ? s[hi] : s[lo]; // interpolating toward an infinity reaches it
   return s[lo] + (pos - double(lo)) * (s[hi] - s[lo]);
 }
 
@@ -92,16 +94,19 @@ double p_claim_positive(const std::vector<double>& boot) {
 }
 
 double p_contrast_positive(double observed, const std::vector<double>& boot) {
-  double n = 0, s = 0, ss = 0;
+  double n = 0, s = 0;
   for (double b : boot)
     if (std::isfinite(b)) {
       n += 1;
       s += b;
-      ss += b * b;
     }
   if (!std::isfinite(observed) || n < 2)
     return 1.0;
-  const double var = std::max(0.0, (ss - s * s / n) / (n - 1));
+  double ss = 0; // two passes: no cancellation
+  for (double b : boot)
+    if (std::isfinite(b))
+      ss += (b - s / n) * (b - s / n);
+  const double var = ss / (n - 1);
   double p;
   if (var > 0)
     p = normal_cdf(-observed / std::sqrt(var)); // the upper tail, without cancellation
@@ -228,17 +233,27 @@ SpaceDivergence space_divergence(const Profiles& act, const Profiles& grad,
       continue;
     ++n;
     const auto pa = peak_pvalues(act, act_boot, g), pg = peak_pvalues(grad, grad_boot, g);
+    // Pairs (a, b) of an activation and a gradient peak layer: within the margin ("the same
+    // place") or beyond it. Divergence excludes every pair within the margin, consistency every
+    // pair beyond it; a kind of pair that does not exist cannot be excluded (p = 1).
+    const double m = margin_layers + 1e-9; // 0.2 x 5 layers is one layer, not 0.99999...
     double div = 0, cons = 0;
+    bool far_pairs = false;
     for (std::int64_t l = 0; l < L; ++l) {
       s.peak_p_act[l * G + g] = pa[l];
       s.peak_p_grad[l * G + g] = pg[l];
-      div = std::max(div, std::min(pa[l], pg[l]));
-      for (std::int64_t m = 0; m < L; ++m)
-        if (std::abs(double(l - m)) > margin_layers)
-          cons = std::max(cons, std::min(pa[l], pg[m]));
+      for (std::int64_t k = 0; k < L; ++k) {
+        const double q = std::min(pa[l], pg[k]);
+        if (std::abs(double(l - k)) <= m) {
+          div = std::max(div, q);
+        } else {
+          cons = std::max(cons, q);
+          far_pairs = true;
+        }
+      }
     }
     s.p_div_roi[g] = std::min(1.0, 2 * div);
-    s.p_cons_roi[g] = std::min(1.0, 2 * cons);
+    s.p_cons_roi[g] = far_pairs ? std::min(1.0, 2 * cons) : 1.0;
     min_div = std::min(min_div, s.p_div_roi[g]);
     max_cons = std::max(max_cons, s.p_cons_roi[g]);
   }

@@ -529,7 +529,7 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
   if (root) { // summary.json last, via a temporary name
     write_file_atomically(o.out + "/summary.json", summary.str());
   }
-  MPI_Barrier(comm);
+  GM_CHECK_MPI(MPI_Barrier(comm));
   GM_INFO("stats: wrote " << o.out << "/stats.h5 and summary.json");
 }
 

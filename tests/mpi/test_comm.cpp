@@ -40,3 +40,17 @@ TEST(Comm, ReductionsAndBroadcast) {
   EXPECT_TRUE(mpi::all_of(comm, true));
   EXPECT_EQ(mpi::broadcast(comm, me == 0 ? "from root" : "x"), "from root");
 }
+
+TEST(Comm, FailedMpiCallsThrowAnErrorNamingTheCall) {
+  // The world communicator returns errors (mpi::Environment): GM_CHECK_MPI can fire. An invalid
+  // root is caught by argument checking on every rank alike, before any communication.
+  MPI_Comm comm = MPI_COMM_WORLD;
+  int x = 0;
+  try {
+    GM_CHECK_MPI(MPI_Bcast(&x, 1, MPI_INT, mpi::size(comm) + 5, comm));
+    FAIL() << "MPI_Bcast with an invalid root succeeded";
+  } catch (const gradmap::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("MPI call failed: MPI_Bcast"), std::string::npos) << e.what();
+  }
+  GM_CHECK_MPI(MPI_Barrier(comm)); // the communicator still works
+}

@@ -9,26 +9,18 @@
 #include <vector>
 
 #include "gradmap/core/error.hpp"
-
-#define GM_CHECK_MPI(call)                                                                         \
-  do {                                                                                             \
-    const int gm_mpi_rc_ = (call);                                                                 \
-    if (gm_mpi_rc_ != MPI_SUCCESS)                                                                 \
-      ::gradmap::mpi::throw_mpi_error(gm_mpi_rc_, #call);                                          \
-  } while (0)
+#include "gradmap/core/mpi_check.hpp"
 
 namespace gradmap::mpi {
 
-[[noreturn]] void throw_mpi_error(int rc, const char* what);
-
 inline int rank(MPI_Comm comm) {
   int r = 0;
-  MPI_Comm_rank(comm, &r);
+  GM_CHECK_MPI(MPI_Comm_rank(comm, &r));
   return r;
 }
 inline int size(MPI_Comm comm) {
   int s = 1;
-  MPI_Comm_size(comm, &s);
+  GM_CHECK_MPI(MPI_Comm_size(comm, &s));
   return s;
 }
 
