@@ -212,14 +212,14 @@ def markdown_groups(rows):
 
 
 def markdown(res):
-    out = ["| network | statistic | scenario | SNR | n | diverges | consistent | undetermined | CI contains estimate |",
+    out = ["| network | statistic | scenario | SNR | n | diverges | consistent | undetermined | BC interval extended |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in res["cells"]:
         def f(v):
             lo, hi = r[f"{v}_ci95"]
             return f"{r[v + '_share']:.3f} [{lo:.3f}, {hi:.3f}]"
         out.append(f"| {r['network']} | {r['statistic']} | {r['scenario']} | {r['snr']} | {r['n']} | "
-                   f"{f('diverges')} | {f('consistent')} | {f('undetermined')} | {r['ci_contains']}/{r['n']} |")
+                   f"{f('diverges')} | {f('consistent')} | {f('undetermined')} | {r['ci_extended']}/{r['n']} |")
     return "\n".join(out)
 
 
@@ -256,6 +256,7 @@ if __name__ == "__main__":
         with open(a.out, "w") as f:
             f.write(text)
     print(markdown(res))
+    print()
     print(markdown_groups(res["groups"]))
     if a.markdown:
         with open(a.markdown, "w") as f:

@@ -179,7 +179,9 @@ def main(stats_dir, out):
         if "meg" in s:
             figs += meg_figures(s, summ, out)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>gradmap report</title>",
-             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto;padding:0 8px}"
+             "img{max-width:100%;height:auto}"  # figures scale to the page, never overflow it
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>",
              "</head><body><h1>gradmap report</h1>",
              f"<p>Statistics: <code>{html.escape(os.path.basename(os.path.normpath(stats_dir)))}</code></p>",
@@ -195,10 +197,14 @@ def main(stats_dir, out):
         items = [(f"{mod} {rho} ({k})", summ[mod][rho][k]) for k in KINDS if k in summ[mod].get(rho, {})]
         if d in summ[mod]:
             items.append((f"{mod} {d}", summ[mod][d]))
+        B = summ[mod].get("permutations")
         for name, st in items:
             fmt = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731
+            p = fmt(st["p"])
+            if rho in name and B and st["p"] is not None and st["p"] <= 1 / (B + 1) * (1 + 1e-9):
+                p = f"&lt; 1/(B+1), B = {B}"  # the permutation floor, not a measured 0.000999
             parts.append(f"<tr><td>{name}</td><td>{fmt(st['value'])}</td>"
-                         f"<td>[{fmt(st['ci'][0])}, {fmt(st['ci'][1])}]</td><td>{fmt(st['p'])}</td>"
+                         f"<td>[{fmt(st['ci'][0])}, {fmt(st['ci'][1])}]</td><td>{p}</td>"
                          f"<td>{html.escape(st.get('verdict', ''))}</td></tr>")
     parts.append("</table>")
     for title, name in figs:

@@ -45,6 +45,9 @@ Command encode_command() {
         "test-image permutations for the p-values and hierarchy nulls (0: none)")(
         "bootstraps", po::value<int>()->default_value(1000),
         "bootstrap resamples of the test images for confidence intervals (0: none)")(
+        "cluster-p", po::value<double>()->default_value(0.01),
+        "MEG: cluster-forming threshold as a one-sided t-test p of r over the test images; the "
+        "largest cluster of every permutation is kept for cluster-based tests (0: none)")(
         "store-resamples", po::bool_switch(),
         "also write the permutations and bootstrap counts (/resamples), for audits")(
         "store-predictions", po::bool_switch(), "also write the test predictions")(
@@ -68,6 +71,7 @@ Command encode_command() {
     o.solver = vm["solver"].as<std::string>();
     o.bootstraps = vm["bootstraps"].as<int>();
     o.store_resamples = vm["store-resamples"].as<bool>();
+    o.cluster_p = vm["cluster-p"].as<double>();
     o.memory_gb = vm["memory-gb"].as<double>();
     o.max_chunk = vm["max-chunk"].as<std::int64_t>();
     if (o.memory_gb < 0)

@@ -29,6 +29,7 @@
 #include "gradmap/core/progress.hpp"
 #include "gradmap/core/signals.hpp"
 #include "gradmap/core/timer.hpp"
+#include "gradmap/encoding/clusters.hpp"
 #include "gradmap/encoding/nulls.hpp"
 #include "gradmap/encoding/ridge.hpp"
 #include "gradmap/io/h5.hpp"
@@ -68,6 +69,8 @@ void validate(const EncodeOptions& o) {
     throw UsageError("--permutations: must be between 0 and 10^7");
   if (o.bootstraps < 0 || o.bootstraps > 10000000)
     throw UsageError("--bootstraps: must be between 0 and 10^7");
+  if (!(o.cluster_p >= 0 && o.cluster_p < 0.5))
+    throw UsageError("--cluster-p: must be in [0, 0.5) (0: no cluster null)");
 }
 
 namespace {
@@ -254,6 +257,37 @@ void write_nulls(const io::File& f, const EncodeOptions& opt, const Resamples& r
       f.write_small(base + "boot_group", boot, {L, G, Bb});
     f.write_small(base + "group_r", obs, {L, G});
     f.write_small(base + "group_n", cnt, {L, G});
+  }
+  if (meg && !acc.empty() && acc[0].words > 0) {
+    // Cluster null: the largest supra-threshold cluster of every permutation (clusters.hpp).
+    ClusterGraph g;
+    const auto shape = bf.dataset("/brain/responses").shape(); // [trials, sensors, times]
+    g.sensors = shape[1];
+    g.times = shape[2];
+    std::string adjacency = "time";
+    if (bf.exists("/brain/sensor_adjacency")) {
+      const auto adj = bf.dataset("/brain/sensor_adjacency").read_all<std::int32_t>();
+      if (std::int64_t(adj.size()) != g.sensors * g.sensors)
+        throw UsageError(bf.path() + ": /brain/sensor_adjacency must be [sensors, sensors]");
+      g.sensor_neighbours.resize(static_cast<size_t>(g.sensors));
+      for (std::int64_t a = 0; a < g.sensors; ++a)
+        for (std::int64_t b = 0; b < g.sensors; ++b)
+          if (a != b && adj[a * g.sensors + b])
+            g.sensor_neighbours[a].push_back(std::int32_t(b));
+      adjacency = "sensors+time";
+      f.write_small("/cluster_adjacency", adj, {g.sensors, g.sensors}); // for stats
+    }
+    for (size_t k = 0; k < kinds.size(); ++k) {
+      std::vector<std::int64_t> mx;
+      for (std::int64_t l = 0; l < L; ++l) {
+        const auto one = null_cluster_max(acc[k * size_t(L) + size_t(l)], g, int(B), comm);
+        mx.insert(mx.end(), one.begin(), one.end());
+      }
+      f.write_small("/" + kinds[k] + "/null_cluster", mx, {L, B});
+    }
+    f.set_attr("/", "cluster_threshold", std::vector<double>{double(acc[0].cluster_threshold)});
+    f.set_attr("/", "cluster_p", std::vector<double>{opt.cluster_p});
+    f.set_attr("/", "cluster_adjacency", adjacency);
   }
   if (meg) {
     f.write_small("/groups/value", bf.dataset("/brain/times").read_all<double>(), {G});
@@ -587,8 +621,10 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       exceed_ds.push_back(f.create_dataset("/" + kind + "/exceed", io::DType::i32, {L, bi.targets},
                                            {L, std::min<std::int64_t>(bi.targets, 4096)}));
   std::vector<NullAccumulator> acc;
+  const bool clusters = meg && opt.permutations > 0 && opt.cluster_p > 0;
+  const double cluster_r = clusters ? cluster_threshold(m, opt.cluster_p) : 0.0;
   for (std::int64_t kl = 0; nulls && kl < K * L; ++kl)
-    acc.emplace_back(rs, int(G));
+    acc.emplace_back(rs, int(G), clusters ? bi.targets : 0, float(cluster_r));
   // K-fold: the held-out Pearson r of every fold at the target's chosen alpha.
   std::vector<io::Dataset> fold_ds;
   for (std::int64_t k = 0; nf > 0 && k < K; ++k)
@@ -690,7 +726,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           preds.emplace_back(sc.prediction.begin(), sc.prediction.end());
         if (nulls)
           accumulate_nulls(rs, sc.prediction, yte, t, group.data() + t0, acc[k * L + l],
-                           exceed.data() + l * t);
+                           exceed.data() + l * t, t0);
       }
       for (int o = 0; o < 4; ++o)
         out_ds[next_ds++].write(buf[o].data(), {0, t0}, {t ? L : 0, t});

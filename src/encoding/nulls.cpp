@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "gradmap/core/profile.hpp"
+#include "gradmap/encoding/clusters.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/sim/philox.hpp"
 
@@ -90,16 +91,20 @@ Resamples make_resamples(std::int64_t m, int permutations, int bootstraps, std::
   return rs;
 }
 
-NullAccumulator::NullAccumulator(const Resamples& rs, int g)
+NullAccumulator::NullAccumulator(const Resamples& rs, int g, std::int64_t clusters_over,
+                                 float threshold)
     : groups(g),
       null_max(static_cast<size_t>(rs.permutations), -std::numeric_limits<float>::infinity()),
       perm_sum(static_cast<size_t>(g) * static_cast<size_t>(rs.permutations), 0.0),
       boot_sum(static_cast<size_t>(g) * static_cast<size_t>(rs.bootstraps), 0.0),
-      obs_sum(static_cast<size_t>(g), 0.0), n(static_cast<size_t>(g), 0) {}
+      obs_sum(static_cast<size_t>(g), 0.0), n(static_cast<size_t>(g), 0),
+      cluster_threshold(threshold), words((clusters_over + 63) / 64),
+      above(static_cast<size_t>(words * rs.permutations), 0) {}
 
 void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
                       const std::vector<double>& y, std::int64_t t, const std::int32_t* group,
-                      NullAccumulator& acc, std::int32_t* exceed) {
+                      NullAccumulator& acc, std::int32_t* exceed, std::int64_t t0) {
+  const bool clusters = acc.words > 0;
   const std::int64_t m = rs.m;
   const int B = rs.permutations, Bb = rs.bootstraps;
   ProfileEvent ev("gm.nulls");
@@ -163,12 +168,17 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
         permuted_dots(zp.data(), zy.data(), &rs.perm[static_cast<size_t>(std::int64_t(b) * m)], m,
                       a);
         float mx = acc.null_max[b];
+        std::uint64_t* bits = clusters ? &acc.above[static_cast<size_t>(b * acc.words)] : nullptr;
         for (std::int64_t j = 0; j < w; ++j) {
           if (!valid[j])
             continue;
           const float rb = a[j] * inv_m;
           mine[j] += rb >= obs[j] ? 1 : 0;
           mx = std::max(mx, rb);
+          if (bits && rb > acc.cluster_threshold) { // replicate b is this thread's alone
+            const std::int64_t target = t0 + c0 + j;
+            bits[target / 64] |= std::uint64_t(1) << (target % 64);
+          }
           if (g[j] >= 0)
             acc.perm_sum[static_cast<size_t>(g[j]) * B + b] += rb;
         }
@@ -211,6 +221,22 @@ void reduce_nulls(NullAccumulator& acc, MPI_Comm comm) {
   all(acc.boot_sum.data(), acc.boot_sum.size(), MPI_DOUBLE, 8, MPI_SUM);
   all(acc.obs_sum.data(), acc.obs_sum.size(), MPI_DOUBLE, 8, MPI_SUM);
   all(acc.n.data(), acc.n.size(), MPI_INT64_T, 8, MPI_SUM);
+  all(acc.above.data(), acc.above.size(), MPI_UINT64_T, 8, MPI_BOR);
+}
+
+std::vector<std::int64_t> null_cluster_max(const NullAccumulator& acc, const ClusterGraph& g,
+                                           int permutations, MPI_Comm comm) {
+  std::vector<std::int64_t> mx(static_cast<size_t>(permutations), 0);
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+  for (int b = me; b < permutations; b += p) {
+    const std::uint64_t* bits = &acc.above[static_cast<size_t>(std::int64_t(b) * acc.words)];
+    const auto sizes = find_clusters(
+        g, [bits](std::int64_t v) { return (bits[v / 64] >> (v % 64)) & 1U; });
+    for (auto s : sizes)
+      mx[b] = std::max(mx[b], s);
+  }
+  GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, mx.data(), permutations, MPI_INT64_T, MPI_MAX, comm));
+  return mx;
 }
 
 } // namespace gradmap::encoding

@@ -19,6 +19,7 @@
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/mpi/comm.hpp"
+#include "gradmap/encoding/clusters.hpp"
 #include "gradmap/stats/divergence.hpp"
 
 namespace gradmap::stats {
@@ -28,6 +29,7 @@ std::string num(double v) {
   return format_number(v, 10, "null");
 }
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
+const double kInf = std::numeric_limits<double>::infinity();
 } // namespace
 
 std::vector<double> fdr(const std::vector<double>& p, bool by) {
@@ -126,14 +128,15 @@ void finish_ci(Stat& s, double ci) {
   s.hi = i.hi;
 }
 
-// Two-sided permutation p-value: (1 + #{|null| >= |value|}) / (B + 1); an undefined null
-// replicate (constant peak layers) counts as at least as extreme (divergence.hpp's rule).
+// Two-sided permutation p-value: (1 + #{|null| >= |value|}) / (B + 1). An undefined null
+// replicate (constant peak layers) takes the no-effect value 0 (divergence.hpp's rule): the test
+// is then an exact permutation test of the fixed statistic |rho| (0 where undefined).
 double perm_p(const std::vector<double>& null, double value) {
   if (null.empty() || std::isnan(value))
     return kNaN;
   double c = 1;
   for (double v : null)
-    c += std::isnan(v) || std::abs(v) >= std::abs(value) - 1e-12 ? 1 : 0;
+    c += std::abs(std::isnan(v) ? 0.0 : v) >= std::abs(value) - 1e-12 ? 1 : 0;
   return c / double(null.size() + 1);
 }
 
@@ -415,6 +418,67 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
       summary << "]";
     }
 
+    // MEG cluster-based permutation tests (docs/statistics.md, "Clusters"): observed clusters of
+    // r > threshold on the sensor x time grid, each with p = (1 + #{b: max cluster_b >= size}) /
+    // (B + 1) from the permutation maxima encode kept.
+    if (meg && sf.exists("/" + kinds[0].name + "/null_cluster")) {
+      encoding::ClusterGraph cg;
+      cg.times = G;
+      cg.sensors = T / std::max<std::int64_t>(G, 1);
+      if (sf.exists("/cluster_adjacency")) {
+        const auto adj = sf.dataset("/cluster_adjacency").read_all<std::int32_t>();
+        cg.sensor_neighbours.resize(static_cast<size_t>(cg.sensors));
+        for (std::int64_t a = 0; a < cg.sensors; ++a)
+          for (std::int64_t b = 0; b < cg.sensors; ++b)
+            if (a != b && adj[a * cg.sensors + b])
+              cg.sensor_neighbours[a].push_back(std::int32_t(b));
+      }
+      const double thr = sf.attr_doubles("/", "cluster_threshold").at(0);
+      f.set_attr(mod, "cluster_threshold", std::vector<double>{thr});
+      summary << ",\n    \"cluster_threshold_r\": " << num(thr) << ", \"cluster_adjacency\": \""
+              << sf.attr_string("/", "cluster_adjacency") << "\"";
+      for (const auto& kd : kinds) {
+        const auto null = sf.dataset("/" + kd.name + "/null_cluster").read_all<std::int64_t>();
+        std::vector<std::int32_t> labels_all;
+        std::vector<double> table; // rows: layer, size, p, t_first, t_last
+        std::vector<double> onset(static_cast<size_t>(L), kNaN);
+        std::string sig;
+        for (std::int64_t l = 0; l < L; ++l) {
+          std::vector<std::int32_t> labels;
+          const float* r = &kd.r[static_cast<size_t>(l * T)];
+          const auto sizes = encoding::find_clusters(
+              cg, [r, thr](std::int64_t v) { return double(r[v]) > thr; }, &labels);
+          std::vector<double> first(sizes.size(), kInf), last(sizes.size(), -kInf);
+          for (std::int64_t v = 0; v < T; ++v)
+            if (labels[v] >= 0) {
+              first[labels[v]] = std::min(first[labels[v]], value[v % G]);
+              last[labels[v]] = std::max(last[labels[v]], value[v % G]);
+            }
+          for (size_t c = 0; c < sizes.size(); ++c) {
+            double ge = 1;
+            for (std::int64_t b = 0; b < B; ++b)
+              ge += null[l * B + b] >= sizes[c] ? 1 : 0;
+            const double p = ge / double(B + 1);
+            table.insert(table.end(), {double(l), double(sizes[c]), p, first[c], last[c]});
+            if (p < o.alpha) {
+              if (first[c] > 0 && !(onset[l] <= first[c]))
+                onset[l] = first[c];
+              sig += std::string(sig.empty() ? "" : ", ") + "{\"layer\": " + std::to_string(l) +
+                     ", \"size\": " + std::to_string(sizes[c]) + ", \"p\": " + num(p) +
+                     ", \"t_first\": " + num(first[c]) + ", \"t_last\": " + num(last[c]) + "}";
+            }
+          }
+          labels_all.insert(labels_all.end(), labels.begin(), labels.end());
+        }
+        const std::string base = mod + "/" + kd.name + "/";
+        f.write_small(base + "cluster_labels", labels_all, {L, T});
+        f.write_small(base + "clusters", table, {std::int64_t(table.size() / 5), 5});
+        f.write_small(base + "cluster_onset", onset, {L});
+        summary << ",\n    \"clusters_" << kd.name << "\": [" << sig << "]"
+                << ",\n    \"cluster_onset_" << kd.name << "\": " << json_list(onset);
+      }
+    }
+
     // Divergence (docs/statistics.md): both kinds needed. The predictions of a biological
     // backprop as tests with a verdict: space (fMRI) by peak-layer confidence sets per ROI, time
     // (MEG) by the slope of the gradients' peak latencies on layer and the top-layer gap.
@@ -486,7 +550,7 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
             double best = -INFINITY, wsum = 0, lsum = 0;
             for (std::int64_t l = 0; l < L; ++l) {
               const double r = kinds[k].r[l * T + t];
-              sig = sig || kinds[k].q_bh[l * T + t] < o.q;
+              sig = sig || kinds[k].q_bh_all[l * T + t] < o.q;
               if (!std::isnan(r) && r > best) {
                 best = r;
                 peak_map[k][t] = std::int32_t(l);

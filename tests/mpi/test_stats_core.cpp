@@ -8,6 +8,7 @@
 #include <limits>
 #include <random>
 
+#include "gradmap/encoding/clusters.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/stats/aggregate.hpp"
 #include "gradmap/stats/divergence.hpp"
@@ -156,4 +157,28 @@ TEST(StatsCore, EveryRankComputesTheSameVerdict) {
   int mine = v.verdict == "diverges" ? 1 : 0, all = 0;
   MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   EXPECT_EQ(all, gradmap::mpi::size(MPI_COMM_WORLD));
+}
+
+TEST(StatsCore, ClustersOnTheSensorTimeGrid) {
+  using gradmap::encoding::ClusterGraph;
+  using gradmap::encoding::find_clusters;
+  // 3 sensors x 5 times, sensor-major; supra-threshold targets marked 1.
+  const std::vector<int> above = {1, 1, 0, 0, 1,  // sensor 0
+                                  0, 1, 0, 1, 1,  // sensor 1
+                                  0, 0, 0, 1, 0}; // sensor 2
+  auto is_above = [&](std::int64_t v) { return above[v] == 1; };
+  ClusterGraph time_only{3, 5, {}};
+  std::vector<std::int32_t> labels;
+  const auto t_sizes = find_clusters(time_only, is_above, &labels);
+  EXPECT_EQ(t_sizes, (std::vector<std::int64_t>{2, 1, 1, 2, 1})); // runs along time per sensor
+  EXPECT_EQ(labels[0], labels[1]);
+  EXPECT_EQ(labels[2], -1);
+  ClusterGraph chain{3, 5, {{1}, {0, 2}, {1}}}; // sensors 0 - 1 - 2
+  const auto c_sizes = find_clusters(chain, is_above);
+  // {0:0, 0:1, 1:1} and {0:4, 1:3, 1:4, 2:3}
+  EXPECT_EQ(c_sizes, (std::vector<std::int64_t>{3, 4}));
+  // The threshold: one-sided t p = 0.01 with 98 degrees of freedom (scipy.stats.t.isf(0.01, 98)
+  // = 2.36500241...), r = t / sqrt(98 + t^2).
+  const double t = 2.3650024101176554;
+  EXPECT_NEAR(gradmap::encoding::cluster_threshold(100, 0.01), t / std::sqrt(98 + t * t), 1e-9);
 }

@@ -121,6 +121,8 @@ def test_ranks_and_threads_give_identical_p_and_q():
         with load(mod, 1) as a, load(mod, 2) as b:
             for kind in ("activations", "gradients"):
                 assert np.array_equal(a[f"/{kind}/exceed"][()], b[f"/{kind}/exceed"][()])
+                if mod == "meg":  # the cluster null too: the same bits on any rank/thread split
+                    assert np.array_equal(a[f"/{kind}/null_cluster"][()], b[f"/{kind}/null_cluster"][()])
                 assert np.allclose(a[f"/{kind}/null_group"][()], b[f"/{kind}/null_group"][()],
                                    atol=1e-12, equal_nan=True)
     with h5py.File(f"{BASE}/stats1/stats.h5") as a, h5py.File(f"{BASE}/stats2/stats.h5") as b:
@@ -187,8 +189,8 @@ def test_hierarchy_equals_scipy_spearman():
             assert np.allclose(summary["fmri"]["rho_space"][kind]["ci"], bc_interval(rb, rho), equal_nan=True)
             null = f[f"/{kind}/null_group"][()]
             rn = np.array([spearmanr(level, np.argmax(null[:, :, b], 0))[0] for b in range(B)])
-            # an undefined null replicate counts as at least as extreme
-            p = (1 + (np.isnan(rn) | (np.abs(rn) >= abs(rho) - 1e-12)).sum()) / (B + 1)
+            # an undefined null replicate takes the no-effect value 0
+            p = (1 + (np.abs(np.nan_to_num(rn)) >= abs(rho) - 1e-12).sum()) / (B + 1)
             assert np.isclose(summary["fmri"]["rho_space"][kind]["p"], p)
             c = g[f"/{kind}/group_r"][()]  # [L, T] latency curves
             tau = latencies(c, times)[0]  # post-stimulus window only
@@ -315,6 +317,71 @@ def test_divergence_equals_numpy_and_scipy():
         assert d["verdict"] == verdict(d["p"], d["p_consistent"], psa, psg), d
 
 
+def mne_clusters(x_st, thr, sensor_adj):
+    """MNE-Python's clusters of x [S, T] > thr (extent: t_power = 0) with time adjacency and the
+    given sensor adjacency [S, S] (zeros: time-only)."""
+    import scipy.sparse as sp
+    from mne.stats import combine_adjacency
+    from mne.stats.cluster_level import _find_clusters
+    S, T = x_st.shape
+    adj = combine_adjacency(T, sp.csr_matrix(sensor_adj))  # data shaped (times, sensors)
+    clusters, sums = _find_clusters(x_st.T.ravel(), thr, tail=1, adjacency=adj, t_power=0)
+    return sorted(int(s) for s in sums)
+
+
+def test_meg_clusters_equal_mne():
+    """Cluster-based permutation test on MEG sensors x time against MNE-Python's cluster finder on
+    the same maps and the same (stored) permutations: observed cluster extents exactly; the
+    permutation maxima exactly where no permuted r lies within 1e-5 of the threshold (float32
+    kernel vs float64); p-values to that tolerance. Time-only clusters (no sensor positions) and
+    sensor adjacency (a ring of the 6 sensors written into the brain file)."""
+    ring = f"{BASE}/brain_meg_ring.h5"
+    import shutil
+    shutil.copy(f"{BASE}/data/brain_meg.h5", ring)
+    with h5py.File(ring, "r+") as b:
+        S = b["/brain/responses"].shape[1]
+        adj = np.zeros((S, S), np.int32)
+        for s in range(S):
+            adj[s, (s + 1) % S] = adj[(s + 1) % S, s] = 1
+        b["/brain/sensor_adjacency"] = adj
+    gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", ring, "--out", f"{BASE}/ring.h5",
+             "--permutations", B, "--bootstraps", BB, "--seed", 7, "--store-predictions", "--store-resamples"],
+            ranks=2)
+    gradmap(["stats", "--scores", f"{BASE}/ring.h5", "--out", f"{BASE}/stats_ring"], ranks=2)
+    for scores, stats_dir, sensor_adj in ((f"{BASE}/n2_meg.h5", f"{BASE}/stats2", None),
+                                          (f"{BASE}/ring.h5", f"{BASE}/stats_ring", adj)):
+        with h5py.File(scores) as f, h5py.File(f"{stats_dir}/stats.h5") as st:
+            thr = f.attrs["cluster_threshold"][0]
+            m = f["/split/test_stimuli"].shape[0]
+            from scipy.stats import t as student_t
+            tq = student_t.isf(0.01, m - 2)
+            assert np.isclose(thr, tq / np.sqrt(m - 2 + tq**2), rtol=1e-6)
+            assert f.attrs["cluster_adjacency"] == ("time" if sensor_adj is None else "sensors+time")
+            layers = list(f.attrs["layers"])
+            S, T = f.attrs["target_shape"]
+            sa = np.zeros((S, S)) if sensor_adj is None else sensor_adj
+            n_checked = 0
+            for kind in ("activations", "gradients"):
+                table = st[f"/meg/{kind}/clusters"][()]
+                for li in range(len(layers)):
+                    r = f[f"/{kind}/r"][li].astype(np.float64)
+                    mine = sorted(int(s) for s in table[table[:, 0] == li, 1])
+                    assert mine == mne_clusters(r.reshape(S, T), thr, sa), (kind, li)
+                    if li not in (0, len(layers) - 1):
+                        continue
+                    _, rp, _ = numpy_replicates(f, kind, li, layers[li])
+                    ref = np.array([max(mne_clusters(x.reshape(S, T), thr, sa) or [0]) for x in rp])
+                    null = f[f"/{kind}/null_cluster"][li]
+                    clear = ~(np.abs(rp - thr) < 1e-5).any(1)
+                    assert (null[clear] == ref[clear]).all(), (kind, li, np.where(null != ref))
+                    assert clear.mean() > 0.5
+                    for row in table[table[:, 0] == li]:
+                        p_ref = (1 + (ref >= row[1]).sum()) / (B + 1)
+                        assert abs(row[2] - p_ref) <= (1 + (~clear).sum()) / (B + 1), (row, p_ref)
+                        n_checked += 1
+            assert n_checked > 0, "no cluster was checked: the test would be vacuous"
+
+
 def fake_stats(d, rho_a, rho_g, layers=("l0", "l1"), tests=None, verdict_="undetermined"):
     os.makedirs(d, exist_ok=True)
     with h5py.File(f"{d}/stats.h5", "w") as f:
@@ -403,5 +470,6 @@ if __name__ == "__main__":
     run_tests([test_permutations_are_philox_fisher_yates, test_replicates_equal_numpy,
                test_ranks_and_threads_give_identical_p_and_q, test_fdr_fwer_equal_statsmodels_and_numpy,
                test_hierarchy_equals_scipy_spearman, test_divergence_equals_numpy_and_scipy,
+               test_meg_clusters_equal_mne,
                test_aggregate_equals_scipy_and_numpy_sign_flip,
                test_bad_inputs])

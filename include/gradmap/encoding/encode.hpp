@@ -26,6 +26,9 @@ struct EncodeOptions {
   int permutations = 1000;      ///< test-image permutations (0: none; see nulls.hpp)
   int bootstraps = 1000;        ///< bootstrap resamples of the test images (0: none)
   bool store_resamples = false; ///< also write the permutations and bootstrap counts
+  /// MEG cluster tests: the one-sided t-test p that sets the cluster-forming r threshold
+  /// (0: no cluster null; see clusters.hpp)
+  double cluster_p = 0.01;
 };
 
 /// The default alpha grid: 10 values log-spaced from 1e-1 to 1e8.

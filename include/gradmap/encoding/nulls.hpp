@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "gradmap/encoding/clusters.hpp"
+
 namespace gradmap::encoding {
 
 struct Resamples {
@@ -41,18 +43,30 @@ struct NullAccumulator {
   std::vector<double> boot_sum; ///< [groups, Bb]
   std::vector<double> obs_sum;  ///< [groups]
   std::vector<std::int64_t> n;  ///< [groups]
-  NullAccumulator(const Resamples& rs, int groups);
+  /// Cluster tests (MEG): bit (b, target) of `above` [B, words] is set when r_b(target) >
+  /// cluster_threshold (targets in global numbering). Empty when clusters are off.
+  float cluster_threshold = 0;
+  std::int64_t words = 0;
+  std::vector<std::uint64_t> above;
+  /// clusters_over: the total number of targets when cluster tests are on, else 0.
+  NullAccumulator(const Resamples& rs, int groups, std::int64_t clusters_over = 0,
+                  float cluster_threshold = 0);
 };
 
-/// Not collective. pred and y: [m, t] row-major (this rank's chunk of targets); group[c] in
-/// [-1, groups) (-1: in no group). Adds the chunk to acc and writes exceed[c] = #{b: r_b >= r}
-/// (-1 where r is undefined: a constant prediction or response). Threads over replicates
-/// (OpenMP); the result does not depend on the thread count.
+/// Not collective. pred and y: [m, t] row-major (this rank's chunk of targets, the first of which
+/// is target t0 globally); group[c] in [-1, groups) (-1: in no group). Adds the chunk to acc and
+/// writes exceed[c] = #{b: r_b >= r} (-1 where r is undefined: a constant prediction or
+/// response). Threads over replicates (OpenMP); the result does not depend on the thread count.
 void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
                       const std::vector<double>& y, std::int64_t t, const std::int32_t* group,
-                      NullAccumulator& acc, std::int32_t* exceed);
+                      NullAccumulator& acc, std::int32_t* exceed, std::int64_t t0 = 0);
 
-/// Collective: max of null_max, sums of the rest, on every rank.
+/// Collective: max of null_max, sums of the rest, the union of the cluster bits, on every rank.
 void reduce_nulls(NullAccumulator& acc, MPI_Comm comm);
+
+/// Collective: the largest cluster of each permutation, max_cluster[b] (the permutations are
+/// dealt to ranks; the result is on every rank).
+std::vector<std::int64_t> null_cluster_max(const NullAccumulator& acc, const ClusterGraph& g,
+                                           int permutations, MPI_Comm comm);
 
 } // namespace gradmap::encoding

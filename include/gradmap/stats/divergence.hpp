@@ -5,10 +5,11 @@
 // replicates paired across the two kinds, permutation replicates) and return numbers.
 //
 // Undefined statistics (a replicate whose peak or slope does not exist) follow one rule
-// everywhere: an undefined replicate never supports a claim. In a p-value it counts as a
-// replicate that does not reject; in a permutation null it counts as at least as extreme as the
-// observation; in an interval it is placed half at -inf and half at +inf (so the interval widens,
-// possibly to an infinite bound, reported as null).
+// everywhere: an undefined replicate never supports a claim. In a one-sided bootstrap p-value it
+// counts as a replicate that does not support the claim; in a permutation null it takes the
+// no-effect value 0 (never more extreme than a defined observation; the test stays exact); in an
+// interval it is placed half at -inf and half at +inf (so the interval widens, possibly to an
+// infinite bound, reported as null); an undefined observed statistic gives no p-value.
 #include <cstdint>
 #include <string>
 #include <vector>
