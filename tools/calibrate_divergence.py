@@ -14,7 +14,7 @@ For each network and base seed the stimuli, features and planted structure are m
 Replicates run as single-rank processes, --jobs at a time.
 
   tools/calibrate_divergence.py --replicates 100 --jobs 2 --out calib.json [--markdown table.md]
-  tools/calibrate_divergence.py --regroup calib.json     (group tables from a saved run)
+  tools/calibrate_divergence.py --regroup a.json b.json [--out all.json]   (merge saved runs, tables)
 
 Group inference (4 and 8 subjects) is checked on the same replicates: disjoint sets of S noise
 draws of a cell play S subjects and get the verdict of `gradmap aggregate`.
@@ -81,9 +81,7 @@ def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutat
             out[mod] = {"verdict": st["verdict"], "p": st["p"], "p_consistent": st["p_consistent"],
                         "p_signal_activations": st["p_signal_activations"],
                         "p_signal_gradients": st["p_signal_gradients"],
-                        "value": st["value"], "ci_extended": st["ci_extended"],
-                        "ci_contains": st["value"] is None or ((lo is None or lo <= st["value"]) and
-                                                               (hi is None or st["value"] <= hi))}
+                        "value": st["value"], "ci": [lo, hi], "ci_extended": st["ci_extended"]}
         return out
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -126,14 +124,24 @@ def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, p
 
     with ThreadPoolExecutor(jobs) as ex:
         results = list(ex.map(one, tasks))
+    raw = [{"network": net, "base_seed": s, "noise_seed": n, "scenario": sc, "snr": snr, **both}
+           for (net, s, n, sc, snr), both in results]
+    shutil.rmtree(work, ignore_errors=True)
+    return {"raw": raw, "cells": summarise(raw), "alpha": alpha, "replicates_per_cell": replicates,
+            "base_seeds": bases, "permutations": permutations, "bootstraps": bootstraps, "size": SIZE,
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""), "seconds": round(time.time() - t0, 1)}
+
+
+def summarise(raw):
+    """Per (network, modality, scenario, SNR): the counts and shares of each verdict."""
     cells = {}
-    for (net, _, _, sc, snr), both in results:
-        for mod, out in both.items():
-            c = cells.setdefault((net, mod, sc, snr[mod]), {"n": 0, "diverges": 0, "consistent": 0,
-                                                            "undetermined": 0, "ci_contains": 0, "ci_extended": 0})
+    for r in raw:
+        for mod in ("fmri", "meg"):
+            out = r[mod]
+            c = cells.setdefault((r["network"], mod, r["scenario"], r["snr"][mod]),
+                                 {"n": 0, "diverges": 0, "consistent": 0, "undetermined": 0, "ci_extended": 0})
             c["n"] += 1
             c[out["verdict"]] += 1
-            c["ci_contains"] += bool(out["ci_contains"])
             c["ci_extended"] += bool(out["ci_extended"])
     rows = []
     for (net, mod, sc, snr), c in sorted(cells.items()):
@@ -143,12 +151,17 @@ def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, p
             row[f"{v}_share"] = c[v] / n
             row[f"{v}_ci95"] = wilson(c[v], n)
         rows.append(row)
-    shutil.rmtree(work, ignore_errors=True)
-    raw = [{"network": net, "base_seed": s, "noise_seed": n, "scenario": sc, "snr": snr, **both}
-           for (net, s, n, sc, snr), both in results]
-    return {"raw": raw, "alpha": alpha, "replicates_per_cell": replicates, "base_seeds": bases, "permutations": permutations,
-            "bootstraps": bootstraps, "size": SIZE, "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""),
-            "seconds": round(time.time() - t0, 1), "cells": rows}
+    return rows
+
+
+def merge(paths):
+    """Several saved runs (e.g. one per scenario or network) as one result."""
+    runs = [json.load(open(p)) for p in paths]
+    res = dict(runs[0])
+    res["raw"] = [r for run in runs for r in run["raw"]]
+    res["cells"] = summarise(res["raw"])
+    res["seconds"] = sum(run["seconds"] for run in runs)
+    return res
 
 
 def fisher(ps):
@@ -237,13 +250,18 @@ if __name__ == "__main__":
     ap.add_argument("--bootstraps", type=int, default=200)
     ap.add_argument("--out", help="JSON results")
     ap.add_argument("--markdown", help="the table as markdown")
-    ap.add_argument("--regroup", help="a saved JSON result: print its tables (with the group rates) and exit")
+    ap.add_argument("--regroup", nargs="+", help="saved JSON results: merge them, print the tables (with "
+                    "the group rates) and exit")
     a = ap.parse_args()
     if a.regroup:
-        res = json.load(open(a.regroup))
+        res = merge(a.regroup)
+        res["groups"] = group_rates(res)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
         print(markdown(res))
         print()
-        print(markdown_groups(group_rates(res)))
+        print(markdown_groups(res["groups"]))
         sys.exit(0)
     snrs = {"fmri": [float(x) for x in a.fmri_snr.split(",")], "meg": [float(x) for x in a.meg_snr.split(",")]}
     if len(snrs["fmri"]) != len(snrs["meg"]):
