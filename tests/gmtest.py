@@ -25,6 +25,19 @@ def gradmap(args, ranks=1, timeout=300, check=True, cwd=None, env=None):
     return p
 
 
+def expect_failure(args, *needles, ranks=2, timeout=120):
+    """Runs gradmap args, which must fail: non-zero exit, every needle in its output (stderr and
+    stdout), one "gradmap: error" message (printed once for an error every rank sees, never a
+    hang: the timeout). Returns the output."""
+    p = gradmap(args, ranks=ranks, check=False, timeout=timeout)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, f"exit 0 for {args}"
+    for n in needles:
+        assert n in out, f"message lacks {n!r}:\n{out}"
+    assert out.count("gradmap: error") == 1, f"expected one message:\n{out}"
+    return out
+
+
 def tmpdir(name):
     return tempfile.mkdtemp(prefix=f"gradmap-{name}-")
 

@@ -6,23 +6,12 @@ import shutil
 import h5py
 import numpy as np
 
-from gmtest import gradmap, run_tests, tmpdir
+from gmtest import expect_failure, gradmap, run_tests, tmpdir
 
 BASE = tmpdir("bad")
 GOOD = f"{BASE}/good"
 gradmap(["simulate", "--out", GOOD, "--images", 40, "--test-images", 6, "--image-size", 16,
          "--voxels", 50, "--sensors", 4, "--times", 10])
-
-
-def expect_failure(args, *needles, ranks=2):
-    p = gradmap(args, ranks=ranks, check=False, timeout=120)
-    assert p.returncode != 0, f"exit 0 for {args}"
-    err = p.stderr
-    for n in needles:
-        assert n in err, f"message lacks {n!r}:\n{err}"
-    # One clear message, printed once (by rank 0) for an error every rank sees.
-    assert err.count("gradmap: error") == 1, f"expected one message:\n{err}"
-    return err
 
 
 def broken_copy(src, name, edit):
