@@ -1,5 +1,4 @@
 // gradmap encode: cross-validated ridge from features to brain responses (encoding::encode).
-#include <unistd.h>
 
 #include <sstream>
 
@@ -74,12 +73,6 @@ Command encode_command() {
     o.cluster_p = vm["cluster-p"].as<double>();
     o.memory_gb = vm["memory-gb"].as<double>();
     o.max_chunk = vm["max-chunk"].as<std::int64_t>();
-    if (o.memory_gb < 0)
-      throw UsageError("--memory-gb: must be positive");
-    if (o.memory_gb == 0) {
-      const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
-      o.memory_gb = 0.8 * phys / double(ctx.env.local_size()) / double(1 << 30);
-    }
     std::stringstream ss(vm["alphas"].as<std::string>());
     for (std::string item; std::getline(ss, item, ',');) {
       if (item.empty())

@@ -13,6 +13,8 @@
 //    scores.h5 (column blocks per rank), and the reduced null and bootstrap replicates.
 #include "gradmap/encoding/encode.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -69,6 +71,8 @@ void validate(const EncodeOptions& o) {
     throw UsageError("--permutations: must be between 0 and 10^7");
   if (o.bootstraps < 0 || o.bootstraps > 10000000)
     throw UsageError("--bootstraps: must be between 0 and 10^7");
+  if (!(o.memory_gb >= 0) || !std::isfinite(o.memory_gb))
+    throw UsageError("--memory-gb: must be positive (0: 80% of the node's memory over its ranks)");
   if (!(o.cluster_p >= 0 && o.cluster_p < 0.5))
     throw UsageError("--cluster-p: must be in [0, 0.5) (0: no cluster null)");
 }
@@ -443,7 +447,12 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       (opt.alpha_cv == "kfold" ? 8 * ((opt.folds + 3) * pmax + opt.folds * (A + K * L)) : 0);
   // Working set of one basis computation: the features, their standardised copies, the SVD.
   const std::int64_t one_basis = 8 * (fi.n * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
-  const double budget = opt.memory_gb * double(1 << 30);
+  double memory_gb = opt.memory_gb;
+  if (memory_gb == 0) { // the default: 80% of the node's memory shared by its ranks
+    const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
+    memory_gb = 0.8 * phys / double(mpi::node_size(comm)) / double(1 << 30);
+  }
+  const double budget = memory_gb * double(1 << 30);
   const bool cache = double(basis_bytes) <= budget / 2;
   const std::int64_t null_bytes = 4 * m * (opt.permutations + opt.bootstraps) +
                                   8 * K * L * G * (opt.permutations + opt.bootstraps);

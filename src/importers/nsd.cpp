@@ -15,6 +15,7 @@
 #include "gradmap/core/progress.hpp"
 #include "gradmap/core/signals.hpp"
 #include "gradmap/io/h5.hpp"
+#include "gradmap/io/schema.hpp"
 #include "gradmap/io/image.hpp"
 #include "gradmap/io/matfile.hpp"
 #include "gradmap/io/nifti.hpp"
@@ -382,7 +383,7 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
   io::OutputFile bout(brain_path, comm);
   {
     const io::File& f = bout.file();
-    f.set_attr("/", "gradmap_schema", std::int64_t{1});
+    f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
     f.set_attr("/", "modality", std::string("fmri"));
     f.create_group("/brain");
     f.set_attr("/brain", "source", std::string("NSD"));
@@ -438,7 +439,7 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
     const io::File& f = sout.file();
     const std::int64_t H = o.image_size > 0 ? o.image_size : p.image_h;
     const std::int64_t W = o.image_size > 0 ? o.image_size : p.image_w;
-    f.set_attr("/", "gradmap_schema", std::int64_t{1});
+    f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
     f.create_group("/stimuli");
     f.set_attr("/stimuli", "source", std::string("NSD nsd_stimuli.hdf5 (ids are 1-based 73k ids)"));
     const auto img = f.create_dataset("/stimuli/images", io::DType::u8, {N, H, W, 3});

@@ -134,7 +134,7 @@ void import_things_meg(const ThingsMegOptions& o, MPI_Comm comm) {
       files.push_back(resolve_image(o.images, u));
   });
   const std::int64_t N = std::int64_t(uniq.size());
-  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
   f.set_attr("/", "modality", std::string("meg"));
   f.write_small("/brain/trial_stimulus", trial_stimulus, {n});
   f.write_small("/brain/test_stimuli", test, {std::int64_t(test.size())});
@@ -148,7 +148,7 @@ void import_things_meg(const ThingsMegOptions& o, MPI_Comm comm) {
   {
     const io::File& sf = sout.file();
     const std::int64_t S = o.image_size;
-    sf.set_attr("/", "gradmap_schema", std::int64_t{1});
+    sf.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
     sf.create_group("/stimuli");
     sf.set_attr("/stimuli", "source", std::string("THINGS images (ids: things_image_nr)"));
     sf.write_strings("/stimuli/paths", uniq);

@@ -5,6 +5,15 @@
 
 namespace gradmap::mpi {
 
+int node_size(MPI_Comm comm) {
+  MPI_Comm node;
+  GM_CHECK_MPI(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank(comm), MPI_INFO_NULL, &node));
+  int s = 1;
+  GM_CHECK_MPI(MPI_Comm_size(node, &s));
+  GM_CHECK_MPI(MPI_Comm_free(&node));
+  return s;
+}
+
 void collective_check(MPI_Comm comm, const std::function<void()>& f) {
   std::string message;
   bool failed = false;

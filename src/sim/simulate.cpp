@@ -22,6 +22,7 @@
 #include "gradmap/core/progress.hpp"
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
+#include "gradmap/io/schema.hpp"
 #include "gradmap/model/features.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/mpi/partition.hpp"
@@ -253,7 +254,7 @@ Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
   const std::string path = path_join(o.out_dir, "stimuli.h5");
   io::OutputFile out(path, comm);
   const io::File& f = out.file();
-  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
   f.create_group("/stimuli");
   f.set_attr("/stimuli", "source", std::string("gradmap simulate"));
   f.set_attr("/stimuli", "seed", static_cast<std::int64_t>(o.seed));
@@ -278,7 +279,7 @@ Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
 
 void write_common(const io::File& f, const SimulateOptions& o, const Design& d,
                   const std::string& modality, const std::vector<std::string>& layers) {
-  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
   f.set_attr("/", "modality", modality);
   f.create_group("/brain");
   f.create_group("/truth");

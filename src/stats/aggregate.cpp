@@ -16,6 +16,7 @@
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/text.hpp"
 #include "gradmap/io/h5.hpp"
+#include "gradmap/io/schema.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/sim/philox.hpp"
 #include "gradmap/stats/divergence.hpp"
@@ -131,7 +132,7 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
   io::make_directories(o.out);
   io::OutputFile out(o.out + "/aggregate.h5", comm);
   const io::File& f = out.file();
-  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
   f.set_attr("/", "inputs", o.stats);
   f.set_attr("/", "labels", labels);
   std::ostringstream js, csv;

@@ -18,6 +18,7 @@
 #include "gradmap/core/text.hpp"
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
+#include "gradmap/io/schema.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/encoding/clusters.hpp"
 #include "gradmap/stats/divergence.hpp"
@@ -257,7 +258,7 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
   io::make_directories(o.out);
   io::OutputFile out(o.out + "/stats.h5", comm);
   const io::File& f = out.file();
-  f.set_attr("/", "gradmap_schema", std::int64_t{1});
+  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
   f.set_attr("/", "q", std::vector<double>{o.q});
   f.set_attr("/", "alpha", std::vector<double>{o.alpha});
   f.set_attr("/", "ci", std::vector<double>{o.ci});

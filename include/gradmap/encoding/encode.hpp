@@ -19,7 +19,9 @@ struct EncodeOptions {
   int folds = 5;                     ///< kfold: number of folds of training images
   std::uint64_t seed = 0;            ///< fold assignment, permutations and bootstrap resamples
   bool store_predictions = false;    ///< also write the test predictions
-  double memory_gb = 4.0;            ///< memory budget per rank (GiB): targets are chunked to fit
+  /// Memory budget per rank (GiB): targets are chunked to fit. 0: 80% of the node's memory
+  /// divided by the ranks on the node (resolved by encode(), the one place of this default).
+  double memory_gb = 0;
   std::int64_t max_chunk = 0;        ///< at most this many target units per round (0: budget only)
   std::string precision = "float32"; ///< of the alpha-selection GEMMs (ridge.hpp: Precision)
   std::string solver = "auto";  ///< primal (SVD) | dual (kernel, ScaLAPACK) | auto: dual when p > n

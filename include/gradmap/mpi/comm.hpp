@@ -13,6 +13,9 @@
 
 namespace gradmap::mpi {
 
+/// Collective on comm. The number of ranks of comm on this rank's node (shared memory).
+int node_size(MPI_Comm comm);
+
 inline int rank(MPI_Comm comm) {
   int r = 0;
   GM_CHECK_MPI(MPI_Comm_rank(comm, &r));
