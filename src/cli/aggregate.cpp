@@ -19,8 +19,9 @@ Command aggregate_command() {
                     "a stats output directory (repeat)")(
         "label", po::value<std::vector<std::string>>(), "a name per input (default: dir name)")(
         "out", po::value<std::string>()->required(),
-        "output directory")("ci", po::value<double>()->default_value(0.95), "confidence level")(
-        "alpha", po::value<double>()->default_value(0.05), "level of the group divergence verdicts");
+        "output directory")("ci", po::value<double>()->default_value(0.95),
+                            "confidence level")("alpha", po::value<double>()->default_value(0.05),
+                                                "level of the group divergence verdicts");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     stats::AggregateOptions o;

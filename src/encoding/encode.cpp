@@ -83,8 +83,9 @@ namespace {
 // returns the training and test rows, and the number of columns constant over the training rows
 // (set to 0).
 std::int64_t standardise(const std::vector<float>& x, std::int64_t p,
-                 const std::vector<std::int64_t>& train, const std::vector<std::int64_t>& test,
-                 std::vector<double>& xtr, std::vector<double>& xte) {
+                         const std::vector<std::int64_t>& train,
+                         const std::vector<std::int64_t>& test, std::vector<double>& xtr,
+                         std::vector<double>& xte) {
   const std::int64_t n = std::int64_t(train.size());
   std::vector<double> mean(size_t(p), 0.0), sd(size_t(p), 0.0);
   for (auto i : train)

@@ -230,8 +230,8 @@ std::vector<std::int64_t> null_cluster_max(const NullAccumulator& acc, const Clu
   const int me = mpi::rank(comm), p = mpi::size(comm);
   for (int b = me; b < permutations; b += p) {
     const std::uint64_t* bits = &acc.above[static_cast<size_t>(std::int64_t(b) * acc.words)];
-    const auto sizes = find_clusters(
-        g, [bits](std::int64_t v) { return (bits[v / 64] >> (v % 64)) & 1U; });
+    const auto sizes =
+        find_clusters(g, [bits](std::int64_t v) { return (bits[v / 64] >> (v % 64)) & 1U; });
     for (auto s : sizes)
       mx[b] = std::max(mx[b], s);
   }

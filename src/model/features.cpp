@@ -211,7 +211,8 @@ std::shared_ptr<BuiltinNet> make_builtin(const std::string& name) {
     net = std::make_shared<TinyVit>();
     init_deterministic(*net, kTinyVitSeed, 3.0);
   } else {
-    throw Error("unknown built-in model '" + name + "' (built-in models: tinycnn, deepcnn, tinyvit)");
+    throw Error("unknown built-in model '" + name +
+                "' (built-in models: tinycnn, deepcnn, tinyvit)");
   }
   return net;
 }

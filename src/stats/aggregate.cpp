@@ -3,13 +3,13 @@
 
 #include <boost/math/distributions/students_t.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
 #include <limits>
 #include <map>
-#include <algorithm>
 #include <sstream>
 
 #include "gradmap/core/error.hpp"
@@ -244,8 +244,8 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
         v.reason = "the prediction fails in at least one of the " + std::to_string(S) +
                    " inputs (" + std::to_string(count["diverges"]) + " diverge on their own)";
       else if (v.verdict == "consistent")
-        v.reason = "consistent with the prediction in every one of the " + std::to_string(S) +
-                   " inputs";
+        v.reason =
+            "consistent with the prediction in every one of the " + std::to_string(S) + " inputs";
       f.write_small("/" + mod + "/" + d + "/group_tests",
                     std::vector<double>{v.p_diverges, v.p_consistent, v.p_signal_activations,
                                         v.p_signal_gradients},

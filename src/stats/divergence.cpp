@@ -313,11 +313,10 @@ double layer_slope(const std::vector<double>& y) {
   return n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
 }
 
-TimeDivergence time_divergence(const Profiles& act, const Profiles& grad,
-                               const Profiles& act_boot, const Profiles& grad_boot,
-                               const Profiles& act_null, const Profiles& grad_null,
-                               const std::vector<double>& times, double margin_s_per_layer,
-                               double alpha, double level) {
+TimeDivergence time_divergence(const Profiles& act, const Profiles& grad, const Profiles& act_boot,
+                               const Profiles& grad_boot, const Profiles& act_null,
+                               const Profiles& grad_null, const std::vector<double>& times,
+                               double margin_s_per_layer, double alpha, double level) {
   const std::int64_t L = act.L, B = act_boot.R;
   TimeDivergence t;
   t.act = latencies(act, 0, times);
@@ -351,7 +350,8 @@ TimeDivergence time_divergence(const Profiles& act, const Profiles& grad,
     slope_neg.push_back(-margin_s_per_layer - x);
   for (double x : gap_boot)
     neg_gap.push_back(-x);
-  v.p_diverges = std::min(1.0, 2 * std::min(p_claim_positive(slope_pos), p_claim_positive(neg_gap)));
+  v.p_diverges =
+      std::min(1.0, 2 * std::min(p_claim_positive(slope_pos), p_claim_positive(neg_gap)));
   v.p_consistent = std::max(p_claim_positive(slope_neg), p_claim_positive(gap_pos));
   std::vector<bool> use(times.size());
   for (size_t g = 0; g < times.size(); ++g)

@@ -17,10 +17,10 @@
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/text.hpp"
 #include "gradmap/core/timer.hpp"
+#include "gradmap/encoding/clusters.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/io/schema.hpp"
 #include "gradmap/mpi/comm.hpp"
-#include "gradmap/encoding/clusters.hpp"
 #include "gradmap/stats/divergence.hpp"
 
 namespace gradmap::stats {
@@ -493,16 +493,18 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
         const TimeDivergence td = time_divergence(obs[0], obs[1], boot[0], boot[1], null[0],
                                                   null[1], value, o.time_margin, o.alpha, o.ci);
         v = td.v;
-        f.write_small(mod + "/top_layer_latency_gap", std::vector<double>{td.gap, td.gap_lo, td.gap_hi}, {3});
+        f.write_small(mod + "/top_layer_latency_gap",
+                      std::vector<double>{td.gap, td.gap_lo, td.gap_hi}, {3});
         for (int k = 0; k < 2; ++k) {
           const std::string base = mod + "/" + kinds[k].name + "/";
           const Latencies& lat = k ? td.grad : td.act;
           f.write_small(base + "onset_latency", lat.onset, {L});
           f.write_small(base + "peak_latency_ci", td.peak_ci[k], {L, 2});
           f.write_small(base + "onset_latency_ci", td.onset_ci[k], {L, 2});
-          extra << ",\n    \"peak_latency_ci_" << kinds[k].name << "\": " << json_pairs(td.peak_ci[k])
-                << ",\n    \"onset_latency_" << kinds[k].name << "\": " << json_list(lat.onset)
-                << ",\n    \"onset_latency_ci_" << kinds[k].name << "\": " << json_pairs(td.onset_ci[k]);
+          extra << ",\n    \"peak_latency_ci_" << kinds[k].name
+                << "\": " << json_pairs(td.peak_ci[k]) << ",\n    \"onset_latency_" << kinds[k].name
+                << "\": " << json_list(lat.onset) << ",\n    \"onset_latency_ci_" << kinds[k].name
+                << "\": " << json_pairs(td.onset_ci[k]);
         }
         extra << ",\n    \"top_layer_latency_gap\": {\"value\": " << num(td.gap) << ", \"ci\": ["
               << num(td.gap_lo) << ", " << num(td.gap_hi) << "]}";
@@ -529,9 +531,8 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
       f.set_attr(mod + "/" + dn, "verdict", v.verdict);
       summary << ",\n    \"" << dn << "\": {\"value\": " << num(v.value) << ", \"ci\": ["
               << num(v.lo) << ", " << num(v.hi) << "], \"p\": " << num(v.p_diverges)
-              << ", \"verdict\": \"" << v.verdict << "\", \"p_consistent\": "
-              << num(v.p_consistent) << ", \"p_signal_activations\": "
-              << num(v.p_signal_activations)
+              << ", \"verdict\": \"" << v.verdict << "\", \"p_consistent\": " << num(v.p_consistent)
+              << ", \"p_signal_activations\": " << num(v.p_signal_activations)
               << ", \"p_signal_gradients\": " << num(v.p_signal_gradients)
               << ", \"ci_extended\": " << (v.ci_extended ? "true" : "false")
               << ", \"margin\": " << num(meg ? o.time_margin : o.space_margin * double(L - 1))

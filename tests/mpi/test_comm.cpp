@@ -50,7 +50,8 @@ TEST(Comm, FailedMpiCallsThrowAnErrorNamingTheCall) {
     GM_CHECK_MPI(MPI_Bcast(&x, 1, MPI_INT, mpi::size(comm) + 5, comm));
     FAIL() << "MPI_Bcast with an invalid root succeeded";
   } catch (const gradmap::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("MPI call failed: MPI_Bcast"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("MPI call failed: MPI_Bcast"), std::string::npos)
+        << e.what();
   }
   GM_CHECK_MPI(MPI_Barrier(comm)); // the communicator still works
 }

@@ -21,7 +21,8 @@ const double kNaN = std::numeric_limits<double>::quiet_NaN();
 }
 
 TEST(StatsCore, BenjaminiHochbergAndYekutieli) {
-  // statsmodels multipletests([0.01, 0.04, 0.03, nan, 0.2], method=fdr_bh / fdr_by) over the finite 4
+  // statsmodels multipletests([0.01, 0.04, 0.03, nan, 0.2], method=fdr_bh / fdr_by) over the finite
+  // 4
   const std::vector<double> p = {0.01, 0.04, 0.03, kNaN, 0.2};
   const auto bh = fdr(p, false), by = fdr(p, true);
   EXPECT_NEAR(bh[0], 0.04, 1e-15);

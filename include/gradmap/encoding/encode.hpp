@@ -14,11 +14,11 @@ namespace gradmap::encoding {
 
 struct EncodeOptions {
   std::string features, brain, out;
-  std::vector<double> alphas;        ///< empty: the default grid 10^-1 ... 10^8 (10 values)
-  std::string alpha_cv = "loo";      ///< loo | kfold
-  int folds = 5;                     ///< kfold: number of folds of training images
-  std::uint64_t seed = 0;            ///< fold assignment, permutations and bootstrap resamples
-  bool store_predictions = false;    ///< also write the test predictions
+  std::vector<double> alphas;     ///< empty: the default grid 10^-1 ... 10^8 (10 values)
+  std::string alpha_cv = "loo";   ///< loo | kfold
+  int folds = 5;                  ///< kfold: number of folds of training images
+  std::uint64_t seed = 0;         ///< fold assignment, permutations and bootstrap resamples
+  bool store_predictions = false; ///< also write the test predictions
   /// Memory budget per rank (GiB): targets are chunked to fit. 0: 80% of the node's memory
   /// divided by the ranks on the node (resolved by encode(), the one place of this default).
   double memory_gb = 0;

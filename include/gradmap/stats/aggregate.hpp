@@ -1,9 +1,11 @@
 #pragma once
 // `gradmap aggregate`: combines the stats of several subjects or models (each a `gradmap stats`
 // output directory) into one table: per headline statistic the per-input values, their mean,
-// a Student-t confidence interval across inputs, and an exact sign-flip test of mean = 0
-// (docs/statistics.md); for inputs with the same layers (subjects of one model) also the mean
-// ROI x layer and latency-curve tables. Writes OUT/aggregate.h5, OUT/aggregate.json, OUT/aggregate.csv.
+// a Student-t confidence interval across inputs, an exact sign-flip test of mean = 0 for the rho
+// statistics, and the group divergence verdicts (Fisher's combination, intersection-union, k of
+// S; docs/statistics.md); for inputs with the same layers (subjects of one model) also the mean
+// ROI x layer and latency-curve tables. Writes OUT/aggregate.h5, OUT/aggregate.json,
+// OUT/aggregate.csv.
 #include <mpi.h>
 
 #include <cstdint>

@@ -65,8 +65,8 @@ struct Verdict {
   double p_diverges = 1;   ///< valid p-value of "the data diverge from the prediction"
   double p_consistent = 1; ///< p-value of the equivalence claim (consistent within the margin)
   double p_signal_activations = 1, p_signal_gradients = 1; ///< max-statistic signal tests
-  std::string verdict;     ///< "diverges", "consistent" or "undetermined"
-  std::string reason;      ///< one sentence: why this verdict
+  std::string verdict;      ///< "diverges", "consistent" or "undetermined"
+  std::string reason;       ///< one sentence: why this verdict
   std::vector<double> boot; ///< replicates of `value`
 };
 
@@ -91,7 +91,7 @@ double p_any_signal(const Profiles& observed, const Profiles& null, const std::v
 /// value = mean over ROIs of |peak_G(g) - peak_A(g)| (layers), with its paired replicates.
 struct SpaceDivergence {
   Verdict v;
-  std::vector<double> p_div_roi, p_cons_roi; ///< [G] (NaN for ROIs without voxels)
+  std::vector<double> p_div_roi, p_cons_roi;   ///< [G] (NaN for ROIs without voxels)
   std::vector<double> peak_p_act, peak_p_grad; ///< [L, G] peak-layer p-values
 };
 SpaceDivergence space_divergence(const Profiles& act, const Profiles& grad,
@@ -123,13 +123,12 @@ double layer_slope(const std::vector<double>& y);
 struct TimeDivergence {
   Verdict v;
   double gap = 0, gap_lo = 0, gap_hi = 0;
-  Latencies act, grad;                              ///< observed
-  std::vector<double> peak_ci[2], onset_ci[2];      ///< per kind, [L, 2] BC intervals
+  Latencies act, grad;                         ///< observed
+  std::vector<double> peak_ci[2], onset_ci[2]; ///< per kind, [L, 2] BC intervals
 };
-TimeDivergence time_divergence(const Profiles& act, const Profiles& grad,
-                               const Profiles& act_boot, const Profiles& grad_boot,
-                               const Profiles& act_null, const Profiles& grad_null,
-                               const std::vector<double>& times, double margin_s_per_layer,
-                               double alpha, double level);
+TimeDivergence time_divergence(const Profiles& act, const Profiles& grad, const Profiles& act_boot,
+                               const Profiles& grad_boot, const Profiles& act_null,
+                               const Profiles& grad_null, const std::vector<double>& times,
+                               double margin_s_per_layer, double alpha, double level);
 
 } // namespace gradmap::stats
