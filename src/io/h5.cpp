@@ -279,6 +279,8 @@ void File::write_small(const std::string& name, const std::vector<T>& values,
   GM_REQUIRE(static_cast<std::int64_t>(values.size()) == product(dims),
              "write_small: size mismatch for " + name);
   Dataset ds = create_dataset(name, DTypeOf<T>::value, dims);
+  if (product(dims) == 0) // nothing to write (e.g. no clusters): H5Dwrite of unallocated storage
+    return;               // fails; every rank has the same dims and skips alike
   const bool root = mpi::rank(comm_) == 0;
   std::vector<std::int64_t> start(dims.size(), 0), count = dims;
   if (!root)
