@@ -22,55 +22,21 @@ struct BuiltinNet : torch::nn::Module {
   virtual int64_t input_size() const { return 0; } // 0: any size
 };
 
-// ----------------------------------------------------------------------- built-in: tinycnn
-// Six 3x3 conv + ReLU stages (stride 2 at stages 2, 4, 6; 16-32-32-64-64-128 channels), global
-// average pooling and a linear head of 10 classes. Accepts any input size >= 8 pixels.
-struct TinyCnn : BuiltinNet {
+// ------------------------------------------------------------- built-in: tinycnn, deepcnn
+// A stack of 3x3 conv + ReLU stages (padding 1), global average pooling and a linear head of 10
+// classes; the layers are the stages' outputs conv1..convN. Accepts any input size >= 8 pixels.
+// channels[i] and strides[i] describe stage i + 1.
+struct ConvStack : BuiltinNet {
   std::vector<torch::nn::Conv2d> convs;
   torch::nn::Linear head{nullptr};
-  TinyCnn() {
-    const int64_t ch[7] = {3, 16, 32, 32, 64, 64, 128};
-    for (int i = 0; i < 6; ++i) {
-      const int64_t stride = (i % 2 == 1) ? 2 : 1;
+  ConvStack(const std::vector<int64_t>& channels, const std::vector<int64_t>& strides) {
+    int64_t in = 3;
+    for (size_t i = 0; i < channels.size(); ++i) {
       convs.push_back(register_module(
           "conv" + std::to_string(i + 1),
           torch::nn::Conv2d(
-              torch::nn::Conv2dOptions(ch[i], ch[i + 1], 3).stride(stride).padding(1))));
-    }
-    head = register_module("head", torch::nn::Linear(128, 10));
-  }
-  std::pair<std::vector<torch::Tensor>, torch::Tensor> run(const torch::Tensor& input) override {
-    std::vector<torch::Tensor> out;
-    torch::Tensor x = input;
-    for (auto& c : convs) {
-      x = torch::relu(c->forward(x));
-      out.push_back(x);
-    }
-    return {out, head->forward(x.mean({2, 3}))};
-  }
-  std::vector<std::string> layer_names() const override {
-    std::vector<std::string> n;
-    for (int i = 1; i <= 6; ++i)
-      n.push_back("conv" + std::to_string(i));
-    return n;
-  }
-};
-
-// ----------------------------------------------------------------------- built-in: deepcnn
-// The deeper reference network of the calibrations (12 layers, as many as small real models):
-// twelve 3x3 conv + ReLU stages (stride 2 at stages 4, 8, 12; 16-16-16-16-32-32-32-32-64-64-64-64
-// channels), global average pooling and a linear head of 10 classes. Any input size >= 8 pixels.
-struct DeepCnn : BuiltinNet {
-  std::vector<torch::nn::Conv2d> convs;
-  torch::nn::Linear head{nullptr};
-  DeepCnn() {
-    int64_t in = 3;
-    for (int i = 0; i < 12; ++i) {
-      const int64_t out = int64_t(16) << (i / 4), stride = (i % 4 == 3) ? 2 : 1;
-      convs.push_back(register_module(
-          "conv" + std::to_string(i + 1),
-          torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 3).stride(stride).padding(1))));
-      in = out;
+              torch::nn::Conv2dOptions(in, channels[i], 3).stride(strides[i]).padding(1))));
+      in = channels[i];
     }
     head = register_module("head", torch::nn::Linear(in, 10));
   }
@@ -85,11 +51,25 @@ struct DeepCnn : BuiltinNet {
   }
   std::vector<std::string> layer_names() const override {
     std::vector<std::string> n;
-    for (int i = 1; i <= 12; ++i)
+    for (size_t i = 1; i <= convs.size(); ++i)
       n.push_back("conv" + std::to_string(i));
     return n;
   }
 };
+
+// tinycnn: six stages, 16-32-32-64-64-128 channels, stride 2 at stages 2, 4, 6.
+std::shared_ptr<BuiltinNet> make_tinycnn() {
+  return std::make_shared<ConvStack>(std::vector<int64_t>{16, 32, 32, 64, 64, 128},
+                                     std::vector<int64_t>{1, 2, 1, 2, 1, 2});
+}
+
+// deepcnn, the deeper reference network of the calibrations (12 layers, as many as small real
+// models): 16 channels at stages 1-4, 32 at 5-8, 64 at 9-12, stride 2 at stages 4, 8, 12.
+std::shared_ptr<BuiltinNet> make_deepcnn() {
+  return std::make_shared<ConvStack>(
+      std::vector<int64_t>{16, 16, 16, 16, 32, 32, 32, 32, 64, 64, 64, 64},
+      std::vector<int64_t>{1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 2});
+}
 
 // ----------------------------------------------------------------------- built-in: tinyvit
 // Input 32x32 (images are resized), 4x4 patches -> 64 tokens + CLS, width 64, 4 pre-norm blocks
@@ -202,10 +182,10 @@ constexpr std::uint64_t kDeepCnnSeed = 0x6463ULL; // the seed of builtin:deepcnn
 std::shared_ptr<BuiltinNet> make_builtin(const std::string& name) {
   std::shared_ptr<BuiltinNet> net;
   if (name == "tinycnn") {
-    net = std::make_shared<TinyCnn>();
+    net = make_tinycnn();
     init_deterministic(*net, kTinyCnnSeed, 6.0);
   } else if (name == "deepcnn") {
-    net = std::make_shared<DeepCnn>();
+    net = make_deepcnn();
     init_deterministic(*net, kDeepCnnSeed, 6.0);
   } else if (name == "tinyvit") {
     net = std::make_shared<TinyVit>();
