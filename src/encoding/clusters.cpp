@@ -7,6 +7,19 @@
 
 namespace gradmap::encoding {
 
+ClusterGraph make_cluster_graph(std::int64_t sensors, std::int64_t times,
+                                const std::vector<std::int32_t>& adjacency) {
+  ClusterGraph g{sensors, times, {}};
+  if (adjacency.empty())
+    return g;
+  g.sensor_neighbours.resize(static_cast<size_t>(sensors));
+  for (std::int64_t a = 0; a < sensors; ++a)
+    for (std::int64_t b = 0; b < sensors; ++b)
+      if (a != b && adjacency[a * sensors + b])
+        g.sensor_neighbours[a].push_back(std::int32_t(b));
+  return g;
+}
+
 std::vector<std::int64_t> find_clusters(const ClusterGraph& g,
                                         const std::function<bool(std::int64_t)>& above,
                                         std::vector<std::int32_t>* labels) {

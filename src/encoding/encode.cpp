@@ -265,23 +265,17 @@ void write_nulls(const io::File& f, const EncodeOptions& opt, const Resamples& r
   }
   if (meg && !acc.empty() && acc[0].words > 0) {
     // Cluster null: the largest supra-threshold cluster of every permutation (clusters.hpp).
-    ClusterGraph g;
     const auto shape = bf.dataset("/brain/responses").shape(); // [trials, sensors, times]
-    g.sensors = shape[1];
-    g.times = shape[2];
-    std::string adjacency = "time";
+    const std::int64_t S = shape[1];
+    std::vector<std::int32_t> adj;
     if (bf.exists("/brain/sensor_adjacency")) {
-      const auto adj = bf.dataset("/brain/sensor_adjacency").read_all<std::int32_t>();
-      if (std::int64_t(adj.size()) != g.sensors * g.sensors)
+      adj = bf.dataset("/brain/sensor_adjacency").read_all<std::int32_t>();
+      if (std::int64_t(adj.size()) != S * S)
         throw UsageError(bf.path() + ": /brain/sensor_adjacency must be [sensors, sensors]");
-      g.sensor_neighbours.resize(static_cast<size_t>(g.sensors));
-      for (std::int64_t a = 0; a < g.sensors; ++a)
-        for (std::int64_t b = 0; b < g.sensors; ++b)
-          if (a != b && adj[a * g.sensors + b])
-            g.sensor_neighbours[a].push_back(std::int32_t(b));
-      adjacency = "sensors+time";
-      f.write_small("/cluster_adjacency", adj, {g.sensors, g.sensors}); // for stats
+      f.write_small("/cluster_adjacency", adj, {S, S}); // for stats
     }
+    const std::string adjacency = adj.empty() ? "time" : "sensors+time";
+    const ClusterGraph g = make_cluster_graph(S, shape[2], adj);
     for (size_t k = 0; k < kinds.size(); ++k) {
       std::vector<std::int64_t> mx;
       for (std::int64_t l = 0; l < L; ++l) {

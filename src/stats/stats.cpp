@@ -183,20 +183,10 @@ Hierarchy hierarchy(const KindData& kd, bool meg, std::int64_t L, std::int64_t G
   auto one = [&](const std::vector<double>& a, std::int64_t R, std::int64_t b,
                  std::vector<double>* peaks) {
     std::vector<double> x, y;
-    if (meg) {
-      for (std::int64_t l = 0; l < L; ++l) {
-        double best = -std::numeric_limits<double>::infinity();
-        double tau = kNaN;
-        for (std::int64_t g = 0; g < G; ++g) {
-          const double v = a[(l * G + g) * R + b];
-          if (value[g] > 0 && !std::isnan(v) && v > best) { // post-stimulus window only
-            best = v;
-            tau = value[g];
-          }
-        }
+    if (meg) { // peak latencies, post-stimulus window only
+      y = latencies(Profiles{&a, L, G, R}, b, value).peak;
+      for (std::int64_t l = 0; l < L; ++l)
         x.push_back(double(l));
-        y.push_back(tau);
-      }
       if (peaks)
         *peaks = y;
     } else {
@@ -423,17 +413,11 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
     // r > threshold on the sensor x time grid, each with p = (1 + #{b: max cluster_b >= size}) /
     // (B + 1) from the permutation maxima encode kept.
     if (meg && sf.exists("/" + kinds[0].name + "/null_cluster")) {
-      encoding::ClusterGraph cg;
-      cg.times = G;
-      cg.sensors = T / std::max<std::int64_t>(G, 1);
-      if (sf.exists("/cluster_adjacency")) {
-        const auto adj = sf.dataset("/cluster_adjacency").read_all<std::int32_t>();
-        cg.sensor_neighbours.resize(static_cast<size_t>(cg.sensors));
-        for (std::int64_t a = 0; a < cg.sensors; ++a)
-          for (std::int64_t b = 0; b < cg.sensors; ++b)
-            if (a != b && adj[a * cg.sensors + b])
-              cg.sensor_neighbours[a].push_back(std::int32_t(b));
-      }
+      const encoding::ClusterGraph cg = encoding::make_cluster_graph(
+          T / std::max<std::int64_t>(G, 1), G,
+          sf.exists("/cluster_adjacency")
+              ? sf.dataset("/cluster_adjacency").read_all<std::int32_t>()
+              : std::vector<std::int32_t>{});
       const double thr = sf.attr_doubles("/", "cluster_threshold").at(0);
       f.set_attr(mod, "cluster_threshold", std::vector<double>{thr});
       summary << ",\n    \"cluster_threshold_r\": " << num(thr) << ", \"cluster_adjacency\": \""

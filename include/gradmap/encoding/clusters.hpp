@@ -16,6 +16,11 @@ struct ClusterGraph {
   std::vector<std::vector<std::int32_t>> sensor_neighbours; ///< empty: time-only clusters
 };
 
+/// Not collective. The graph of `sensors` x `times` targets; `adjacency` is [sensors, sensors]
+/// (non-zero = neighbours, the diagonal ignored), or empty for time-only clusters.
+ClusterGraph make_cluster_graph(std::int64_t sensors, std::int64_t times,
+                                const std::vector<std::int32_t>& adjacency);
+
 /// Not collective. Connected components of {target : above(target)}; returns their sizes in the
 /// order of their smallest target, and (when labels is given) labels[target] = component index
 /// or -1.
