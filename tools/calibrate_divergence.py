@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +36,11 @@ SIZE = ["--images", "600", "--test-images", "100", "--image-size", "16", "--voxe
         "--sensors", "32", "--times", "36", "--repetitions", "2"]
 DEFAULT_SNR = {"fmri": [0.5, 0.1, 0.05], "meg": [0.5, 0.08, 0.04]}
 STAT = {"fmri": "D_space", "meg": "D_time"}
+
+
+def MODS(r):
+    """The modalities a replicate (raw row) has."""
+    return [m for m in ("fmri", "meg") if m in r]
 
 
 def run(gradmap, args, env_extra=None):
@@ -46,28 +52,38 @@ def run(gradmap, args, env_extra=None):
         raise RuntimeError(f"gradmap {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
 
 
-def base(gradmap, work, network, seed):
+def test_images(size):
+    return int(size[size.index("--test-images") + 1])
+
+
+def base_dir(work, network, seed, size):
+    return os.path.join(work, f"{network}-{seed}-m{test_images(size)}-{zlib.crc32(' '.join(size).encode())}")
+
+
+def base(gradmap, work, network, seed, size=SIZE):
     """Stimuli and features of one network and base seed (made once, reused by every replicate)."""
-    d = os.path.join(work, f"{network}-{seed}")
+    d = base_dir(work, network, seed, size)
     if not os.path.exists(f"{d}/features.h5"):
         run(gradmap, ["simulate", "--out", d, "--scenario", "null", "--seed", str(seed), "--modality", "fmri",
-                      "--model", f"builtin:{network}", *SIZE])
+                      "--model", f"builtin:{network}", *size])
         run(gradmap, ["extract", "--stimuli", f"{d}/stimuli.h5", "--model", f"builtin:{network}",
                       "--objective", "cross-entropy", "--pooling", "mean", "--out", f"{d}/features.h5"])
     return d
 
 
-def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutations, bootstraps, alpha):
-    """One noise draw of both modalities (fMRI at snrs["fmri"], MEG at snrs["meg"]) -> per
+def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutations, bootstraps, alpha,
+              size=SIZE, modalities=("fmri", "meg")):
+    """One noise draw of the modalities (fMRI at snrs["fmri"], MEG at snrs["meg"]) -> per
     modality the verdict, its p-values and whether its interval contains the estimate."""
-    b = os.path.join(work, f"{network}-{seed}")
-    d = os.path.join(work, f"r-{network}-{seed}-{noise_seed}-{scenario}-{snrs['fmri']}-{snrs['meg']}")
+    b = base_dir(work, network, seed, size)
+    d = os.path.join(work, f"r-{os.path.basename(b)}-{noise_seed}-{scenario}-{snrs['fmri']}-{snrs['meg']}")
+    both = len(modalities) == 2
     try:
         run(gradmap, ["simulate", "--out", d, "--scenario", scenario, "--seed", str(seed), "--noise-seed",
-                      str(noise_seed), "--modality", "both", "--model", f"builtin:{network}", "--snr",
-                      str(snrs["fmri"]), "--meg-snr", str(snrs["meg"]), *SIZE])
+                      str(noise_seed), "--modality", "both" if both else modalities[0], "--model",
+                      f"builtin:{network}", "--snr", str(snrs["fmri"]), "--meg-snr", str(snrs["meg"]), *size])
         scores = []
-        for mod in ("fmri", "meg"):
+        for mod in modalities:
             run(gradmap, ["encode", "--features", f"{b}/features.h5", "--brain", f"{d}/brain_{mod}.h5",
                           "--out", f"{d}/scores_{mod}.h5", "--permutations", str(permutations), "--bootstraps",
                           str(bootstraps), "--seed", str(noise_seed)])
@@ -75,13 +91,15 @@ def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutat
         run(gradmap, ["stats", *scores, "--out", f"{d}/stats", "--alpha", str(alpha)])
         summ = json.load(open(f"{d}/stats/summary.json"))
         out = {}
-        for mod in ("fmri", "meg"):
+        for mod in modalities:
             st = summ[mod][STAT[mod]]
             lo, hi = st["ci"]
             out[mod] = {"verdict": st["verdict"], "p": st["p"], "p_consistent": st["p_consistent"],
                         "p_signal_activations": st["p_signal_activations"],
                         "p_signal_gradients": st["p_signal_gradients"],
                         "value": st["value"], "ci": [lo, hi], "ci_extended": st["ci_extended"]}
+            if "D_space_voxels" in summ[mod]:  # voxel level: counts of tested / diverges / consistent
+                out[mod]["voxels"] = summ[mod]["D_space_voxels"]["all"]
         return out
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -97,15 +115,16 @@ def wilson(k, n, z=1.96):
 
 
 def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, permutations=200,
-              bootstraps=200, alpha=0.05, work=None, log=sys.stderr):
-    """snrs: {"fmri": [...], "meg": [...]} of equal length; level i of both is one simulation."""
+              bootstraps=200, alpha=0.05, work=None, log=sys.stderr, size=SIZE, modalities=("fmri", "meg")):
+    """snrs: {"fmri": [...], "meg": [...]} of equal length; level i of both is one simulation
+    (of the modalities asked for; the other's level is then ignored)."""
     work = work or tempfile.mkdtemp(prefix="gradmap-calib-div-")
     os.makedirs(work, exist_ok=True)
     seeds = list(range(1, bases + 1))
     tasks = []
     for net in networks:
         for s in seeds:
-            base(gradmap, work, net, s)
+            base(gradmap, work, net, s, size)
         for sc in scenarios:
             for snr in zip(snrs["fmri"], snrs["meg"]):
                 for r in range(replicates):
@@ -114,7 +133,7 @@ def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, p
     t0, done = time.time(), [0]
 
     def one(t):
-        out = replicate(gradmap, work, *t, permutations, bootstraps, alpha)
+        out = replicate(gradmap, work, *t, permutations, bootstraps, alpha, size, modalities)
         done[0] += 1
         if done[0] % 50 == 0 or done[0] == len(tasks):
             el = time.time() - t0
@@ -124,34 +143,79 @@ def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, p
 
     with ThreadPoolExecutor(jobs) as ex:
         results = list(ex.map(one, tasks))
-    raw = [{"network": net, "base_seed": s, "noise_seed": n, "scenario": sc, "snr": snr, **both}
+    raw = [{"network": net, "test_images": test_images(size), "base_seed": s, "noise_seed": n, "scenario": sc,
+            "snr": snr, **both}
            for (net, s, n, sc, snr), both in results]
     shutil.rmtree(work, ignore_errors=True)
     return {"raw": raw, "cells": summarise(raw), "alpha": alpha, "replicates_per_cell": replicates,
-            "base_seeds": bases, "permutations": permutations, "bootstraps": bootstraps, "size": SIZE,
+            "base_seeds": bases, "permutations": permutations, "bootstraps": bootstraps, "size": size,
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""), "seconds": round(time.time() - t0, 1)}
 
 
 def summarise(raw):
-    """Per (network, modality, scenario, SNR): the counts and shares of each verdict."""
+    """Per (network, test images, modality, scenario, SNR): the counts and shares of each verdict."""
     cells = {}
     for r in raw:
-        for mod in ("fmri", "meg"):
+        for mod in MODS(r):
             out = r[mod]
-            c = cells.setdefault((r["network"], mod, r["scenario"], r["snr"][mod]),
+            c = cells.setdefault((r["network"], r.get("test_images", 100), mod, r["scenario"], r["snr"][mod]),
                                  {"n": 0, "diverges": 0, "consistent": 0, "undetermined": 0, "ci_extended": 0})
             c["n"] += 1
             c[out["verdict"]] += 1
             c["ci_extended"] += bool(out["ci_extended"])
     rows = []
-    for (net, mod, sc, snr), c in sorted(cells.items()):
+    for (net, m, mod, sc, snr), c in sorted(cells.items()):
         n = c["n"]
-        row = {"network": net, "modality": mod, "statistic": STAT[mod], "scenario": sc, "snr": snr, **c}
+        row = {"network": net, "test_images": m, "modality": mod, "statistic": STAT[mod], "scenario": sc,
+               "snr": snr, **c}
         for v in ("diverges", "consistent", "undetermined"):
             row[f"{v}_share"] = c[v] / n
             row[f"{v}_ci95"] = wilson(c[v], n)
         rows.append(row)
     return rows
+
+
+def voxel_rates(res):
+    """Voxel-level space verdicts (BH at q across the voxels tested): per cell the share of
+    replicates with any voxel `diverges` / `consistent` (on aligned brains every diverging voxel
+    is false, so that share is the realised FDR and must be <= q; on misaligned brains every
+    consistent voxel in an ROI whose gradients are elsewhere is false) and the mean counts."""
+    cells = {}
+    for r in res["raw"]:
+        v = r.get("fmri", {}).get("voxels")
+        if v is not None:
+            cells.setdefault((r["network"], r.get("test_images", 100), r["scenario"], r["snr"]["fmri"]), []).append(v)
+    rows = []
+    for (net, m, sc, snr), vs in sorted(cells.items()):
+        n = len(vs)
+        row = {"network": net, "test_images": m, "scenario": sc, "snr": snr, "n": n,
+               "mean_tested": sum(v["tested"] for v in vs) / n}
+        for name in ("diverges", "consistent"):
+            k = sum(v[name] > 0 for v in vs)
+            row[f"any_{name}"] = k
+            row[f"any_{name}_ci95"] = wilson(k, n)
+            row[f"mean_{name}"] = sum(v[name] for v in vs) / n
+        rows.append(row)
+    return rows
+
+
+def markdown_voxels(rows):
+    out = ["| network | test images | scenario | SNR | n | voxels tested (mean) | runs with a voxel `diverges` "
+           "[95% CI] | mean voxels `diverges` | runs with a voxel `consistent` | mean voxels `consistent` |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["any_diverges_ci95"]
+        out.append(f"| {r['network']} | {r['test_images']} | {r['scenario']} | {r['snr']} | {r['n']} | "
+                   f"{r['mean_tested']:.0f} | {r['any_diverges']} [{lo:.3f}, {hi:.3f}] | {r['mean_diverges']:.1f} | "
+                   f"{r['any_consistent']} | {r['mean_consistent']:.1f} |")
+    return "\n".join(out)
+
+
+def tables(res):
+    text = markdown(res) + "\n\n" + markdown_groups(res["groups"])
+    if res.get("voxels"):
+        text += "\n\n" + markdown_voxels(res["voxels"])
+    return text
 
 
 def merge(paths):
@@ -196,17 +260,18 @@ def group_rates(res, sizes=(4, 8)):
     (disjoint sets: independent noise draws as subjects), give group verdicts."""
     cells = {}
     for r in res["raw"]:
-        for mod in ("fmri", "meg"):
-            cells.setdefault((r["network"], mod, r["scenario"], r["snr"][mod]), []).append(r[mod])
+        for mod in MODS(r):
+            cells.setdefault((r["network"], r.get("test_images", 100), mod, r["scenario"], r["snr"][mod]),
+                             []).append(r[mod])
     rows = []
-    for (net, mod, sc, snr), subs in sorted(cells.items()):
+    for (net, m, mod, sc, snr), subs in sorted(cells.items()):
         for S in sizes:
             groups = [subs[i:i + S] for i in range(0, len(subs) - S + 1, S)]
             if not groups:
                 continue
             v = [group_verdict(g, res["alpha"], res["permutations"], res["bootstraps"]) for g in groups]
-            row = {"network": net, "modality": mod, "statistic": STAT[mod], "scenario": sc, "snr": snr,
-                   "subjects": S, "n": len(groups)}
+            row = {"network": net, "test_images": m, "modality": mod, "statistic": STAT[mod], "scenario": sc,
+                   "snr": snr, "subjects": S, "n": len(groups)}
             for name in ("diverges", "consistent", "undetermined"):
                 row[name] = v.count(name)
                 row[f"{name}_share"] = v.count(name) / len(groups)
@@ -216,22 +281,24 @@ def group_rates(res, sizes=(4, 8)):
 
 
 def markdown_groups(rows):
-    out = ["| network | statistic | scenario | SNR | subjects | groups | diverges | consistent | undetermined |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| network | test images | statistic | scenario | SNR | subjects | groups | diverges | consistent | "
+           "undetermined |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['network']} | {r['statistic']} | {r['scenario']} | {r['snr']} | {r['subjects']} | "
+        out.append(f"| {r['network']} | {r['test_images']} | {r['statistic']} | {r['scenario']} | {r['snr']} | "
+                   f"{r['subjects']} | "
                    f"{r['n']} | {r['diverges']} | {r['consistent']} | {r['undetermined']} |")
     return "\n".join(out)
 
 
 def markdown(res):
-    out = ["| network | statistic | scenario | SNR | n | diverges | consistent | undetermined | BC interval extended |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| network | test images | statistic | scenario | SNR | n | diverges | consistent | undetermined | "
+           "BC interval extended |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["cells"]:
         def f(v):
             lo, hi = r[f"{v}_ci95"]
             return f"{r[v + '_share']:.3f} [{lo:.3f}, {hi:.3f}]"
-        out.append(f"| {r['network']} | {r['statistic']} | {r['scenario']} | {r['snr']} | {r['n']} | "
+        out.append(f"| {r['network']} | {r['test_images']} | {r['statistic']} | {r['scenario']} | {r['snr']} | "
+                   f"{r['n']} | "
                    f"{f('diverges')} | {f('consistent')} | {f('undetermined')} | {r['ci_extended']}/{r['n']} |")
     return "\n".join(out)
 
@@ -248,6 +315,9 @@ if __name__ == "__main__":
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--permutations", type=int, default=200)
     ap.add_argument("--bootstraps", type=int, default=200)
+    ap.add_argument("--modalities", default="fmri,meg", help="fmri, meg or both (fmri,meg)")
+    ap.add_argument("--images", type=int, default=600, help="images (training + test)")
+    ap.add_argument("--test-images", type=int, default=100)
     ap.add_argument("--out", help="JSON results")
     ap.add_argument("--markdown", help="the table as markdown")
     ap.add_argument("--regroup", nargs="+", help="saved JSON results: merge them, print the tables (with "
@@ -256,26 +326,28 @@ if __name__ == "__main__":
     if a.regroup:
         res = merge(a.regroup)
         res["groups"] = group_rates(res)
+        res["voxels"] = voxel_rates(res)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
-        print(markdown(res))
-        print()
-        print(markdown_groups(res["groups"]))
+        print(tables(res))
         sys.exit(0)
     snrs = {"fmri": [float(x) for x in a.fmri_snr.split(",")], "meg": [float(x) for x in a.meg_snr.split(",")]}
     if len(snrs["fmri"]) != len(snrs["meg"]):
         sys.exit("--fmri-snr and --meg-snr need the same number of levels (one simulation each)")
+    size = list(SIZE)
+    size[size.index("--images") + 1] = str(a.images)
+    size[size.index("--test-images") + 1] = str(a.test_images)
     res = calibrate(a.gradmap, a.networks.split(","), a.scenarios.split(","), snrs,
-                    a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps)
+                    a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps, size=size,
+                    modalities=tuple(a.modalities.split(",")))
     res["groups"] = group_rates(res)
+    res["voxels"] = voxel_rates(res)
     text = json.dumps(res, indent=1)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
-    print(markdown(res))
-    print()
-    print(markdown_groups(res["groups"]))
+    print(tables(res))
     if a.markdown:
         with open(a.markdown, "w") as f:
-            f.write(markdown(res) + "\n\n" + markdown_groups(res["groups"]) + "\n")
+            f.write(tables(res) + "\n")

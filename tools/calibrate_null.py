@@ -1,87 +1,206 @@
 #!/usr/bin/python3
 """False-positive calibration of gradmap's statistics on the `null` simulated scenario.
 
-For each seed: simulate (no signal anywhere) -> extract -> encode (permutations) -> stats, then
-record whether any target was rejected by the max-statistic FWER (p_fwer_all < alpha, the family
-of all kinds x layers x targets of a modality) and by BH across all (q_bh_all < q). On null data
-every rejection is false, so the realised FDR of a run is 1 if it rejects anything, else 0: both
-shares must be <= alpha (q) within Monte-Carlo error.
+On null data (no signal anywhere) every rejection is false. For each replicate: simulate a null
+brain (both modalities) -> encode (permutations) -> stats, then record per modality
+- `fwer_all`: any target rejected by the max-statistic FWER over all kinds x layers x targets
+  (p_fwer_all < alpha): share <= alpha;
+- `fwer_family`: per (kind, layer) family, any p_fwer < alpha (each family's share <= alpha; the
+  table gives the largest family share and the mean);
+- `fdr_all`: any BH rejection over all kinds x layers (q_bh_all < q): the realised FDR of a null
+  run is 1 if it rejects anything, else 0, so the share must be <= q;
+- `share_p`: the share of per-target p-values below alpha (expected alpha);
+- MEG `cluster_family`: per (kind, layer) family (the family of the cluster test), any cluster with
+  p < alpha;
+- the divergence verdicts (D_space, D_time): `undetermined` expected, `diverges` at most alpha.
+Shares are compared with alpha by their Wilson 95% interval and by the binomial tail
+P(Binomial(n, alpha) >= k).
 
-  tools/calibrate_null.py --seeds 100 [--ranks 2] [--out DIR]
+Stimuli and features are made once per base seed (simulate --seed S; extract) and each replicate
+redraws only the brain's noise (simulate --noise-seed N), so hundreds of replicates fit this
+machine. Replicates run as single-rank processes, --jobs at a time.
+
+  tools/calibrate_null.py --replicates 500 --bases 5 --jobs 2 --out null.json [--markdown t.md]
 """
 import argparse
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from calibrate_divergence import run, wilson  # noqa: E402
+
 SIM = ["--images", "240", "--test-images", "60", "--image-size", "16", "--voxels", "300",
        "--sensors", "8", "--times", "36", "--repetitions", "2"]
+KINDS = ("activations", "gradients")
+STAT = {"fmri": "D_space", "meg": "D_time"}
 
 
-def run(gradmap, ranks, args):
-    cmd = ["mpiexec", "-n", str(ranks), "--oversubscribe", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
-           gradmap, *args, "--quiet"]
-    p = subprocess.run(cmd, capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr}")
+def base(gradmap, work, seed):
+    d = os.path.join(work, f"base-{seed}")
+    if not os.path.exists(f"{d}/features.h5"):
+        run(gradmap, ["simulate", "--out", d, "--scenario", "null", "--seed", str(seed), "--modality", "fmri", *SIM])
+        run(gradmap, ["extract", "--stimuli", f"{d}/stimuli.h5", "--model", "builtin:tinycnn",
+                      "--objective", "cross-entropy", "--pooling", "mean", "--out", f"{d}/features.h5"])
+    return d
 
 
-def one_seed(gradmap, seed, ranks, work, permutations, alpha, q):
-    d = os.path.join(work, f"seed{seed}")
-    run(gradmap, ranks, ["simulate", "--out", d, "--scenario", "null", "--seed", str(seed), *SIM])
-    run(gradmap, ranks, ["extract", "--stimuli", f"{d}/stimuli.h5", "--model", "builtin:tinycnn",
-                         "--objective", "cross-entropy", "--pooling", "mean", "--out", f"{d}/features.h5"])
-    scores = []
-    for mod in ("fmri", "meg"):
-        run(gradmap, ranks, ["encode", "--features", f"{d}/features.h5", "--brain", f"{d}/brain_{mod}.h5",
-                             "--out", f"{d}/scores_{mod}.h5", "--permutations", str(permutations),
-                             "--bootstraps", "10", "--seed", str(seed)])
-        scores += ["--scores", f"{d}/scores_{mod}.h5"]
-    run(gradmap, ranks, ["stats", *scores, "--out", f"{d}/stats", "--alpha", str(alpha), "--q", str(q)])
-    out = {}
-    with h5py.File(f"{d}/stats/stats.h5") as s:
+def replicate(gradmap, work, seed, noise_seed, permutations, bootstraps, alpha, q):
+    b = os.path.join(work, f"base-{seed}")
+    d = os.path.join(work, f"r-{seed}-{noise_seed}")
+    try:
+        run(gradmap, ["simulate", "--out", d, "--scenario", "null", "--seed", str(seed), "--noise-seed",
+                      str(noise_seed), "--modality", "both", *SIM])
+        scores = []
         for mod in ("fmri", "meg"):
-            fw = np.concatenate([s[f"/{mod}/{k}/p_fwer_all"][()].ravel() for k in ("activations", "gradients")])
-            qb = np.concatenate([s[f"/{mod}/{k}/q_bh_all"][()].ravel() for k in ("activations", "gradients")])
-            pp = np.concatenate([s[f"/{mod}/{k}/p"][()].ravel() for k in ("activations", "gradients")])
-            out[mod] = {"fwer_reject": bool(np.nanmin(fw) < alpha), "fdr_reject": bool(np.nanmin(qb) < q),
-                        "share_p_below_alpha": float(np.nanmean(pp < alpha))}
-    shutil.rmtree(d)
-    return out
+            run(gradmap, ["encode", "--features", f"{b}/features.h5", "--brain", f"{d}/brain_{mod}.h5",
+                          "--out", f"{d}/scores_{mod}.h5", "--permutations", str(permutations),
+                          "--bootstraps", str(bootstraps), "--seed", str(noise_seed)])
+            scores += ["--scores", f"{d}/scores_{mod}.h5"]
+        run(gradmap, ["stats", *scores, "--out", f"{d}/stats", "--alpha", str(alpha), "--q", str(q)])
+        summ = json.load(open(f"{d}/stats/summary.json"))
+        out = {}
+        with h5py.File(f"{d}/stats/stats.h5") as s:
+            for mod in ("fmri", "meg"):
+                fam = []  # per (kind, layer): any p_fwer < alpha
+                fw, qb, pp = [], [], []
+                clus = []
+                for k in KINDS:
+                    g = s[f"/{mod}/{k}"]
+                    fam += [bool(np.nanmin(row) < alpha) for row in g["p_fwer"][()]]
+                    fw.append(g["p_fwer_all"][()].ravel())
+                    qb.append(g["q_bh_all"][()].ravel())
+                    pp.append(g["p"][()].ravel())
+                    if "clusters" in g:
+                        t = g["clusters"][()].reshape(-1, 5)
+                        L = g["p"].shape[0]
+                        clus += [bool(np.any((t[:, 0] == layer) & (t[:, 2] < alpha))) for layer in range(L)]
+                pp = np.concatenate(pp)
+                out[mod] = {"fwer_all": bool(np.nanmin(np.concatenate(fw)) < alpha),
+                            "fdr_all": bool(np.nanmin(np.concatenate(qb)) < q),
+                            "fwer_family": fam,
+                            "share_p": float(np.mean(pp[np.isfinite(pp)] < alpha)),
+                            "verdict": summ[mod][STAT[mod]]["verdict"]}
+                if clus:
+                    out[mod]["cluster_family"] = clus
+        return out
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
-def calibrate(gradmap, seeds, ranks=2, permutations=200, alpha=0.05, q=0.05, work=None):
-    work = work or tempfile.mkdtemp(prefix="gradmap-calibrate-")
-    runs = [one_seed(gradmap, s, ranks, work, permutations, alpha, q) for s in seeds]
-    res = {"seeds": list(seeds), "alpha": alpha, "q": q, "permutations": permutations}
+def binom_tail(k, n, p):
+    """P(Binomial(n, p) >= k)."""
+    return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def summarise(raw, alpha):
+    res = {}
+    n = len(raw)
     for mod in ("fmri", "meg"):
-        n = len(runs)
-        for key in ("fwer_reject", "fdr_reject"):
-            k = sum(r[mod][key] for r in runs)
-            res[f"{mod}_{key}_share"] = k / n
-            res[f"{mod}_{key}_count"] = k
-        res[f"{mod}_mean_share_p_below_alpha"] = float(np.mean([r[mod]["share_p_below_alpha"] for r in runs]))
-    res["mc_se_at_alpha"] = math.sqrt(alpha * (1 - alpha) / len(runs))
+        rs = [r[mod] for r in raw]
+        row = {"n": n}
+        for key in ("fwer_all", "fdr_all"):
+            if key in rs[0]:
+                k = sum(r[key] for r in rs)
+                row[key] = {"count": k, "share": k / n, "ci95": wilson(k, n), "p_binom": binom_tail(k, n, alpha)}
+        for key in ("fwer_family", "cluster_family"):
+            if key in rs[0]:
+                counts = np.sum([r[key] for r in rs], axis=0)
+                kmax = int(counts.max())
+                row[key] = {"counts": counts.tolist(), "max_share": kmax / n, "mean_share": float(counts.mean() / n),
+                            "max_ci95": wilson(kmax, n),
+                            # the largest of F families: compare with the F-fold Bonferroni tail
+                            "p_binom_max": min(1.0, len(counts) * binom_tail(kmax, n, alpha))}
+        row["mean_share_p"] = float(np.mean([r["share_p"] for r in rs]))
+        v = [r["verdict"] for r in rs]
+        row["verdicts"] = {x: v.count(x) for x in ("diverges", "consistent", "undetermined")}
+        res[mod] = row
     return res
+
+
+def calibrate(gradmap, replicates, bases=5, jobs=2, permutations=200, bootstraps=50, alpha=0.05, q=0.05,
+              work=None, first_noise_seed=1000, log=sys.stderr):
+    work = work or tempfile.mkdtemp(prefix="gradmap-calibrate-null-")
+    os.makedirs(work, exist_ok=True)
+    seeds = list(range(1, bases + 1))
+    for s in seeds:
+        base(gradmap, work, s)
+    tasks = [(seeds[r % bases], first_noise_seed + r) for r in range(replicates)]
+    t0, done = time.time(), [0]
+
+    def one(t):
+        out = replicate(gradmap, work, *t, permutations, bootstraps, alpha, q)
+        done[0] += 1
+        if done[0] % 50 == 0 or done[0] == len(tasks):
+            el = time.time() - t0
+            print(f"calibrate_null: {done[0]}/{len(tasks)} replicates, {done[0] / el:.2f}/s, "
+                  f"ETA {el / done[0] * (len(tasks) - done[0]):.0f} s", file=log, flush=True)
+        return t, out
+
+    with ThreadPoolExecutor(jobs) as ex:
+        results = list(ex.map(one, tasks))
+    raw = [{"base_seed": s, "noise_seed": n, **out} for (s, n), out in results]
+    shutil.rmtree(work, ignore_errors=True)
+    return {"raw": raw, "summary": summarise(raw, alpha), "alpha": alpha, "q": q, "replicates": replicates,
+            "base_seeds": bases, "permutations": permutations, "bootstraps": bootstraps, "size": SIM,
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""), "seconds": round(time.time() - t0, 1)}
+
+
+def markdown(res):
+    a = res["alpha"]
+    out = [f"| modality | test (false rejection on null data) | n | rejecting | share [95% CI] | P(Bin(n, {a}) >= k) |",
+           "|---|---|---|---|---|---|"]
+    names = {"fwer_all": "any target, max-statistic FWER over all kinds x layers",
+             "fdr_all": "any target, BH over all kinds x layers (realised FDR)"}
+    for mod in ("fmri", "meg"):
+        row = res["summary"][mod]
+        n = row["n"]
+        for key, name in names.items():
+            if key in row:
+                r = row[key]
+                out.append(f"| {mod} | {name} | {n} | {r['count']} | {r['share']:.3f} [{r['ci95'][0]:.3f}, "
+                           f"{r['ci95'][1]:.3f}] | {r['p_binom']:.3f} |")
+        for key, name in (("fwer_family", "FWER within (kind, layer)"), ("cluster_family", "cluster within (kind, layer)")):
+            if key in row:
+                r = row[key]
+                out.append(f"| {mod} | {name}: worst of {len(r['counts'])} families (mean share "
+                           f"{r['mean_share']:.3f}) | {n} | {max(r['counts'])} | {r['max_share']:.3f} "
+                           f"[{r['max_ci95'][0]:.3f}, {r['max_ci95'][1]:.3f}] | {r['p_binom_max']:.3f} (x families) |")
+        v = row["verdicts"]
+        out.append(f"| {mod} | {STAT[mod]} verdict `diverges` (consistent {v['consistent']}, undetermined "
+                   f"{v['undetermined']}) | {n} | {v['diverges']} | {v['diverges'] / n:.3f} | "
+                   f"{binom_tail(v['diverges'], n, a):.3f} |")
+        out.append(f"| {mod} | per-target p < alpha (mean share; expected {a}) | {n} | | {row['mean_share_p']:.4f} | |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=100)
-    ap.add_argument("--first-seed", type=int, default=1)
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--replicates", type=int, default=500)
+    ap.add_argument("--bases", type=int, default=5)
+    ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--permutations", type=int, default=200)
+    ap.add_argument("--bootstraps", type=int, default=50)
+    ap.add_argument("--first-noise-seed", type=int, default=1000)
     ap.add_argument("--gradmap", default=os.path.join(HERE, "..", "build", "src", "gradmap"))
+    ap.add_argument("--out", help="JSON results")
+    ap.add_argument("--markdown", help="the table as markdown")
     a = ap.parse_args()
-    r = calibrate(a.gradmap, range(a.first_seed, a.first_seed + a.seeds), a.ranks, a.permutations)
-    json.dump(r, sys.stdout, indent=1)
-    print()
+    res = calibrate(a.gradmap, a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps,
+                    first_noise_seed=a.first_noise_seed)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(markdown(res))
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown(res) + "\n")

@@ -8,7 +8,8 @@
 //    K-fold with p <= the folds' training rows the Gram eigendecompositions), select alpha per
 //    target by efficient LOO or K-fold CV, refit, score on the test images.
 // 5. While the test predictions are in memory: permutation exceedance counts per target, the
-//    max-statistic and group (ROI / time point) means per permutation and bootstrap resample.
+//    max-statistic and group (ROI / time point) means per permutation and bootstrap resample;
+//    fMRI: every voxel's peak-layer p-values from its bootstrap layer profiles (voxel_peak_p).
 // 6. Write r, R^2, alpha, exceedances [layers, targets] (and K-fold's per-fold r) per kind to
 //    scores.h5 (column blocks per rank), and the reduced null and bootstrap replicates.
 #include "gradmap/encoding/encode.hpp"
@@ -39,6 +40,7 @@
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/mpi/partition.hpp"
 #include "gradmap/sim/philox.hpp"
+#include "gradmap/stats/divergence.hpp"
 
 namespace gradmap::encoding {
 
@@ -437,9 +439,13 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   // Per target: its trials, the averaged/centred responses and the solver's work arrays
   // (U^T y, residuals, predictions, LOO errors) in double, and the outputs in float; K-fold:
   // the per-fold X_f^T y and their sum, [A | E], the per-fold r.
+  // fMRI with bootstraps: every layer's bootstrap r of the chunk's voxels (float), for the
+  // voxel-level peak-layer tests (docs/statistics.md, "Voxel level").
+  const bool voxel_peaks = !meg && opt.bootstraps > 0;
   const std::int64_t per_target =
       8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 20 * K * L +
-      (opt.alpha_cv == "kfold" ? 8 * ((opt.folds + 3) * pmax + opt.folds * (A + K * L)) : 0);
+      (opt.alpha_cv == "kfold" ? 8 * ((opt.folds + 3) * pmax + opt.folds * (A + K * L)) : 0) +
+      (voxel_peaks ? 4 * (L + 1) * std::int64_t(opt.bootstraps) : 0);
   // Working set of one basis computation: the features, their standardised copies, the SVD.
   const std::int64_t one_basis = 8 * (fi.n * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
   double memory_gb = opt.memory_gb;
@@ -619,7 +625,11 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
             f.create_dataset("/" + kind + "/prediction/" + layer, io::DType::f32, {m, bi.targets}));
   }
   const bool nulls = opt.permutations > 0 || opt.bootstraps > 0;
-  std::vector<io::Dataset> exceed_ds;
+  std::vector<io::Dataset> exceed_ds, peak_ds;
+  for (std::int64_t k = 0; voxel_peaks && k < K; ++k)
+    peak_ds.push_back(f.create_dataset("/" + fi.kinds[k] + "/voxel_peak_p", io::DType::f32,
+                                       {L, bi.targets},
+                                       {L, std::min<std::int64_t>(bi.targets, 4096)}));
   if (opt.permutations > 0)
     for (const auto& kind : fi.kinds)
       exceed_ds.push_back(f.create_dataset("/" + kind + "/exceed", io::DType::i32, {L, bi.targets},
@@ -705,6 +715,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       std::vector<std::vector<float>> preds;
       std::vector<std::int32_t> exceed(static_cast<size_t>(L * t), -1);
       std::vector<float> fold_r(static_cast<size_t>(nf * L * t));
+      std::vector<float> boot_r(voxel_peaks ? static_cast<size_t>(L * opt.bootstraps * t) : 0);
       for (std::int64_t l = 0; l < L; ++l) {
         Side fresh;
         if (!cache) {
@@ -730,7 +741,12 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           preds.emplace_back(sc.prediction.begin(), sc.prediction.end());
         if (nulls)
           accumulate_nulls(rs, sc.prediction, yte, t, group.data() + t0, acc[k * L + l],
-                           exceed.data() + l * t, t0);
+                           exceed.data() + l * t, t0,
+                           voxel_peaks ? boot_r.data() + l * opt.bootstraps * t : nullptr);
+      }
+      if (voxel_peaks) {
+        const auto pk = stats::target_peak_pvalues(buf[0], boot_r, L, opt.bootstraps, t);
+        peak_ds[k].write(pk.data(), {0, t0}, {t ? L : 0, t});
       }
       for (int o = 0; o < 4; ++o)
         out_ds[next_ds++].write(buf[o].data(), {0, t0}, {t ? L : 0, t});
@@ -766,6 +782,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
                        << "scores are NaN");
   if (nulls)
     write_nulls(f, opt, rs, fi.kinds, L, G, acc, meg, bf, comm);
+  if (!meg) // the ROI of every voxel (-1: none), for the voxel-level tests' per-ROI counts
+    f.write_small("/groups/target", group, {bi.targets});
   f.write_small("/split/train_stimuli", train, {n});
   f.write_small("/split/test_stimuli", test, {m});
   if (opt.alpha_cv == "kfold") {

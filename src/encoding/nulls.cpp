@@ -103,7 +103,7 @@ NullAccumulator::NullAccumulator(const Resamples& rs, int g, std::int64_t cluste
 
 void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
                       const std::vector<double>& y, std::int64_t t, const std::int32_t* group,
-                      NullAccumulator& acc, std::int32_t* exceed, std::int64_t t0) {
+                      NullAccumulator& acc, std::int32_t* exceed, std::int64_t t0, float* boot_r) {
   const bool clusters = acc.words > 0;
   const std::int64_t m = rs.m;
   const int B = rs.permutations, Bb = rs.bootstraps;
@@ -190,14 +190,21 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
         weighted_sums(zp.data(), zy.data(), &rs.count[static_cast<size_t>(std::int64_t(b) * m)], m,
                       sx, sy, sxx, syy, sxy);
         for (std::int64_t j = 0; j < w; ++j) {
-          if (!valid[j] || g[j] < 0)
+          if (!valid[j] || (g[j] < 0 && !boot_r)) {
+            if (boot_r)
+              boot_r[std::int64_t(b) * t + c0 + j] = std::numeric_limits<float>::quiet_NaN();
             continue;
+          }
           const double fm = double(m);
           const double num = fm * sxy[j] - double(sx[j]) * sy[j];
           const double den =
               (fm * sxx[j] - double(sx[j]) * sx[j]) * (fm * syy[j] - double(sy[j]) * sy[j]);
           // A resample of identical rows has no variance: it adds r = 0 (rare for m >= 10).
-          acc.boot_sum[static_cast<size_t>(g[j]) * Bb + b] += den > 0 ? num / std::sqrt(den) : 0.0;
+          const double rb = den > 0 ? num / std::sqrt(den) : 0.0;
+          if (g[j] >= 0)
+            acc.boot_sum[static_cast<size_t>(g[j]) * Bb + b] += rb;
+          if (boot_r)
+            boot_r[std::int64_t(b) * t + c0 + j] = float(rb);
         }
       }
 #pragma omp critical

@@ -227,7 +227,9 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
                      : 0.0;
         };
         const double fb = floor_of("bootstraps"), fp = floor_of("permutations");
-        auto floored = [](double p, double f) { return std::isfinite(p) ? std::max(p, f) : 1.0; };
+        auto floored = [](double p, double lowest) {
+          return std::isfinite(p) ? std::max(p, lowest) : 1.0;
+        };
         pd.push_back(floored(x[0], fb));
         pc.push_back(floored(x[1], 0)); // non-finite: 1, never supports "consistent"
         psa.push_back(floored(x[2], fp));

@@ -136,6 +136,51 @@ std::vector<double> peak_pvalues(const Profiles& obs, const Profiles& boot, std:
   return p;
 }
 
+PairTests pair_tests(const std::vector<double>& pa, const std::vector<double>& pg,
+                     double margin_layers) {
+  // Pairs (a, b) of an activation and a gradient peak layer: within the margin ("the same
+  // place") or beyond it. Divergence excludes every pair within the margin, consistency every
+  // pair beyond it; a kind of pair that does not exist cannot be excluded (p = 1).
+  const double m = margin_layers + 1e-9; // 0.2 x 5 layers is one layer, not 0.99999...
+  double div = 0, cons = 0;
+  bool far_pairs = false, undefined = false;
+  for (size_t l = 0; l < pa.size(); ++l)
+    for (size_t k = 0; k < pg.size(); ++k) {
+      undefined |= std::isnan(pa[l]) || std::isnan(pg[k]);
+      const double q = std::min(pa[l], pg[k]);
+      if (std::abs(double(l) - double(k)) <= m) {
+        div = std::max(div, q);
+      } else {
+        cons = std::max(cons, q);
+        far_pairs = true;
+      }
+    }
+  if (undefined || pa.empty() || pg.empty())
+    return {kNaN, kNaN};
+  return {std::min(1.0, 2 * div), far_pairs ? std::min(1.0, 2 * cons) : 1.0};
+}
+
+std::vector<float> target_peak_pvalues(const std::vector<float>& r, const std::vector<float>& boot,
+                                       std::int64_t L, std::int64_t Bb, std::int64_t t) {
+  std::vector<float> out(static_cast<size_t>(L * t), std::numeric_limits<float>::quiet_NaN());
+  std::vector<double> obs(static_cast<size_t>(L)), rep(static_cast<size_t>(L * Bb));
+  for (std::int64_t c = 0; c < t; ++c) {
+    bool any = false;
+    for (std::int64_t l = 0; l < L; ++l) {
+      obs[l] = r[l * t + c];
+      any |= std::isfinite(obs[l]);
+      for (std::int64_t b = 0; b < Bb; ++b)
+        rep[l * Bb + b] = boot[(l * Bb + b) * t + c];
+    }
+    if (!any)
+      continue;
+    const auto p = peak_pvalues(Profiles{&obs, L, 1, 1}, Profiles{&rep, L, 1, Bb}, 0);
+    for (std::int64_t l = 0; l < L; ++l)
+      out[l * t + c] = float(p[l]);
+  }
+  return out;
+}
+
 void decide(Verdict& v, double alpha) {
   if (!(v.p_signal_activations < alpha) || !(v.p_signal_gradients < alpha)) {
     v.verdict = "undetermined";
@@ -233,27 +278,13 @@ SpaceDivergence space_divergence(const Profiles& act, const Profiles& grad,
       continue;
     ++n;
     const auto pa = peak_pvalues(act, act_boot, g), pg = peak_pvalues(grad, grad_boot, g);
-    // Pairs (a, b) of an activation and a gradient peak layer: within the margin ("the same
-    // place") or beyond it. Divergence excludes every pair within the margin, consistency every
-    // pair beyond it; a kind of pair that does not exist cannot be excluded (p = 1).
-    const double m = margin_layers + 1e-9; // 0.2 x 5 layers is one layer, not 0.99999...
-    double div = 0, cons = 0;
-    bool far_pairs = false;
     for (std::int64_t l = 0; l < L; ++l) {
       s.peak_p_act[l * G + g] = pa[l];
       s.peak_p_grad[l * G + g] = pg[l];
-      for (std::int64_t k = 0; k < L; ++k) {
-        const double q = std::min(pa[l], pg[k]);
-        if (std::abs(double(l - k)) <= m) {
-          div = std::max(div, q);
-        } else {
-          cons = std::max(cons, q);
-          far_pairs = true;
-        }
-      }
     }
-    s.p_div_roi[g] = std::min(1.0, 2 * div);
-    s.p_cons_roi[g] = far_pairs ? std::min(1.0, 2 * cons) : 1.0;
+    const PairTests pt = pair_tests(pa, pg, margin_layers);
+    s.p_div_roi[g] = pt.p_div;
+    s.p_cons_roi[g] = pt.p_cons;
     min_div = std::min(min_div, s.p_div_roi[g]);
     max_cons = std::max(max_cons, s.p_cons_roi[g]);
   }

@@ -5,6 +5,7 @@
 #include "gradmap/stats/stats.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -217,6 +218,77 @@ Hierarchy hierarchy(const KindData& kd, bool meg, std::int64_t L, std::int64_t G
     h.rho.boot.push_back(one(kd.boot_group, Bb, b, nullptr));
   h.rho.p = perm_p(h.null, h.rho.value);
   return h;
+}
+
+// Voxel-level space tests (docs/statistics.md, "Voxel level"): over the voxels significant for
+// both kinds (tested[t]: a peak layer in peak_map), the pair tests of the voxel's peak-layer
+// p-values (encode's voxel_peak_p), BH across the tested voxels for each claim, and a verdict per
+// voxel (0 not tested, 1 undetermined, 2 diverges, 3 consistent). Returns the summary.json entry.
+std::string voxel_space_tests(const io::File& f, const io::File& sf, const std::string& mod,
+                              const std::vector<std::int32_t> (&peak_map)[2], std::int64_t L,
+                              std::int64_t T, double margin, double q) {
+  const auto pa = sf.dataset("/activations/voxel_peak_p").read_all<float>();
+  const auto pg = sf.dataset("/gradients/voxel_peak_p").read_all<float>();
+  if (std::int64_t(pa.size()) != L * T || std::int64_t(pg.size()) != L * T)
+    throw UsageError(sf.path() + ": voxel_peak_p must be [layers, voxels]");
+  std::vector<double> p_div(static_cast<size_t>(T), kNaN), p_cons(p_div);
+  std::vector<double> a(static_cast<size_t>(L)), g(a);
+  for (std::int64_t t = 0; t < T; ++t) {
+    if (peak_map[0][t] < 0 || peak_map[1][t] < 0)
+      continue;
+    for (std::int64_t l = 0; l < L; ++l) {
+      a[l] = pa[l * T + t];
+      g[l] = pg[l * T + t];
+    }
+    const PairTests pt = pair_tests(a, g, margin);
+    p_div[t] = pt.p_div;
+    p_cons[t] = pt.p_cons;
+  }
+  const auto q_div = fdr(p_div, false), q_cons = fdr(p_cons, false);
+  std::vector<std::int32_t> verdict(static_cast<size_t>(T), 0);
+  std::vector<std::int32_t> roi;
+  if (sf.exists("/groups/target"))
+    roi = sf.dataset("/groups/target").read_all<std::int32_t>();
+  std::vector<std::string> names;
+  if (sf.exists("/groups/names"))
+    names = sf.dataset("/groups/names").read_strings();
+  std::vector<std::array<std::int64_t, 4>> per_roi(names.size(), {0, 0, 0, 0});
+  std::array<std::int64_t, 4> total{0, 0, 0, 0};
+  for (std::int64_t t = 0; t < T; ++t) {
+    if (!std::isfinite(p_div[t]))
+      continue;
+    verdict[t] = q_cons[t] < q ? 3 : q_div[t] < q ? 2 : 1;
+    ++total[verdict[t]];
+    ++total[0];
+    if (std::int64_t(roi.size()) == T && roi[t] >= 0 && size_t(roi[t]) < names.size()) {
+      ++per_roi[roi[t]][verdict[t]];
+      ++per_roi[roi[t]][0];
+    }
+  }
+  const std::string base = mod + "/D_space_voxel/";
+  f.write_small(base + "p_diverges", p_div, {T});
+  f.write_small(base + "p_consistent", p_cons, {T});
+  f.write_small(base + "q_diverges", q_div, {T});
+  f.write_small(base + "q_consistent", q_cons, {T});
+  f.write_small(base + "verdict", verdict, {T});
+  f.set_attr(mod + "/D_space_voxel", "verdict_codes",
+             std::string("0 not tested (no signal in a kind), 1 undetermined, 2 diverges, "
+                         "3 consistent"));
+  std::ostringstream s;
+  auto counts = [&](const std::array<std::int64_t, 4>& c) {
+    s << "{\"tested\": " << c[0] << ", \"diverges\": " << c[2] << ", \"consistent\": " << c[3]
+      << ", \"undetermined\": " << c[1] << "}";
+  };
+  s << ",\n    \"D_space_voxels\": {\"q\": " << num(q) << ", \"margin\": " << num(margin)
+    << ", \"all\": ";
+  counts(total);
+  s << ", \"roi\": {";
+  for (size_t i = 0; i < names.size(); ++i) {
+    s << (i ? ", " : "") << "\"" << names[i] << "\": ";
+    counts(per_roi[i]);
+  }
+  s << "}}";
+  return s.str();
 }
 
 std::string json_list(const std::vector<double>& v) {
@@ -564,6 +636,9 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
         f.write_small(mod + "/peak_agreement", std::vector<double>{agree, double(both)}, {2});
         summary << ",\n    \"peak_layer_agreement\": {\"fraction\": " << num(agree)
                 << ", \"voxels\": " << both << "}";
+        if (sf.exists("/activations/voxel_peak_p") && sf.exists("/gradients/voxel_peak_p"))
+          summary << voxel_space_tests(f, sf, mod, peak_map, L, T, o.space_margin * double(L - 1),
+                                       o.q);
       }
     }
     summary << "\n  }";

@@ -116,6 +116,59 @@ TEST(StatsCore, PeakLayerSetsHoldTheTruePeakAndDivergeOnlyWhenSeparated) {
   EXPECT_EQ(none.v.verdict, "undetermined");
 }
 
+TEST(StatsCore, PairTestsAndPerTargetPeakPValues) {
+  // Peak-layer p-values by hand: activations' set {1}, gradients' set {1, 2} at a = 0.025.
+  const std::vector<double> pa = {0.001, 1.0, 0.01, 0.0001}, pg = {0.002, 1.0, 0.3, 0.001};
+  // margin 0: near pairs (l, l): max min = min(1, 1) = 1 -> p_div 1; far pairs: max over
+  // |a - b| > 0 of min(pa(a), pg(b)) = min(pa(1), pg(2)) = 0.3 -> p_cons = 0.6.
+  PairTests t = pair_tests(pa, pg, 0);
+  EXPECT_DOUBLE_EQ(t.p_div, 1.0);
+  EXPECT_DOUBLE_EQ(t.p_cons, 0.6);
+  // margin 1: (1, 2) is near now; far pairs reach min(pa(2), pg(0)) = 0.002, min(pa(1), pg(3))
+  // = 0.001, min(pa(3), pg(1)) = 0.0001, min(pa(0), pg(2)) = 0.001...: the largest, doubled.
+  t = pair_tests(pa, pg, 1);
+  double far = 0;
+  for (size_t a = 0; a < 4; ++a)
+    for (size_t b = 0; b < 4; ++b)
+      if (std::abs(double(a) - double(b)) > 1)
+        far = std::max(far, std::min(pa[a], pg[b]));
+  EXPECT_DOUBLE_EQ(t.p_cons, 2 * far);
+  EXPECT_DOUBLE_EQ(t.p_div, 1.0);
+  // Peaks three layers apart, both sets tight: divergence at margin 1, not at margin 3.
+  const std::vector<double> qa = {1.0, 1e-4, 1e-4, 1e-4}, qg = {1e-4, 1e-4, 1e-4, 1.0};
+  EXPECT_NEAR(pair_tests(qa, qg, 1).p_div, 2e-4, 1e-15);
+  EXPECT_DOUBLE_EQ(pair_tests(qa, qg, 3).p_div, 1.0);
+  EXPECT_DOUBLE_EQ(pair_tests(qa, qg, 3).p_cons,
+                   1.0); // no pair beyond 3 layers: nothing to exclude
+  EXPECT_TRUE(std::isnan(pair_tests({kNaN, 1.0}, {1.0, 1.0}, 0).p_div));
+  // Per target: each column of r [L, t] with its bootstrap [L, B, t] gives that column's
+  // peak_pvalues; a target without a finite r gives NaN everywhere.
+  const std::int64_t L = 3, B = 300, T = 2;
+  std::mt19937 rng(3);
+  std::normal_distribution<double> noise(0, 0.03);
+  const std::vector<float> r = {0.1f, NAN, 0.4f, NAN, 0.2f, NAN};
+  std::vector<float> boot(static_cast<size_t>(L * B * T));
+  for (std::int64_t l = 0; l < L; ++l)
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t c = 0; c < T; ++c)
+        boot[(l * B + b) * T + c] = c == 0 ? float(r[l * T] + noise(rng)) : NAN;
+  const auto p = target_peak_pvalues(r, boot, L, B, T);
+  std::vector<double> obs = {0.1, 0.4, 0.2}, rep(static_cast<size_t>(L * B));
+  for (std::int64_t l = 0; l < L; ++l)
+    for (std::int64_t b = 0; b < B; ++b)
+      rep[l * B + b] = boot[(l * B + b) * T];
+  std::vector<double> obs_f(obs.size());
+  for (size_t l = 0; l < obs.size(); ++l)
+    obs_f[l] = double(float(obs[l]));
+  const auto ref = peak_pvalues(Profiles{&obs_f, L, 1, 1}, Profiles{&rep, L, 1, B}, 0);
+  for (std::int64_t l = 0; l < L; ++l) {
+    EXPECT_NEAR(p[l * T], ref[l], 1e-5 * ref[l]); // summation order may differ by a rounding
+    EXPECT_TRUE(std::isnan(p[l * T + 1]));
+  }
+  EXPECT_FLOAT_EQ(p[1 * T], 1.0f); // the observed peak
+  EXPECT_LT(p[0], 1e-6);           // 0.1 vs 0.4 with sd 0.04: far outside
+}
+
 TEST(StatsCore, TheilSenSlopeAndLatencies) {
   // scipy.stats.theilslopes([0.3, 0.25, 0.9, 0.15, 0.1], range(5))[0] = -0.05 (one outlier)
   EXPECT_NEAR(layer_slope({0.3, 0.25, 0.9, 0.15, 0.1}), -0.05, 1e-12);

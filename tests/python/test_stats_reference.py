@@ -121,6 +121,9 @@ def test_ranks_and_threads_give_identical_p_and_q():
         with load(mod, 1) as a, load(mod, 2) as b:
             for kind in ("activations", "gradients"):
                 assert np.array_equal(a[f"/{kind}/exceed"][()], b[f"/{kind}/exceed"][()])
+                if mod == "fmri":  # the voxel-level peak-layer p-values
+                    assert np.array_equal(a[f"/{kind}/voxel_peak_p"][()], b[f"/{kind}/voxel_peak_p"][()],
+                                          equal_nan=True)
                 if mod == "meg":  # the cluster null too: the same bits on any rank/thread split
                     assert np.array_equal(a[f"/{kind}/null_cluster"][()], b[f"/{kind}/null_cluster"][()])
                 assert np.allclose(a[f"/{kind}/null_group"][()], b[f"/{kind}/null_group"][()],
@@ -131,6 +134,9 @@ def test_ranks_and_threads_give_identical_p_and_q():
                 for name in ("p", "q_bh", "q_by", "q_bh_all", "p_fwer", "p_fwer_all"):
                     x, y = a[f"/{mod}/{kind}/{name}"][()], b[f"/{mod}/{kind}/{name}"][()]
                     assert np.array_equal(x, y, equal_nan=True), f"{mod} {kind} {name}"
+        for name in ("p_diverges", "p_consistent", "q_diverges", "q_consistent", "verdict"):
+            x, y = a[f"/fmri/D_space_voxel/{name}"][()], b[f"/fmri/D_space_voxel/{name}"][()]
+            assert np.array_equal(x, y, equal_nan=True), name
     sa = json.load(open(f"{BASE}/stats1/summary.json"))
     sb = json.load(open(f"{BASE}/stats2/summary.json"))
     for mod, key in (("fmri", "rho_space"), ("meg", "rho_time")):
@@ -329,6 +335,63 @@ def mne_clusters(x_st, thr, sensor_adj):
     return sorted(int(s) for s in sums)
 
 
+def pair_p(pa, pg, margin):
+    """The space pair tests of one profile pair from its peak-layer p-values."""
+    L = len(pa)
+    near = [min(pa[a], pg[b]) for a in range(L) for b in range(L) if abs(a - b) <= margin + 1e-9]
+    far = [min(pa[a], pg[b]) for a in range(L) for b in range(L) if abs(a - b) > margin + 1e-9]
+    return min(1, 2 * max(near)), (min(1, 2 * max(far)) if far else 1.0)
+
+
+def test_voxel_space_tests_equal_numpy():
+    """Voxel level: every voxel's peak-layer p-values from its own bootstrap layer profile
+    (numpy's weighted Pearson r on the stored counts, the reference peak_p), then the pair tests
+    over the voxels significant for both kinds, BH (statsmodels) per claim and the verdict codes."""
+    s = json.load(open(f"{BASE}/stats2/summary.json"))
+    with load("fmri") as f, h5py.File(f"{BASE}/stats2/stats.h5") as st:
+        layers = list(f.attrs["layers"])
+        L = len(layers)
+        peak = {}
+        for kind in ("activations", "gradients"):
+            r = f[f"/{kind}/r"][()].astype(np.float64)
+            rb = np.stack([numpy_replicates(f, kind, li, layer)[2] for li, layer in enumerate(layers)])
+            mine = f[f"/{kind}/voxel_peak_p"][()]
+            T = r.shape[1]
+            ref = np.array([peak_p(r[:, t], rb[:, :, t]) for t in range(T)]).T
+            # float32 bootstrap kernel vs float64: the Wald p moves by at most a few 1e-4
+            diff = np.abs(mine - ref)
+            assert np.nanmax(diff) < 2e-3 and np.mean(diff < 1e-4) > 0.95, (kind, np.nanmax(diff))
+            peak[kind] = mine.astype(np.float64)
+        tested = (st["/fmri/activations/peak_layer"][()] >= 0) & (st["/fmri/gradients/peak_layer"][()] >= 0)
+        assert tested.sum() > 20
+        margin = 0.2 * (L - 1)
+        pd = np.full(tested.shape, np.nan)
+        pc = np.full(tested.shape, np.nan)
+        for t in np.where(tested)[0]:
+            pd[t], pc[t] = pair_p(peak["activations"][:, t], peak["gradients"][:, t], margin)
+        v = st["/fmri/D_space_voxel"]
+        assert np.allclose(v["p_diverges"][()], pd, rtol=1e-6, atol=1e-12, equal_nan=True)
+        assert np.allclose(v["p_consistent"][()], pc, rtol=1e-6, atol=1e-12, equal_nan=True)
+        qd, qc = np.full_like(pd, np.nan), np.full_like(pc, np.nan)
+        qd[tested] = multipletests(pd[tested], method="fdr_bh")[1]
+        qc[tested] = multipletests(pc[tested], method="fdr_bh")[1]
+        assert np.allclose(v["q_diverges"][()], qd, rtol=1e-9, equal_nan=True)
+        assert np.allclose(v["q_consistent"][()], qc, rtol=1e-9, equal_nan=True)
+        code = np.where(~tested, 0, np.where(qc < 0.05, 3, np.where(qd < 0.05, 2, 1)))
+        assert np.array_equal(v["verdict"][()], code)
+        roi = f["/groups/target"][()]
+        with h5py.File(f.attrs["brain"], "r") as b:
+            assert np.array_equal(roi, b["/brain/roi"][()])
+        names = [x.decode() if isinstance(x, bytes) else x for x in f["/groups/names"][()]]
+        sv = s["fmri"]["D_space_voxels"]
+        assert sv["all"] == {"tested": int(tested.sum()), "diverges": int((code == 2).sum()),
+                             "consistent": int((code == 3).sum()), "undetermined": int((code == 1).sum())}
+        for g, name in enumerate(names):
+            sel = roi == g
+            assert sv["roi"][name]["tested"] == int((sel & tested).sum())
+            assert sv["roi"][name]["diverges"] == int((sel & (code == 2)).sum())
+
+
 def test_meg_clusters_equal_mne():
     """Cluster-based permutation test on MEG sensors x time against MNE-Python's cluster finder on
     the same maps and the same (stored) permutations: observed cluster extents exactly; the
@@ -464,6 +527,7 @@ if __name__ == "__main__":
     run_tests([test_permutations_are_philox_fisher_yates, test_replicates_equal_numpy,
                test_ranks_and_threads_give_identical_p_and_q, test_fdr_fwer_equal_statsmodels_and_numpy,
                test_hierarchy_equals_scipy_spearman, test_divergence_equals_numpy_and_scipy,
+               test_voxel_space_tests_equal_numpy,
                test_meg_clusters_equal_mne,
                test_aggregate_equals_scipy_and_numpy_sign_flip,
                test_bad_inputs])

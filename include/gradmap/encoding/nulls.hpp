@@ -57,9 +57,12 @@ struct NullAccumulator {
 /// is target t0 globally); group[c] in [-1, groups) (-1: in no group). Adds the chunk to acc and
 /// writes exceed[c] = #{b: r_b >= r} (-1 where r is undefined: a constant prediction or
 /// response). Threads over replicates (OpenMP); the result does not depend on the thread count.
+/// boot_r (optional, [Bb, t]): every target's bootstrap r (NaN where undefined), for the
+/// per-target peak-layer tests.
 void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
                       const std::vector<double>& y, std::int64_t t, const std::int32_t* group,
-                      NullAccumulator& acc, std::int32_t* exceed, std::int64_t t0 = 0);
+                      NullAccumulator& acc, std::int32_t* exceed, std::int64_t t0 = 0,
+                      float* boot_r = nullptr);
 
 /// Collective: max of null_max, sums of the rest, the union of the cluster bits, on every rank.
 void reduce_nulls(NullAccumulator& acc, MPI_Comm comm);

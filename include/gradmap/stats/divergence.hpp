@@ -59,6 +59,25 @@ double p_contrast_positive(double observed, const std::vector<double>& boot);
 /// <= 0, tests positive).
 std::vector<double> peak_pvalues(const Profiles& obs, const Profiles& boot, std::int64_t g);
 
+/// The space tests of one profile pair (an ROI, or one voxel) from the peak-layer p-values of
+/// the activations (pa) and gradients (pg), confidence sets at level alpha / 2 each:
+///   p_div  = min(1, 2 max_{|a - b| <= margin} min(pa(a), pg(b)))  (every pair farther apart),
+///   p_cons = min(1, 2 max_{|a - b| > margin} min(pa(a), pg(b)))   (every pair within;
+///            1 when no pair is farther apart than the margin: nothing to exclude).
+/// NaN p-values (an undefined profile) give NaN.
+struct PairTests {
+  double p_div, p_cons;
+};
+PairTests pair_tests(const std::vector<double>& pa, const std::vector<double>& pg,
+                     double margin_layers);
+
+/// Per-target peak-layer p-values (the voxel-level space tests): r [L, t] the observed test r of
+/// t targets, boot [L, Bb, t] their bootstrap replicates (the same resamples for every layer;
+/// NaN where undefined). Per target, peak_pvalues of its layer profile; NaN for every layer of a
+/// target without a finite r. Returns [L, t].
+std::vector<float> target_peak_pvalues(const std::vector<float>& r, const std::vector<float>& boot,
+                                       std::int64_t L, std::int64_t Bb, std::int64_t t);
+
 struct Verdict {
   double value = 0, lo = 0, hi = 0; ///< descriptive statistic with its BC interval
   bool ci_extended = false;
