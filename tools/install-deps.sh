@@ -10,6 +10,7 @@ pkgs=(
   python3-numpy python3-h5py python3-torch python3-sklearn python3-scipy
   python3-statsmodels python3-matplotlib python3-nibabel python3-pandas python3-mne python3-pil
   zlib1g-dev libjpeg-dev
+  chromium
 )
 missing=()
 for p in "${pkgs[@]}"; do

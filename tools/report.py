@@ -189,6 +189,12 @@ def main(stats_dir, out):
     for mod, d, _ in DIVERGENCE:
         if mod in summ and d in summ[mod]:
             parts.append(f"<li>{sentence(mod, d, summ[mod][d])}</li>")
+    vox = summ.get("fmri", {}).get("D_space_voxels")
+    if vox:
+        a = vox["all"]
+        parts.append(f"<li>voxel by voxel (fMRI, the {a['tested']} voxels with signal in both kinds, BH at "
+                     f"q = {vox['q']:g}): {a['diverges']} diverge, {a['consistent']} are consistent, "
+                     f"{a['undetermined']} undetermined (map: maps/D_space_voxel_verdict.nii).</li>")
     parts.append("</ul><h2>Headline numbers</h2><table><tr><th>statistic</th><th>value</th><th>CI</th>"
                  "<th>p</th><th>verdict</th></tr>")
     for mod, rho, d in (("fmri", "rho_space", "D_space"), ("meg", "rho_time", "D_time")):

@@ -172,6 +172,23 @@ void report(const ReportOptions& o, MPI_Comm comm) {
         write_nifti(maps + "/q_bh_min_" + kind + ".nii", shape, affine, qmin);
       }
     }
+    if (!meg && sf.exists("/fmri/D_space_voxel/verdict")) {
+      // The voxel-level space verdicts as a map: 0 outside / not tested, 1 undetermined,
+      // 2 diverges, 3 consistent (statistics.md, "Voxel level").
+      io::File bf = io::File::open(brain_path, comm);
+      const auto shape = bf.attr_ints("/brain", "volume_shape");
+      const auto affine = bf.attr_doubles("/brain", "affine");
+      const auto ijk = bf.dataset("/brain/voxel_ijk").read_all<std::int64_t>();
+      const auto verdict = sf.dataset("/fmri/D_space_voxel/verdict").read_all<std::int32_t>();
+      GM_REQUIRE(ijk.size() == 3 * verdict.size(),
+                 brain_path + ": /brain/voxel_ijk does not match the tested voxels");
+      std::vector<float> vol(size_t(shape[0] * shape[1] * shape[2]), 0.0f);
+      for (size_t t = 0; t < verdict.size(); ++t) // bounds checked with the maps above
+        vol[size_t(ijk[3 * t] + shape[0] * (ijk[3 * t + 1] + shape[1] * ijk[3 * t + 2]))] =
+            float(verdict[t]);
+      if (root)
+        write_nifti(maps + "/D_space_voxel_verdict.nii", shape, affine, vol);
+    }
     if (sf.exists("/" + mod + (meg ? "/D_time" : "/D_space"))) {
       const auto d = sf.dataset("/" + mod + (meg ? "/D_time" : "/D_space")).read_all<double>();
       headline << mod << "," << (meg ? "D_time" : "D_space") << ",," << num(d[0]) << ","

@@ -1,9 +1,13 @@
 """`gradmap report` (the last stage of `gradmap run`): NIfTI-1 maps load in nibabel with the
 brain file's volume shape and affine and hold the stats' values at each voxel; CSV tables parse
 with pandas and agree with stats.h5 / summary.json; the PNG figures decode and are not blank;
-index.html is self-contained (embedded figures)."""
+index.html is self-contained (embedded figures) and, rendered in headless Chromium at 1280 px, has
+no horizontal overflow and every figure loads and fits the page."""
+import html
 import json
 import os
+import re
+import subprocess
 import sys
 
 import h5py
@@ -48,6 +52,9 @@ def test_nifti_maps():
             mask = np.ones(shape, bool)
             mask[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = False
             assert (data[mask] == 0).all() and (qm[mask] == 1).all()
+        vv = nib.load(f"{out}/report/maps/D_space_voxel_verdict.nii").get_fdata()
+        verdict = s["/fmri/D_space_voxel/verdict"][()]
+        assert np.array_equal(vv[ijk[:, 0], ijk[:, 1], ijk[:, 2]], verdict) and (vv[mask] == 0).all()
 
 
 def test_csv_tables():
@@ -85,6 +92,50 @@ def test_figures_and_html():
     assert "rho_space" in page and "D_time" in page
 
 
+LAYOUT_PROBE = """<script>
+window.addEventListener('load', function () {
+  var w = window.innerWidth, imgs = Array.from(document.images);
+  var r = {width: w, scroll_width: document.documentElement.scrollWidth,
+           images: imgs.map(function (i) { var b = i.getBoundingClientRect();
+             return {alt: i.alt, loaded: i.complete && i.naturalWidth > 0, right: b.right}; })};
+  var pre = document.createElement('pre'); pre.id = 'gm-layout'; pre.textContent = JSON.stringify(r);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def layout(page_html, where):
+    """Renders a page in headless Chromium at 1280 x 900 px and returns what the probe measured:
+    the viewport and document widths and, per image, whether it loaded and its right edge."""
+    probe = os.path.join(where, "layout-probe.html")
+    with open(probe, "w") as f:
+        f.write(page_html.replace("</body>", LAYOUT_PROBE + "</body>"))
+    p = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                        "--virtual-time-budget=10000", "--dump-dom", "file://" + probe],
+                       capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="gm-layout">(.*?)</pre>', p.stdout, re.S)
+    assert m, f"chromium rendered no probe result (exit {p.returncode}): {p.stderr[-1000:]}"
+    return json.loads(html.unescape(m.group(1)))
+
+
+def test_page_layout_in_headless_chromium():
+    """The page as people read it (Debian's chromium, 1280 px): no horizontal overflow, every
+    figure loads and fits the page width. The same probe on the page without its image-scaling
+    rule must see the overflow (the check can fail)."""
+    out = f"{BASE}/out/report"
+    page = open(f"{out}/index.html").read()
+    r = layout(page, out)
+    assert len(r["images"]) == page.count("<img"), r
+    assert r["scroll_width"] <= r["width"], r
+    for img in r["images"]:
+        assert img["loaded"], img
+        assert img["right"] <= r["width"], img
+    assert "/tmp/" not in page and os.path.abspath(BASE) not in page  # no absolute path of this machine
+    unscaled = layout(page.replace("img{max-width:100%;height:auto}", ""), out)
+    assert unscaled["scroll_width"] > unscaled["width"] or any(
+        i["right"] > unscaled["width"] for i in unscaled["images"]), unscaled
+
+
 def test_missing_stats_is_an_error():
     p = gradmap(["report", "--stats", f"{BASE}/nowhere", "--out", f"{BASE}/r2"], ranks=2, check=False)
     assert p.returncode != 0 and f"{BASE}/nowhere/stats.h5" in p.stdout + p.stderr
@@ -92,4 +143,5 @@ def test_missing_stats_is_an_error():
 
 if __name__ == "__main__":
     setup()
-    run_tests([test_nifti_maps, test_csv_tables, test_figures_and_html, test_missing_stats_is_an_error])
+    run_tests([test_nifti_maps, test_csv_tables, test_figures_and_html, test_page_layout_in_headless_chromium,
+               test_missing_stats_is_an_error])
