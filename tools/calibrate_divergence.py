@@ -29,6 +29,9 @@ import sys
 import tempfile
 import time
 import zlib
+
+import h5py
+import numpy as np
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,6 +74,22 @@ def base(gradmap, work, network, seed, size=SIZE):
     return d
 
 
+def scenario_args(scenario):
+    """simulate's options for a scenario name; boundary brains of aligned are written
+    aligned+shiftK (each voxel's gradient layer K layers from its activation layer) and
+    aligned+flat / aligned+gap0 (the gradients' timing), e.g. aligned+shift1+flat."""
+    parts = scenario.split("+")
+    args = ["--scenario", parts[0]]
+    for x in parts[1:]:
+        if x.startswith("shift"):
+            args += ["--gradient-shift", x[5:]]
+        elif x in ("flat", "gap0"):
+            args += ["--gradient-timing", x]
+        else:
+            raise ValueError(f"unknown scenario part {x!r} in {scenario!r}")
+    return args
+
+
 def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutations, bootstraps, alpha,
               size=SIZE, modalities=("fmri", "meg")):
     """One noise draw of the modalities (fMRI at snrs["fmri"], MEG at snrs["meg"]) -> per
@@ -79,7 +98,7 @@ def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutat
     d = os.path.join(work, f"r-{os.path.basename(b)}-{noise_seed}-{scenario}-{snrs['fmri']}-{snrs['meg']}")
     both = len(modalities) == 2
     try:
-        run(gradmap, ["simulate", "--out", d, "--scenario", scenario, "--seed", str(seed), "--noise-seed",
+        run(gradmap, ["simulate", "--out", d, *scenario_args(scenario), "--seed", str(seed), "--noise-seed",
                       str(noise_seed), "--modality", "both" if both else modalities[0], "--model",
                       f"builtin:{network}", "--snr", str(snrs["fmri"]), "--meg-snr", str(snrs["meg"]), *size])
         scores = []
@@ -100,6 +119,10 @@ def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutat
                         "value": st["value"], "ci": [lo, hi], "ci_extended": st["ci_extended"]}
             if "D_space_voxels" in summ[mod]:  # voxel level: counts of tested / diverges / consistent
                 out[mod]["voxels"] = summ[mod]["D_space_voxels"]["all"]
+        with h5py.File(f"{d}/stats/stats.h5") as s:  # targets significant anywhere (BH across all)
+            for mod in modalities:
+                out[mod]["significant"] = {k: int((np.nanmin(s[f"/{mod}/{k}/q_bh_all"][()], 0) < 0.05).sum())
+                                           for k in ("activations", "gradients")}
         return out
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -215,7 +238,40 @@ def tables(res):
     text = markdown(res) + "\n\n" + markdown_groups(res["groups"])
     if res.get("voxels"):
         text += "\n\n" + markdown_voxels(res["voxels"])
+    sig = significance_rates(res)
+    if sig:
+        text += "\n\n" + markdown_significance(sig)
     return text
+
+
+def significance_rates(res):
+    """Per cell: the share of replicates with any target significant (BH at 0.05 across all kinds
+    and layers) for each kind. On `activations-only` brains every significant gradient target is
+    a raw gradient score re-encoding the activations (the confound of the unique-variance issue)."""
+    cells = {}
+    for r in res["raw"]:
+        for mod in MODS(r):
+            if "significant" in r[mod]:
+                cells.setdefault((r["network"], r.get("test_images", 100), mod, r["scenario"], r["snr"][mod]),
+                                 []).append(r[mod]["significant"])
+    rows = []
+    for (net, m, mod, sc, snr), v in sorted(cells.items()):
+        row = {"network": net, "test_images": m, "modality": mod, "scenario": sc, "snr": snr, "n": len(v)}
+        for k in ("activations", "gradients"):
+            row[f"any_{k}"] = sum(x[k] > 0 for x in v)
+            row[f"mean_{k}"] = sum(x[k] for x in v) / len(v)
+        rows.append(row)
+    return rows
+
+
+def markdown_significance(rows):
+    out = ["| network | test images | modality | scenario | SNR | n | runs with significant activations | "
+           "runs with significant raw gradients | mean significant gradient targets |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['network']} | {r['test_images']} | {r['modality']} | {r['scenario']} | {r['snr']} | "
+                   f"{r['n']} | {r['any_activations']} | {r['any_gradients']} | {r['mean_gradients']:.1f} |")
+    return "\n".join(out)
 
 
 def merge(paths):
@@ -256,17 +312,19 @@ def group_verdict(subjects, alpha, permutations, bootstraps):
 
 
 def group_rates(res, sizes=(4, 8)):
-    """Group inference checked by simulation: the replicates of a cell, taken S at a time
-    (disjoint sets: independent noise draws as subjects), give group verdicts."""
+    """Group inference checked by simulation: within one base seed (the same stimuli, network
+    features and planted structure, as real subjects who saw the same images), the replicates of
+    a cell taken S at a time (disjoint sets of noise draws as subjects) give group verdicts."""
     cells = {}
     for r in res["raw"]:
         for mod in MODS(r):
             cells.setdefault((r["network"], r.get("test_images", 100), mod, r["scenario"], r["snr"][mod]),
-                             []).append(r[mod])
+                             {}).setdefault(r["base_seed"], []).append(r[mod])
     rows = []
-    for (net, m, mod, sc, snr), subs in sorted(cells.items()):
+    for (net, m, mod, sc, snr), by_base in sorted(cells.items()):
         for S in sizes:
-            groups = [subs[i:i + S] for i in range(0, len(subs) - S + 1, S)]
+            groups = [subs[i:i + S] for _, subs in sorted(by_base.items())
+                      for i in range(0, len(subs) - S + 1, S)]
             if not groups:
                 continue
             v = [group_verdict(g, res["alpha"], res["permutations"], res["bootstraps"]) for g in groups]

@@ -7,7 +7,8 @@ namespace gradmap::cli {
 Command simulate_command() {
   Command c;
   c.name = "simulate";
-  c.usage = "--out DIR [--scenario misaligned|aligned|null] [--seed N] [--modality fmri|meg|both] "
+  c.usage = "--out DIR [--scenario misaligned|aligned|activations-only|null] [--seed N] "
+            "[--modality fmri|meg|both] "
             "[sizes...]";
   c.summary = "Writes DIR/stimuli.h5 and DIR/brain_fmri.h5 and/or DIR/brain_meg.h5: procedural\n"
               "images and fMRI/MEG responses generated from the activations and gradients of the\n"
@@ -18,9 +19,11 @@ Command simulate_command() {
     d.add_options()("out", po::value<std::string>()->required(), "output directory")(
         "scenario", po::value<std::string>()->default_value(def.scenario),
         "misaligned (gradients only in high-level areas, late, forward order), aligned "
-        "(gradients follow activations in space, top-down in time), or null (no signal)")(
-        "modality", po::value<std::string>()->default_value(def.modality), "fmri, meg or both")(
-        "seed", po::value<std::uint64_t>()->default_value(def.seed), "random seed")(
+        "(gradients follow activations in space, top-down in time), activations-only (no "
+        "learning signal anywhere: the confound control for raw gradient scores), or null (no "
+        "signal)")("modality", po::value<std::string>()->default_value(def.modality),
+                   "fmri, meg or both")("seed", po::value<std::uint64_t>()->default_value(def.seed),
+                                        "random seed")(
         "noise-seed", po::value<std::uint64_t>()->default_value(def.noise_seed),
         "seed of the trial noise alone (0: --seed); the stimuli and the planted structure stay")(
         "images", po::value<std::int64_t>()->default_value(def.images),
@@ -42,6 +45,12 @@ Command simulate_command() {
         "share of voxels/sensors that are pure noise")(
         "gradient-share", po::value<double>()->default_value(def.gradient_share),
         "variance share of the gradient component in targets driven by both kinds")(
+        "gradient-shift", po::value<int>()->default_value(def.gradient_shift),
+        "aligned only (calibration of the space verdicts): each voxel's gradient layer this many "
+        "layers from its activation layer")(
+        "gradient-timing", po::value<std::string>()->default_value(def.gradient_timing),
+        "aligned only (calibration of the time verdicts): top-down, flat (one latency for "
+        "every layer) or gap0 (top-down, the top layer's gradient at its activation's latency)")(
         "model", po::value<std::string>()->default_value(def.model), "reference network")(
         "voxel-chunk", po::value<std::int64_t>()->default_value(def.voxel_chunk),
         "voxels generated per round (bounds memory)");
@@ -66,6 +75,8 @@ Command simulate_command() {
     o.meg_snr = vm["meg-snr"].as<double>();
     o.noise_fraction = vm["noise-fraction"].as<double>();
     o.gradient_share = vm["gradient-share"].as<double>();
+    o.gradient_shift = vm["gradient-shift"].as<int>();
+    o.gradient_timing = vm["gradient-timing"].as<std::string>();
     o.model = vm["model"].as<std::string>();
     o.voxel_chunk = vm["voxel-chunk"].as<std::int64_t>();
     o.threads = threads_of(vm, ctx);

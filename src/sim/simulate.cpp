@@ -362,8 +362,10 @@ void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design
       continue;
     const int jitter = u < 0.1 ? -1 : (u < 0.2 ? 1 : 0);
     layer_act[v] = std::clamp(roi_layer_act[roi[v]] + jitter, 0, L - 1);
-    if (roi_layer_grad[roi[v]] >= 0)
-      layer_grad[v] = o.scenario == "aligned" ? layer_act[v] : roi_layer_grad[roi[v]];
+    if (roi_layer_grad[roi[v]] >= 0) {
+      const int k = o.gradient_shift, a = layer_act[v];
+      layer_grad[v] = o.scenario != "aligned" ? roi_layer_grad[roi[v]] : a + k < L ? a + k : a - k;
+    }
   }
 
   // Voxel grid: ROIs are slabs along j (posterior -> anterior), 1.8 mm isotropic.
@@ -468,7 +470,13 @@ void simulate_meg(const SimulateOptions& o, const Features& feats, const Design&
   if (o.scenario != "null")
     for (int l = 0; l < L; ++l) {
       lat[0][l] = first + step * l;
+      if (o.scenario == "activations-only") // that brain carries no learning signal at all
+        continue;
       lat[1][l] = t1 - span + step * (o.scenario == "aligned" ? (L - 1 - l) : l);
+      if (o.scenario == "aligned" && o.gradient_timing == "flat")
+        lat[1][l] = t1 - span / 2; // slope 0: the boundary of both time claims
+      else if (o.scenario == "aligned" && o.gradient_timing == "gap0")
+        lat[1][l] = first + step * (L - 1) + step * (L - 1 - l); // gap 0, top-down below it
     }
   // Latent image signal of each (kind, layer) and each sensor's mixing weights (unit norm).
   std::vector<std::vector<double>> latent(static_cast<size_t>(2 * L));
@@ -567,8 +575,17 @@ void validate(const SimulateOptions& o) {
   };
   if (o.out_dir.empty())
     bad("out", "an output directory is required");
-  if (o.scenario != "misaligned" && o.scenario != "aligned" && o.scenario != "null")
-    bad("scenario", "must be misaligned, aligned or null, not '" + o.scenario + "'");
+  if (o.scenario != "misaligned" && o.scenario != "aligned" && o.scenario != "null" &&
+      o.scenario != "activations-only")
+    bad("scenario",
+        "must be misaligned, aligned, activations-only or null, not '" + o.scenario + "'");
+  if (o.gradient_timing != "top-down" && o.gradient_timing != "flat" && o.gradient_timing != "gap0")
+    bad("gradient-timing", "must be top-down, flat or gap0, not '" + o.gradient_timing + "'");
+  if ((o.gradient_shift != 0 || o.gradient_timing != "top-down") && o.scenario != "aligned")
+    bad(o.gradient_shift != 0 ? "gradient-shift" : "gradient-timing",
+        "applies to --scenario aligned only");
+  if (o.gradient_shift < 0)
+    bad("gradient-shift", "must be >= 0");
   if (o.modality != "fmri" && o.modality != "meg" && o.modality != "both")
     bad("modality", "must be fmri, meg or both, not '" + o.modality + "'");
   if (o.images < 4)

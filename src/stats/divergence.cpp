@@ -220,7 +220,7 @@ double p_any_signal(const Profiles& observed, const Profiles& null, const std::v
           m = std::max(m, null.at(l, g, b));
           undefined = false;
         }
-    c += undefined || m >= obs ? 1 : 0; // undefined: at least as extreme
+    c += (undefined ? 0.0 : m) >= obs ? 1 : 0; // undefined: the no-effect value 0 (the rule)
   }
   return c / double(null.R + 1);
 }
@@ -285,8 +285,9 @@ SpaceDivergence space_divergence(const Profiles& act, const Profiles& grad,
     const PairTests pt = pair_tests(pa, pg, margin_layers);
     s.p_div_roi[g] = pt.p_div;
     s.p_cons_roi[g] = pt.p_cons;
-    min_div = std::min(min_div, s.p_div_roi[g]);
-    max_cons = std::max(max_cons, s.p_cons_roi[g]);
+    // An undefined test (NaN) supports neither claim: 1 for both in the combinations below.
+    min_div = std::min(min_div, std::isnan(pt.p_div) ? 1.0 : pt.p_div);
+    max_cons = std::max(max_cons, std::isnan(pt.p_cons) ? 1.0 : pt.p_cons);
   }
   Verdict& v = s.v;
   v.p_diverges = n ? std::min(1.0, double(n) * min_div) : 1.0;
@@ -317,7 +318,7 @@ Latencies latencies(const Profiles& c, std::int64_t r, const std::vector<double>
       }
     }
     double onset = kNaN;
-    if (best >= 0)
+    if (best >= 0 && v > 0) // half of a peak r <= 0 is no onset: undefined
       for (std::int64_t g = 0; g <= best; ++g) {
         const double x = c.at(l, g, r);
         if (times[g] > 0 && std::isfinite(x) && x >= v / 2) {

@@ -369,6 +369,13 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
       throw UsageError(path + ": no /activations or /gradients scores");
     const std::int64_t T = std::int64_t(kinds[0].r.size()) / std::max<std::int64_t>(L, 1);
     const auto group_n = sf.dataset("/" + kinds[0].name + "/group_n").read_all<std::int64_t>();
+    // [L, G] -> [G]: a group takes part only if every layer has scored targets in it.
+    std::vector<std::int64_t> n_group(static_cast<size_t>(G), 0);
+    for (std::int64_t g = 0; g < G && std::int64_t(group_n.size()) == L * G; ++g) {
+      n_group[g] = group_n[g];
+      for (std::int64_t l = 1; l < L; ++l)
+        n_group[g] = std::min(n_group[g], group_n[l * G + g]);
+    }
     const std::string mod = "/" + modality;
 
     // Per-target p-values, FDR within each (kind, layer) and across all, max-stat FWER.
@@ -447,7 +454,7 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
       for (std::int64_t l = 0; l < L; ++l)
         summary << (l ? ", " : "") << n_fwer[l];
       summary << "]}";
-      hier.push_back(hierarchy(kd, meg, L, G, B, Bb, value, group_n));
+      hier.push_back(hierarchy(kd, meg, L, G, B, Bb, value, n_group));
       finish_ci(hier.back().rho, o.ci);
       f.write_small(base + "group_r", kd.group_r, {L, G});
     }
@@ -567,7 +574,7 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
       } else {
         const double margin = o.space_margin * double(L - 1);
         const SpaceDivergence sd = space_divergence(obs[0], obs[1], boot[0], boot[1], null[0],
-                                                    null[1], group_n, margin, o.alpha, o.ci);
+                                                    null[1], n_group, margin, o.alpha, o.ci);
         v = sd.v;
         f.write_small(mod + "/D_space_p_diverges_roi", sd.p_div_roi, {G});
         f.write_small(mod + "/D_space_p_consistent_roi", sd.p_cons_roi, {G});

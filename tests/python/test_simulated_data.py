@@ -18,7 +18,7 @@ from gmtest import gradmap, run_tests, tmpdir
 BASE = tmpdir("planted")
 SIZES = ["--images", 500, "--test-images", 100, "--repetitions", 2, "--voxels", 900,
          "--sensors", 24, "--times", 36, "--image-size", 32]
-for scen in ("misaligned", "aligned", "null"):
+for scen in ("misaligned", "aligned", "activations-only", "null"):
     gradmap(["simulate", "--out", f"{BASE}/{scen}", "--scenario", scen, "--seed", 3, *SIZES], ranks=2)
 
 
@@ -44,7 +44,7 @@ def colcorr(a, b):
 
 
 def test_schema_of_every_file():
-    for scen in ("misaligned", "aligned", "null"):
+    for scen in ("misaligned", "aligned", "activations-only", "null"):
         with h5py.File(f"{BASE}/{scen}/stimuli.h5") as s:
             assert s.attrs["gradmap_schema"] == 1
             assert s["/stimuli/images"].dtype == np.uint8 and s["/stimuli/images"].shape == (500, 32, 32, 3)
@@ -96,6 +96,15 @@ def test_truth_is_consistent_with_the_scenario():
         assert (la[noise == 0] == lg[noise == 0]).all()
     with h5py.File(f"{BASE}/null/brain_fmri.h5") as f:
         assert (f["/truth/noise_target"][()] == 1).all()
+    with h5py.File(f"{BASE}/activations-only/brain_fmri.h5") as f, \
+            h5py.File(f"{BASE}/aligned/brain_fmri.h5") as g:  # the same activations, no gradients
+        assert (f["/truth/layer_gradients"][()] == -1).all()
+        assert np.array_equal(f["/truth/layer_activations"][()], g["/truth/layer_activations"][()])
+    with h5py.File(f"{BASE}/activations-only/brain_meg.h5") as f:
+        assert np.isnan(f["/truth/latency_gradients"][()]).all()
+        assert (np.diff(f["/truth/latency_activations"][()]) > 0).all()
+        L = len(f["/truth/latency_activations"][()])
+        assert (f["/truth/sensor_weights"][()][:, L:] == 0).all()
     with h5py.File(f"{BASE}/misaligned/brain_meg.h5") as f:
         assert (np.diff(f["/truth/latency_activations"][()]) > 0).all()
         lgr = f["/truth/latency_gradients"][()]
@@ -104,6 +113,31 @@ def test_truth_is_consistent_with_the_scenario():
         assert (np.diff(f["/truth/latency_gradients"][()]) < 0).all()
     with h5py.File(f"{BASE}/null/brain_meg.h5") as f:
         assert np.isnan(f["/truth/latency_activations"][()]).all()
+
+
+def test_boundary_brains_for_the_verdicts():
+    """aligned with --gradient-shift K: every signal voxel's gradient layer exactly K layers from
+    its activation layer; --gradient-timing flat: one gradient latency (slope 0, gap > 0); gap0:
+    top-down with the top layer's gradient at its activation's latency. Other scenarios refuse."""
+    small = ["--images", 60, "--test-images", 10, "--voxels", 200, "--sensors", 4, "--times", 36,
+             "--image-size", 16]
+    for shift, timing in ((1, "flat"), (2, "gap0")):
+        d = f"{BASE}/boundary-{shift}"
+        gradmap(["simulate", "--out", d, "--scenario", "aligned", "--gradient-shift", shift,
+                 "--gradient-timing", timing, "--seed", 4, *small])
+        with h5py.File(f"{d}/brain_fmri.h5") as f:
+            la, lg = f["/truth/layer_activations"][()], f["/truth/layer_gradients"][()]
+            sig = la >= 0
+            assert sig.any() and (np.abs(lg[sig] - la[sig]) == shift).all()
+        with h5py.File(f"{d}/brain_meg.h5") as f:
+            ta, tg = f["/truth/latency_activations"][()], f["/truth/latency_gradients"][()]
+            if timing == "flat":
+                assert np.ptp(tg) == 0 and tg[-1] > ta[-1]
+            else:
+                assert np.isclose(tg[-1], ta[-1]) and (np.diff(tg) < 0).all()
+    for bad in (["--scenario", "misaligned", "--gradient-shift", 1], ["--gradient-timing", "sideways"]):
+        p = gradmap(["simulate", "--out", f"{BASE}/bad", *bad, *small], check=False)
+        assert p.returncode != 0 and bad[-2] in p.stdout + p.stderr, p.stderr
 
 
 def test_fmri_reliability_matches_the_snr():
@@ -161,5 +195,6 @@ def test_meg_reliability_time_course():
 
 
 run_tests([test_schema_of_every_file, test_truth_is_consistent_with_the_scenario,
+           test_boundary_brains_for_the_verdicts,
            test_fmri_reliability_matches_the_snr, test_fmri_hierarchy_visible_from_pixel_statistics,
            test_meg_reliability_time_course])

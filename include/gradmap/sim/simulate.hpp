@@ -12,7 +12,7 @@ namespace gradmap::sim {
 
 struct SimulateOptions {
   std::string out_dir;
-  std::string scenario = "misaligned"; ///< misaligned | aligned | null
+  std::string scenario = "misaligned"; ///< misaligned | aligned | activations-only | null
   std::string modality = "both";       ///< fmri | meg | both
   std::uint64_t seed = 1;
   /// Seed of the trial noise only (0: the same as seed). Changing it alone keeps the stimuli, the
@@ -32,6 +32,12 @@ struct SimulateOptions {
   double meg_snr = 0.5;           ///< MEG single-trial signal/noise variance ratio at the peak
   double noise_fraction = 0.2;    ///< share of targets that are pure noise
   double gradient_share = 0.5;    ///< variance share of the gradient component where both drive
+  /// Boundary brains for the calibration of the verdicts (scenario aligned only): the gradient
+  /// layer of every voxel K layers from its activation layer (up where it can, else down), and
+  /// the gradients' timing: top-down (the prediction), flat (every layer at one latency: slope 0)
+  /// or gap0 (top-down, the top layer's gradient at its activation's latency: gap 0).
+  int gradient_shift = 0;
+  std::string gradient_timing = "top-down";
   std::string model = "builtin:tinycnn";
   int threads = 1;
   std::int64_t voxel_chunk = 512; ///< voxels generated per round (bounds memory)

@@ -95,7 +95,8 @@ struct Verdict {
 void decide(Verdict& v, double alpha);
 
 /// Max-statistic permutation test that a kind carries any signal in the given groups:
-/// p = (1 + #{b: max_{l, g in use} null_b >= max_{l, g in use} observed}) / (B + 1).
+/// p = (1 + #{b: max_{l, g in use} null_b >= max_{l, g in use} observed}) / (B + 1); a replicate
+/// with no defined value takes the no-effect value 0.
 double p_any_signal(const Profiles& observed, const Profiles& null, const std::vector<bool>& use);
 
 /// Space (fMRI): per ROI g with voxels, peak-layer confidence sets of the activations (S_A) and
@@ -121,7 +122,8 @@ SpaceDivergence space_divergence(const Profiles& act, const Profiles& grad,
 
 /// Latencies of one kind from latency curves (groups = time points `times`): per layer, the
 /// peak latency argmax_{t > 0} c_l(t) (the first on ties) and the onset latency, the first
-/// t > 0 with c_l(t) >= c_l(peak) / 2; NaN where the curve has no finite post-stimulus value.
+/// t > 0 with c_l(t) >= c_l(peak) / 2; NaN where the curve has no finite post-stimulus value
+/// (and the onset NaN where the peak r is <= 0: no response to rise to).
 struct Latencies {
   std::vector<double> peak, onset;
 };
