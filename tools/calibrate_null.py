@@ -127,7 +127,7 @@ def summarise(raw, alpha):
     return res
 
 
-def calibrate(gradmap, replicates, bases=5, jobs=2, permutations=200, bootstraps=50, alpha=0.05, q=0.05,
+def calibrate(gradmap, replicates, bases=5, jobs=2, permutations=200, bootstraps=200, alpha=0.05, q=0.05,
               work=None, first_noise_seed=1000, log=sys.stderr):
     work = work or tempfile.mkdtemp(prefix="gradmap-calibrate-null-")
     os.makedirs(work, exist_ok=True)
@@ -189,7 +189,7 @@ if __name__ == "__main__":
     ap.add_argument("--bases", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--permutations", type=int, default=200)
-    ap.add_argument("--bootstraps", type=int, default=50)
+    ap.add_argument("--bootstraps", type=int, default=200)
     ap.add_argument("--first-noise-seed", type=int, default=1000)
     ap.add_argument("--gradmap", default=os.path.join(HERE, "..", "build", "src", "gradmap"))
     ap.add_argument("--out", help="JSON results")

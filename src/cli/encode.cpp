@@ -61,13 +61,13 @@ Command encode_command() {
     o.features = vm["features"].as<std::string>();
     o.brain = vm["brain"].as<std::string>();
     o.out = vm["out"].as<std::string>();
-    o.alpha_cv = vm["alpha-cv"].as<std::string>();
+    o.alpha_cv = encoding::parse_alpha_cv(vm["alpha-cv"].as<std::string>());
     o.folds = vm["folds"].as<int>();
     o.seed = vm["seed"].as<std::uint64_t>();
     o.store_predictions = vm["store-predictions"].as<bool>();
     o.permutations = vm["permutations"].as<int>();
-    o.precision = vm["precision"].as<std::string>();
-    o.solver = vm["solver"].as<std::string>();
+    o.precision = encoding::parse_precision(vm["precision"].as<std::string>());
+    o.solver = encoding::parse_solver(vm["solver"].as<std::string>());
     o.bootstraps = vm["bootstraps"].as<int>();
     o.store_resamples = vm["store-resamples"].as<bool>();
     o.cluster_p = vm["cluster-p"].as<double>();

@@ -51,6 +51,44 @@ std::vector<double> default_alphas() {
   return a;
 }
 
+AlphaCV parse_alpha_cv(const std::string& s) {
+  if (s == "loo")
+    return AlphaCV::loo;
+  if (s == "kfold")
+    return AlphaCV::kfold;
+  throw UsageError("--alpha-cv: must be loo or kfold, not '" + s + "'");
+}
+
+Solver parse_solver(const std::string& s) {
+  if (s == "auto")
+    return Solver::automatic;
+  if (s == "primal")
+    return Solver::primal;
+  if (s == "dual")
+    return Solver::dual;
+  throw UsageError("--solver: must be auto, primal or dual, not '" + s + "'");
+}
+
+Precision parse_precision(const std::string& s) {
+  if (s == "float32")
+    return Precision::float32;
+  if (s == "float64")
+    return Precision::float64;
+  throw UsageError("--precision: must be float32 or float64, not '" + s + "'");
+}
+
+const char* name(AlphaCV v) {
+  return v == AlphaCV::kfold ? "kfold" : "loo";
+}
+
+const char* name(Solver v) {
+  return v == Solver::dual ? "dual" : v == Solver::primal ? "primal" : "auto";
+}
+
+const char* name(Precision v) {
+  return v == Precision::float64 ? "float64" : "float32";
+}
+
 void validate(const EncodeOptions& o) {
   if (o.features.empty())
     throw UsageError("--features: a features file is required");
@@ -58,17 +96,11 @@ void validate(const EncodeOptions& o) {
     throw UsageError("--brain: a brain file is required");
   if (o.out.empty())
     throw UsageError("--out: an output file is required");
-  if (o.alpha_cv != "loo" && o.alpha_cv != "kfold")
-    throw UsageError("--alpha-cv: must be loo or kfold, not '" + o.alpha_cv + "'");
-  if (o.alpha_cv == "kfold" && o.folds < 2)
+  if (o.alpha_cv == AlphaCV::kfold && o.folds < 2)
     throw UsageError("--folds: at least 2 folds are needed");
   for (double a : o.alphas)
     if (!(a > 0) || !std::isfinite(a))
       throw UsageError("--alphas: every alpha must be a positive finite number");
-  if (o.precision != "float32" && o.precision != "float64")
-    throw UsageError("--precision: must be float32 or float64, not '" + o.precision + "'");
-  if (o.solver != "auto" && o.solver != "primal" && o.solver != "dual")
-    throw UsageError("--solver: must be auto, primal or dual, not '" + o.solver + "'");
   if (o.permutations < 0 || o.permutations > 10000000)
     throw UsageError("--permutations: must be between 0 and 10^7");
   if (o.bootstraps < 0 || o.bootstraps > 10000000)
@@ -319,7 +351,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   StageTimer timer("encode");
   const int me = mpi::rank(comm), p = mpi::size(comm);
   const std::vector<double> alphas = opt.alphas.empty() ? default_alphas() : opt.alphas;
-  const Precision prec = opt.precision == "float32" ? Precision::float32 : Precision::float64;
+  const Precision prec = opt.precision;
 
   // 1. Inputs.
   io::File ff = io::File::open(opt.features, comm);
@@ -352,7 +384,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   // K-fold: training images dealt to folds by a seeded permutation (contiguous runs of it), the
   // same for every target, layer, kind and rank count.
   std::vector<std::int32_t> fold(static_cast<size_t>(n), 0);
-  if (opt.alpha_cv == "kfold") {
+  if (opt.alpha_cv == AlphaCV::kfold) {
     if (n < 2 * std::int64_t(opt.folds))
       throw UsageError(opt.brain + ": " + std::to_string(n) + " training images are too few for " +
                        std::to_string(opt.folds) + " folds (need at least 2 per fold)");
@@ -371,7 +403,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   std::vector<std::int64_t> rows(train);
   std::vector<std::int32_t> row_fold(fold);
   std::vector<std::int64_t> fold_start(static_cast<size_t>(opt.folds + 1), 0);
-  if (opt.alpha_cv == "kfold") {
+  if (opt.alpha_cv == AlphaCV::kfold) {
     std::vector<std::int64_t> idx(static_cast<size_t>(n));
     for (std::int64_t i = 0; i < n; ++i)
       idx[i] = i;
@@ -417,11 +449,12 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   // K-fold with no more features than the smallest fold's training rows: the Gram form
   // (fit_kfold_gram), unless --solver dual asks for the kernel form.
   std::int64_t min_fold_train = n;
-  for (int f = 0; f < opt.folds && opt.alpha_cv == "kfold"; ++f)
+  for (int f = 0; f < opt.folds && opt.alpha_cv == AlphaCV::kfold; ++f)
     min_fold_train = std::min(min_fold_train, n - (fold_start[f + 1] - fold_start[f]));
   auto use_gram = [&](std::int64_t dim) {
-    return opt.alpha_cv == "kfold" &&
-           (opt.solver == "primal" || (opt.solver == "auto" && dim <= min_fold_train));
+    return opt.alpha_cv == AlphaCV::kfold &&
+           (opt.solver == Solver::primal ||
+            (opt.solver == Solver::automatic && dim <= min_fold_train));
   };
   std::int64_t pmax = 0, basis_bytes = 0;
   for (auto d : fi.dims) {
@@ -431,8 +464,9 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       basis_bytes += 8 * (n * d + d * r + m * r) + opt.folds * (12 * (d * r + r * r) + 32 * d);
     else // U (double + float32), X_test V, s; kfold: per fold the same for its rows (about
          // n + n/K training rows and n/K held-out rows in all, per fold).
-      basis_bytes += 12 * n * r + 8 * (m * r + r) +
-                     (opt.alpha_cv == "kfold" ? 12 * opt.folds * (n + n / opt.folds) * r : 0);
+      basis_bytes +=
+          12 * n * r + 8 * (m * r + r) +
+          (opt.alpha_cv == AlphaCV::kfold ? 12 * opt.folds * (n + n / opt.folds) * r : 0);
   }
   basis_bytes *= K;
   const std::int64_t rmax = std::min(n, pmax);
@@ -444,7 +478,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   const bool voxel_peaks = !meg && opt.bootstraps > 0;
   const std::int64_t per_target =
       8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 20 * K * L +
-      (opt.alpha_cv == "kfold" ? 8 * ((opt.folds + 3) * pmax + opt.folds * (A + K * L)) : 0) +
+      (opt.alpha_cv == AlphaCV::kfold ? 8 * ((opt.folds + 3) * pmax + opt.folds * (A + K * L))
+                                      : 0) +
       (voxel_peaks ? 4 * (L + 1) * std::int64_t(opt.bootstraps) : 0);
   // Working set of one basis computation: the features, their standardised copies, the SVD.
   const std::int64_t one_basis = 8 * (fi.n * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
@@ -494,7 +529,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     std::vector<FoldBasis> folds;
     GramBasis gb;
   };
-  const int nf = opt.alpha_cv == "kfold" ? opt.folds : 0;
+  const int nf = opt.alpha_cv == AlphaCV::kfold ? opt.folds : 0;
   // Decompositions dealt to ranks: each rank first runs the jobs it owns (of every cached
   // side), then every job is broadcast from its owner, so the ranks work at the same time.
   struct Job {
@@ -520,7 +555,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   };
   auto svd_job = [&](RidgeBasis& out, std::vector<double> xa, std::int64_t na, std::int64_t dim,
                      std::vector<double> xb, std::int64_t nb, bool distribute) {
-    if (opt.solver == "dual" || (opt.solver == "auto" && dim > na)) {
+    if (opt.solver == Solver::dual || (opt.solver == Solver::automatic && dim > na)) {
       // The kernel form, computed by all ranks together (ScaLAPACK) when they are all here.
       out = make_basis_dual(xa, na, dim, xb, nb, distribute ? comm : MPI_COMM_SELF);
       return;
@@ -606,9 +641,9 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   f.set_attr("/", "brain", opt.brain);
   f.set_attr("/", "layers", fi.layers);
   f.set_attr("/", "alphas", alphas);
-  f.set_attr("/", "alpha_cv", opt.alpha_cv);
-  f.set_attr("/", "precision", opt.precision);
-  f.set_attr("/", "solver", opt.solver);
+  f.set_attr("/", "alpha_cv", std::string(name(opt.alpha_cv)));
+  f.set_attr("/", "precision", std::string(name(opt.precision)));
+  f.set_attr("/", "solver", std::string(name(opt.solver)));
   f.set_attr("/", "n_train", n);
   f.set_attr("/", "n_test", m);
   if (meg)
@@ -724,7 +759,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         }
         const Side& side = cache ? cached[size_t(k * L + l)] : fresh;
         const RidgeScores sc = side.gram ? fit_kfold_gram(side.gb, ytr, yte, t, alphas, prec)
-                               : opt.alpha_cv == "kfold"
+                               : opt.alpha_cv == AlphaCV::kfold
                                    ? fit_kfold(side.basis, side.folds, ytr, yte, t, alphas, prec)
                                    : fit_loo(side.basis, ytr, yte, t, alphas, prec);
         for (std::int64_t c = 0; c < t; ++c) {
@@ -786,7 +821,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     f.write_small("/groups/target", group, {bi.targets});
   f.write_small("/split/train_stimuli", train, {n});
   f.write_small("/split/test_stimuli", test, {m});
-  if (opt.alpha_cv == "kfold") {
+  if (opt.alpha_cv == AlphaCV::kfold) {
     f.write_small("/split/fold", fold, {n}); // fold of each training image (order of train_stimuli)
     f.set_attr("/", "folds", std::int64_t{opt.folds});
   }

@@ -129,7 +129,7 @@ def test_unknown_option_and_no_output():
 def test_bad_option_values():
     out = f"{BASE}/values"
     expect_failure(["simulate", "--out", out, "--scenario", "sideways"],
-                   "--scenario: must be misaligned, aligned or null, not 'sideways'")
+                   "--scenario: must be misaligned, aligned, activations-only or null, not 'sideways'")
     expect_failure(["simulate", "--out", out, "--test-images", 1], "--test-images")
     expect_failure(["simulate", "--out", out, "--model", "builtin:resnet9000"],
                    "unknown built-in model 'resnet9000'")

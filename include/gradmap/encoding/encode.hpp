@@ -10,21 +10,36 @@
 #include <string>
 #include <vector>
 
+#include "gradmap/encoding/ridge.hpp"
+
 namespace gradmap::encoding {
+
+/// How alpha is chosen per target, and which basis of the training features is used; parsed once
+/// from the command line or config (parse_* throw UsageError naming the option), written back
+/// by name() (the scores.h5 attributes).
+enum class AlphaCV { loo, kfold };
+enum class Solver { automatic, primal, dual };
+AlphaCV parse_alpha_cv(const std::string& s);
+Solver parse_solver(const std::string& s);
+Precision parse_precision(const std::string& s);
+const char* name(AlphaCV v);
+const char* name(Solver v);
+const char* name(Precision v);
 
 struct EncodeOptions {
   std::string features, brain, out;
-  std::vector<double> alphas;     ///< empty: the default grid 10^-1 ... 10^8 (10 values)
-  std::string alpha_cv = "loo";   ///< loo | kfold
+  std::vector<double> alphas; ///< empty: the default grid 10^-1 ... 10^8 (10 values)
+  AlphaCV alpha_cv = AlphaCV::loo;
   int folds = 5;                  ///< kfold: number of folds of training images
   std::uint64_t seed = 0;         ///< fold assignment, permutations and bootstrap resamples
   bool store_predictions = false; ///< also write the test predictions
   /// Memory budget per rank (GiB): targets are chunked to fit. 0: 80% of the node's memory
   /// divided by the ranks on the node (resolved by encode(), the one place of this default).
   double memory_gb = 0;
-  std::int64_t max_chunk = 0;        ///< at most this many target units per round (0: budget only)
-  std::string precision = "float32"; ///< of the alpha-selection GEMMs (ridge.hpp: Precision)
-  std::string solver = "auto";  ///< primal (SVD) | dual (kernel, ScaLAPACK) | auto: dual when p > n
+  std::int64_t max_chunk = 0; ///< at most this many target units per round (0: budget only)
+  Precision precision = Precision::float32; ///< of the alpha-selection GEMMs (ridge.hpp)
+  /// primal (SVD) | dual (kernel, ScaLAPACK) | automatic: dual when p > n
+  Solver solver = Solver::automatic;
   int permutations = 1000;      ///< test-image permutations (0: none; see nulls.hpp)
   int bootstraps = 1000;        ///< bootstrap resamples of the test images (0: none)
   bool store_resamples = false; ///< also write the permutations and bootstrap counts
