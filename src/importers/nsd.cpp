@@ -434,15 +434,12 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
 
   // stimuli.h5: the subject's images, in 73k-id order.
   const std::string stim_path = o.out_dir + "/stimuli.h5";
-  io::OutputFile sout(stim_path, comm);
+  const std::int64_t H = o.image_size > 0 ? o.image_size : p.image_h;
+  const std::int64_t W = o.image_size > 0 ? o.image_size : p.image_w;
+  io::StimuliWriter sout(stim_path, N, H, W, "NSD nsd_stimuli.hdf5 (ids are 1-based 73k ids)",
+                         comm);
   {
-    const io::File& f = sout.file();
-    const std::int64_t H = o.image_size > 0 ? o.image_size : p.image_h;
-    const std::int64_t W = o.image_size > 0 ? o.image_size : p.image_w;
-    f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
-    f.create_group("/stimuli");
-    f.set_attr("/stimuli", "source", std::string("NSD nsd_stimuli.hdf5 (ids are 1-based 73k ids)"));
-    const auto img = f.create_dataset("/stimuli/images", io::DType::u8, {N, H, W, 3});
+    const auto& img = sout.images();
     io::File sf = io::File::open(o.root + "/nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5", comm);
     const auto brick = sf.dataset("imgBrick");
     write_image_rows(
@@ -458,10 +455,7 @@ void import_nsd(const NsdOptions& o, MPI_Comm comm) {
           }
           buf.insert(buf.end(), px.begin(), px.end());
         });
-    const mpi::Block mine = mpi::block_of(N, P, me);
-    f.create_dataset("/stimuli/ids", io::DType::i64, {N})
-        .write_rows(std::vector<std::int64_t>(p.ids.begin() + mine.begin, p.ids.begin() + mine.end),
-                    mine.begin);
+    sout.write_ids(p.ids);
   }
   sout.commit();
   bout.commit();

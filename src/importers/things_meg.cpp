@@ -38,7 +38,7 @@ std::string resolve_image(const fs::path& dir, const std::string& rel) {
 } // namespace
 
 void import_things_meg(const ThingsMegOptions& o, MPI_Comm comm) {
-  const int me = mpi::rank(comm), P = mpi::size(comm);
+  const int me = mpi::rank(comm);
   const std::string brain_path = o.out_dir + "/brain_meg.h5";
   const std::string partial = io::OutputFile::partial_name(brain_path);
   const std::string log_path = o.out_dir + "/import-things-meg.log";
@@ -144,26 +144,18 @@ void import_things_meg(const ThingsMegOptions& o, MPI_Comm comm) {
 
   // 3. The images (ranks split them).
   const std::string stim_path = o.out_dir + "/stimuli.h5";
-  io::OutputFile sout(stim_path, comm);
+  const std::int64_t S = o.image_size;
+  io::StimuliWriter sout(stim_path, N, S, S, "THINGS images (ids: things_image_nr)", comm);
   {
-    const io::File& sf = sout.file();
-    const std::int64_t S = o.image_size;
-    sf.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
-    sf.create_group("/stimuli");
-    sf.set_attr("/stimuli", "source", std::string("THINGS images (ids: things_image_nr)"));
-    sf.write_strings("/stimuli/paths", uniq);
-    const auto img = sf.create_dataset("/stimuli/images", io::DType::u8, {N, S, S, 3});
-    write_image_rows(img, N, 32, "import-things-meg", comm,
+    sout.file().write_strings("/stimuli/paths", uniq);
+    write_image_rows(sout.images(), N, 32, "import-things-meg", comm,
                      [&](std::int64_t i, std::vector<std::uint8_t>& buf) {
                        if (i < 0)
                          return;
                        const auto px = io::square_resize(io::read_jpeg(files[size_t(i)]), S).pixels;
                        buf.insert(buf.end(), px.begin(), px.end());
                      });
-    const mpi::Block mine = mpi::block_of(N, P, me);
-    sf.create_dataset("/stimuli/ids", io::DType::i64, {N})
-        .write_rows(std::vector<std::int64_t>(ids.begin() + mine.begin, ids.begin() + mine.end),
-                    mine.begin);
+    sout.write_ids(ids);
   }
   sout.commit();
   bout.commit();

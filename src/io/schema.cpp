@@ -275,3 +275,37 @@ FeaturesInfo check_features(const File& f) {
 }
 
 } // namespace gradmap::io
+
+namespace gradmap::io {
+
+namespace {
+Dataset begin_stimuli(const File& f, std::int64_t n, std::int64_t height, std::int64_t width,
+                      const std::string& source) {
+  f.set_attr("/", "gradmap_schema", std::int64_t{kSchemaVersion});
+  f.create_group("/stimuli");
+  f.set_attr("/stimuli", "source", source);
+  return f.create_dataset(
+      "/stimuli/images", DType::u8, {n, height, width, 3},
+      {std::max<std::int64_t>(1, std::min<std::int64_t>(n, 64)), height, width, 3});
+}
+} // namespace
+
+StimuliWriter::StimuliWriter(const std::string& path, std::int64_t n, std::int64_t height,
+                             std::int64_t width, const std::string& source, MPI_Comm comm)
+    : out_(path, comm), images_(begin_stimuli(out_.file(), n, height, width, source)), n_(n),
+      comm_(comm) {}
+
+void StimuliWriter::write_ids(const std::vector<std::int64_t>& ids) {
+  const mpi::Block mine = mpi::block_of(n_, mpi::size(comm_), mpi::rank(comm_));
+  out_.file()
+      .create_dataset("/stimuli/ids", DType::i64, {n_})
+      .write_rows(std::vector<std::int64_t>(ids.begin() + mine.begin, ids.begin() + mine.end),
+                  mine.begin);
+}
+
+void StimuliWriter::commit() {
+  check_stimuli(out_.file());
+  out_.commit();
+}
+
+} // namespace gradmap::io

@@ -252,17 +252,14 @@ Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
 
   // stimuli.h5: each rank writes its block of rows.
   const std::string path = path_join(o.out_dir, "stimuli.h5");
-  io::OutputFile out(path, comm);
+  io::StimuliWriter out(path, n, s, s, "gradmap simulate", comm);
   const io::File& f = out.file();
-  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
-  f.create_group("/stimuli");
-  f.set_attr("/stimuli", "source", std::string("gradmap simulate"));
   f.set_attr("/stimuli", "seed", static_cast<std::int64_t>(o.seed));
   f.set_attr("/stimuli", "label_names", stimulus_category_names());
-  f.create_dataset("/stimuli/images", io::DType::u8, {n, s, s, 3},
-                   {std::min<std::int64_t>(n, 64), s, s, 3})
-      .write_rows(images, mine.begin);
-  f.create_dataset("/stimuli/ids", io::DType::i64, {n}).write_rows(ids, mine.begin);
+  out.images().write_rows(images, mine.begin);
+  std::vector<std::int64_t> all_ids(static_cast<size_t>(n));
+  std::iota(all_ids.begin(), all_ids.end(), std::int64_t{0});
+  out.write_ids(all_ids);
   f.create_dataset("/stimuli/labels", io::DType::i64, {n}).write_rows(labels, mine.begin);
   out.commit();
   GM_INFO("simulate: wrote " << path << " (" << n << " images of " << s << "x" << s << ")");

@@ -47,4 +47,26 @@ BrainInfo check_brain(const File& f, std::int64_t n_stimuli = -1, bool scan_valu
 /// Collective on the file's comm.
 FeaturesInfo check_features(const File& f);
 
+/// The one writer of stimuli.h5 (simulate and the importers): creates `<path>.partial` with the
+/// schema attribute, /stimuli (attribute `source`), /stimuli/images u8 [n, height, width, 3]
+/// (chunks of up to 64 images) and /stimuli/ids i64 [n]; the caller writes the image rows
+/// (images()), may add attributes or datasets (file()), and commits. Collective on comm.
+class StimuliWriter {
+public:
+  StimuliWriter(const std::string& path, std::int64_t n, std::int64_t height, std::int64_t width,
+                const std::string& source, MPI_Comm comm);
+  const File& file() { return out_.file(); }
+  const Dataset& images() const { return images_; }
+  /// Collective. Every rank passes all n ids; each writes its block of rows.
+  void write_ids(const std::vector<std::int64_t>& ids);
+  /// Collective. Checks the file against the schema, then renames it to its final name.
+  void commit();
+
+private:
+  OutputFile out_;
+  Dataset images_;
+  std::int64_t n_;
+  MPI_Comm comm_;
+};
+
 } // namespace gradmap::io
