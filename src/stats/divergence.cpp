@@ -190,12 +190,15 @@ void decide(Verdict& v, double alpha) {
                      "reference";
   } else if (v.p_consistent < alpha) {
     v.verdict = "consistent";
-    v.reason = "the gradients are organised as a biological backpropagation predicts, within the "
-               "stated margin";
+    v.reason = "the gradients' scores are organised as a biological backpropagation predicts, "
+               "within the stated margin (raw scores, which partly re-encode the activations: "
+               "see docs/statistics.md, 'What raw gradient scores can and cannot show')";
   } else if (v.p_diverges < alpha) {
     v.verdict = "diverges";
-    v.reason = "the gradients are organised differently from what a biological backpropagation "
-               "predicts";
+    v.reason = "the gradients' scores are organised differently from what a biological "
+               "backpropagation predicts (raw scores, which partly re-encode the activations: on "
+               "simulated brains without any learning signal this verdict comes out in space too; "
+               "see docs/statistics.md, 'What raw gradient scores can and cannot show')";
   } else {
     v.verdict = "undetermined";
     v.reason = "the data support neither divergence nor consistency at this signal-to-noise";
