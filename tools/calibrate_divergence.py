@@ -55,6 +55,23 @@ def run(gradmap, args, env_extra=None):
         raise RuntimeError(f"gradmap {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
 
 
+def run_tasks(tasks, fn, jobs, label, log):
+    """[(task, fn(task))] with `jobs` at a time; progress (done/total, rate, ETA) every 50."""
+    t0, done = time.time(), [0]
+
+    def one(t):
+        out = fn(t)
+        done[0] += 1
+        if done[0] % 50 == 0 or done[0] == len(tasks):
+            el = time.time() - t0
+            print(f"{label}: {done[0]}/{len(tasks)} replicates, {done[0] / el:.2f}/s, "
+                  f"ETA {el / done[0] * (len(tasks) - done[0]):.0f} s", file=log, flush=True)
+        return t, out
+
+    with ThreadPoolExecutor(jobs) as ex:
+        return list(ex.map(one, tasks))
+
+
 def test_images(size):
     return int(size[size.index("--test-images") + 1])
 
@@ -153,19 +170,9 @@ def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, p
                 for r in range(replicates):
                     # replicate r uses base seed r mod bases and its own noise seed
                     tasks.append((net, seeds[r % bases], 1000 + r, sc, {"fmri": snr[0], "meg": snr[1]}))
-    t0, done = time.time(), [0]
-
-    def one(t):
-        out = replicate(gradmap, work, *t, permutations, bootstraps, alpha, size, modalities)
-        done[0] += 1
-        if done[0] % 50 == 0 or done[0] == len(tasks):
-            el = time.time() - t0
-            print(f"calibrate: {done[0]}/{len(tasks)} replicates, {done[0] / el:.2f}/s, "
-                  f"ETA {el / done[0] * (len(tasks) - done[0]):.0f} s", file=log, flush=True)
-        return t, out
-
-    with ThreadPoolExecutor(jobs) as ex:
-        results = list(ex.map(one, tasks))
+    t0 = time.time()
+    results = run_tasks(tasks, lambda t: replicate(gradmap, work, *t, permutations, bootstraps, alpha, size,
+                                                   modalities), jobs, "calibrate", log)
     raw = [{"network": net, "test_images": test_images(size), "base_seed": s, "noise_seed": n, "scenario": sc,
             "snr": snr, **both}
            for (net, s, n, sc, snr), both in results]

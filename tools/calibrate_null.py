@@ -30,14 +30,13 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from calibrate_divergence import run, wilson  # noqa: E402
+from calibrate_divergence import run, run_tasks, wilson  # noqa: E402
 
 SIM = ["--images", "240", "--test-images", "60", "--image-size", "16", "--voxels", "300",
        "--sensors", "8", "--times", "36", "--repetitions", "2"]
@@ -135,19 +134,9 @@ def calibrate(gradmap, replicates, bases=5, jobs=2, permutations=200, bootstraps
     for s in seeds:
         base(gradmap, work, s)
     tasks = [(seeds[r % bases], first_noise_seed + r) for r in range(replicates)]
-    t0, done = time.time(), [0]
-
-    def one(t):
-        out = replicate(gradmap, work, *t, permutations, bootstraps, alpha, q)
-        done[0] += 1
-        if done[0] % 50 == 0 or done[0] == len(tasks):
-            el = time.time() - t0
-            print(f"calibrate_null: {done[0]}/{len(tasks)} replicates, {done[0] / el:.2f}/s, "
-                  f"ETA {el / done[0] * (len(tasks) - done[0]):.0f} s", file=log, flush=True)
-        return t, out
-
-    with ThreadPoolExecutor(jobs) as ex:
-        results = list(ex.map(one, tasks))
+    t0 = time.time()
+    results = run_tasks(tasks, lambda t: replicate(gradmap, work, *t, permutations, bootstraps, alpha, q),
+                        jobs, "calibrate_null", log)
     raw = [{"base_seed": s, "noise_seed": n, **out} for (s, n), out in results]
     shutil.rmtree(work, ignore_errors=True)
     return {"raw": raw, "summary": summarise(raw, alpha), "alpha": alpha, "q": q, "replicates": replicates,
