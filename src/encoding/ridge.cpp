@@ -5,6 +5,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "gradmap/core/error.hpp"
 #include "gradmap/core/profile.hpp"
 #include "gradmap/linalg/dense.hpp"
 #include "gradmap/linalg/kernel_eig.hpp"
@@ -162,6 +163,16 @@ RidgeScores refit(const RidgeBasis& b, const std::vector<double>& y_train,
       b.r, b.m, b.test_v, project_targets(b, y_train, t),
       [&](std::int64_t k, double a) { return b.s[k] / (b.s[k] * b.s[k] + a); }, y_train, b.n,
       y_test, t, alphas, which);
+}
+
+// The criterion of each target's chosen alpha (err [alphas, t]; NaN where none was chosen).
+std::vector<double> chosen_error(const std::vector<double>& err,
+                                 const std::vector<std::int64_t>& which, std::int64_t t) {
+  std::vector<double> out(static_cast<size_t>(t), std::numeric_limits<double>::quiet_NaN());
+  for (std::int64_t c = 0; c < t; ++c)
+    if (which[c] >= 0)
+      out[c] = err[which[c] * t + c];
+  return out;
 }
 
 // Per target, the first alpha with the smallest criterion (err [alphas, t]).
@@ -334,7 +345,10 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
   } else {
     err = loo_errors<double>(b, y_train, t, alphas, outside);
   }
-  return refit(b, y_train, y_test, t, alphas, argmin_first(err, na, t));
+  const auto which = argmin_first(err, na, t);
+  RidgeScores sc = refit(b, y_train, y_test, t, alphas, which);
+  sc.cv_error = chosen_error(err, which, t);
+  return sc;
 }
 
 namespace {
@@ -490,6 +504,7 @@ RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<FoldBasis>& fds,
   const auto which = argmin_first(err, na, t);
   RidgeScores sc = refit(b, y_train, y_test, t, alphas, which);
   sc.fold_r = pick_fold_r(fold_r, nf, na, t, which, sc);
+  sc.cv_error = chosen_error(err, which, t);
   return sc;
 }
 
@@ -765,7 +780,41 @@ RidgeScores fit_kfold_gram(const GramBasis& b, const std::vector<double>& y_trai
       b.r, b.m, b.test_v, proj, [&](std::int64_t k, double a) { return 1.0 / (b.s2[k] + a); },
       y_train, n, y_test, t, alphas, which);
   sc.fold_r = pick_fold_r(fold_r, nf, na, t, which, sc);
+  sc.cv_error = chosen_error(err, which, t);
   return sc;
+}
+
+RidgeScores select_per_target(const std::vector<RidgeScores>& candidates, std::int64_t m,
+                              std::int64_t t, std::vector<std::int32_t>& chosen) {
+  GM_REQUIRE(!candidates.empty(), "select_per_target: no candidates");
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  RidgeScores out;
+  out.alpha.assign(static_cast<size_t>(t), nan);
+  out.r = out.r2 = out.cv_error = out.alpha;
+  out.prediction.assign(static_cast<size_t>(m * t), 0.0);
+  const size_t nf = candidates[0].fold_r.size() / static_cast<size_t>(std::max<std::int64_t>(t, 1));
+  out.fold_r.assign(nf * static_cast<size_t>(t), nan);
+  chosen.assign(static_cast<size_t>(t), -1);
+  for (std::int64_t c = 0; c < t; ++c) {
+    double best = std::numeric_limits<double>::infinity();
+    for (size_t k = 0; k < candidates.size(); ++k)
+      if (candidates[k].cv_error[c] < best) { // strict: the first candidate wins ties
+        best = candidates[k].cv_error[c];
+        chosen[c] = std::int32_t(k);
+      }
+    if (chosen[c] < 0)
+      continue; // no finite criterion (a constant target): NaN scores, zero prediction
+    const RidgeScores& s = candidates[size_t(chosen[c])];
+    out.alpha[c] = s.alpha[c];
+    out.r[c] = s.r[c];
+    out.r2[c] = s.r2[c];
+    out.cv_error[c] = s.cv_error[c];
+    for (std::int64_t i = 0; i < m; ++i)
+      out.prediction[i * t + c] = s.prediction[i * t + c];
+    for (size_t f = 0; f < nf; ++f)
+      out.fold_r[f * t + c] = s.fold_r[f * t + c];
+  }
+  return out;
 }
 
 } // namespace gradmap::encoding

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <set>
 
 #include "gradmap/encoding/nulls.hpp"
 #include "gradmap/encoding/ridge.hpp"
@@ -20,9 +21,11 @@ using namespace gradmap::encoding;
 namespace {
 using Mat = std::vector<double>; // row-major
 
-// beta of ridge on centred rows (x [n, p], y [n]) with penalty a.
+// beta of ridge on centred rows (x [n, p], y [n]) with penalty a (per feature: pen[j] x a when
+// pen is given).
 std::vector<double> ridge_beta(const Mat& x, std::int64_t n, std::int64_t p,
-                               const std::vector<double>& y, double a) {
+                               const std::vector<double>& y, double a,
+                               const std::vector<double>& pen = {}) {
   Mat g(static_cast<size_t>(p * (p + 1)), 0.0); // [A | b]
   for (std::int64_t i = 0; i < n; ++i)
     for (std::int64_t j = 0; j < p; ++j) {
@@ -31,7 +34,7 @@ std::vector<double> ridge_beta(const Mat& x, std::int64_t n, std::int64_t p,
       g[j * (p + 1) + p] += x[i * p + j] * y[i];
     }
   for (std::int64_t j = 0; j < p; ++j)
-    g[j * (p + 1) + j] += a;
+    g[j * (p + 1) + j] += a * (pen.empty() ? 1.0 : pen[j]);
   for (std::int64_t c = 0; c < p; ++c) { // Gauss-Jordan, partial pivoting
     std::int64_t piv = c;
     for (std::int64_t r = c + 1; r < p; ++r)
@@ -57,7 +60,8 @@ std::vector<double> ridge_beta(const Mat& x, std::int64_t n, std::int64_t p,
 // means: the intercept).
 std::vector<double> refit_predict(const Mat& x, std::int64_t p, const std::vector<double>& y,
                                   const std::vector<std::int64_t>& fit,
-                                  const std::vector<std::int64_t>& at, double a) {
+                                  const std::vector<std::int64_t>& at, double a,
+                                  const std::vector<double>& pen = {}) {
   const std::int64_t k = std::int64_t(fit.size());
   std::vector<double> mx(static_cast<size_t>(p), 0.0);
   double my = 0;
@@ -73,7 +77,7 @@ std::vector<double> refit_predict(const Mat& x, std::int64_t p, const std::vecto
       xc[r * p + j] = x[fit[r] * p + j] - mx[j];
     yc[r] = y[fit[r]] - my;
   }
-  const auto beta = ridge_beta(xc, k, p, yc, a);
+  const auto beta = ridge_beta(xc, k, p, yc, a, pen);
   std::vector<double> out;
   for (auto i : at) {
     double v = my;
@@ -285,6 +289,91 @@ TEST(RidgeCore, DualBasisOverTheRanksEqualsThePrimal) {
   EXPECT_EQ(a.alpha, b.alpha);
   for (size_t i = 0; i < a.prediction.size(); ++i)
     EXPECT_NEAR(a.prediction[i], b.prediction[i], 1e-8);
+}
+
+TEST(RidgeCore, BandedRidgeEqualsPerBandPenaltiesAndTheBruteForceChoice) {
+  // Two bands of the standardised features: columns 0-3 and 4-6. Candidate k is ridge on
+  // [sqrt(w_k) X_1, sqrt(1 - w_k) X_2], i.e. penalties a / w_k and a / (1 - w_k) per band
+  // (w = 1: the second band left out). The per-target choice over (w, a) by the LOO criterion
+  // must equal brute force over the same grid with per-band penalties.
+  const Data d = make_data(14);
+  const std::int64_t p1 = 4;
+  const std::vector<double> weights = {1.0, 0.8, 0.5, 0.2};
+  std::vector<RidgeScores> cand;
+  for (double w : weights) {
+    auto scaled = [&](const Mat& x, std::int64_t rows) {
+      Mat z = x;
+      for (std::int64_t i = 0; i < rows; ++i)
+        for (std::int64_t j = 0; j < d.p; ++j)
+          z[i * d.p + j] *= std::sqrt(j < p1 ? w : 1 - w);
+      return z;
+    };
+    const RidgeBasis b = make_basis(scaled(d.x, d.n), d.n, d.p, scaled(d.xt, d.m), d.m);
+    cand.push_back(fit_loo(b, d.y, d.yt, d.t, d.alphas));
+  }
+  std::vector<std::int32_t> chosen;
+  const RidgeScores sc = select_per_target(cand, d.m, d.t, chosen);
+  Mat xall = d.x;
+  xall.insert(xall.end(), d.xt.begin(), d.xt.end());
+  std::vector<std::int64_t> all, test;
+  for (std::int64_t i = 0; i < d.n; ++i)
+    all.push_back(i);
+  for (std::int64_t i = 0; i < d.m; ++i)
+    test.push_back(d.n + i);
+  std::set<std::int32_t> seen;
+  for (std::int64_t c = 0; c < d.t; ++c) {
+    auto y = column(d.y, d.n, d.t, c);
+    double best = INFINITY;
+    size_t bw = 0, ba = 0;
+    for (size_t k = 0; k < weights.size(); ++k) {
+      // Per-feature penalty factors; the left-out band: its columns zeroed (a huge penalty
+      // would do the same up to rounding).
+      std::vector<double> pen(static_cast<size_t>(d.p));
+      Mat xk = xall;
+      for (std::int64_t j = 0; j < d.p; ++j) {
+        const double share = j < p1 ? weights[k] : 1 - weights[k];
+        pen[j] = share > 0 ? 1 / share : 1.0;
+        if (share == 0)
+          for (std::int64_t i = 0; i < d.n + d.m; ++i)
+            xk[i * d.p + j] = 0;
+      }
+      for (size_t a = 0; a < d.alphas.size(); ++a) {
+        double sse = 0;
+        for (std::int64_t i = 0; i < d.n; ++i) {
+          std::vector<std::int64_t> fit;
+          for (std::int64_t r = 0; r < d.n; ++r)
+            if (r != i)
+              fit.push_back(r);
+          const double e = y[i] - refit_predict(xk, d.p, y, fit, {i}, d.alphas[a], pen)[0];
+          sse += e * e;
+        }
+        if (sse / double(d.n) < best) {
+          best = sse / double(d.n);
+          bw = k;
+          ba = a;
+        }
+      }
+    }
+    EXPECT_EQ(chosen[c], std::int32_t(bw)) << "target " << c;
+    EXPECT_EQ(sc.alpha[c], d.alphas[ba]) << "target " << c;
+    EXPECT_NEAR(sc.cv_error[c], best, 1e-10 * best);
+    seen.insert(chosen[c]);
+    // The refit with the chosen per-band penalties on all training rows.
+    std::vector<double> pen(static_cast<size_t>(d.p));
+    Mat xk = xall;
+    for (std::int64_t j = 0; j < d.p; ++j) {
+      const double share = j < p1 ? weights[bw] : 1 - weights[bw];
+      pen[j] = share > 0 ? 1 / share : 1.0;
+      if (share == 0)
+        for (std::int64_t i = 0; i < d.n + d.m; ++i)
+          xk[i * d.p + j] = 0;
+    }
+    y.resize(static_cast<size_t>(d.n + d.m), 0.0);
+    const auto pred = refit_predict(xk, d.p, y, all, test, d.alphas[ba], pen);
+    for (std::int64_t i = 0; i < d.m; ++i)
+      EXPECT_NEAR(sc.prediction[i * d.t + c], pred[i], 1e-9) << "target " << c << " row " << i;
+  }
+  EXPECT_GE(seen.size(), 2U); // the targets do not all pick the same band weight
 }
 
 TEST(RidgeCore, NullsKernelEqualsDoublePrecisionSums) {

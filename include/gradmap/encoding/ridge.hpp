@@ -43,7 +43,19 @@ struct RidgeScores {
   std::vector<double> r2;         ///< [t] 1 - SSE / SST on the test images
   std::vector<double> prediction; ///< [m, t] test predictions
   std::vector<double> fold_r;     ///< K-fold: [folds, t] held-out Pearson r at the chosen alpha
+  /// [t] the cross-validation criterion at the chosen alpha (LOO: the mean squared LOO residual;
+  /// K-fold: the summed held-out squared error / n), comparable across fits of the same targets
+  /// and training rows (NaN for constant targets)
+  std::vector<double> cv_error;
 };
+
+/// Not collective. Per target, the candidate fit (same targets, training and test rows) with the
+/// smallest cv_error (the first on ties): its alpha, scores, prediction and fold r. chosen[c] is
+/// the candidate's index (-1 where no candidate has a finite criterion). This is the per-target
+/// choice of a banded ridge over a grid of band weights: candidate k fitted on
+/// [sqrt(w_k) X_1, sqrt(1 - w_k) X_2] (penalties alpha / w_k and alpha / (1 - w_k) per band).
+RidgeScores select_per_target(const std::vector<RidgeScores>& candidates, std::int64_t m,
+                              std::int64_t t, std::vector<std::int32_t>& chosen);
 
 /// Precision of the alpha-selection GEMMs (the per-alpha residuals or fold predictions, which
 /// are nearly all the work). float32: those GEMMs and their operands in single precision, the
