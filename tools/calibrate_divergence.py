@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 
@@ -55,21 +56,47 @@ def run(gradmap, args, env_extra=None):
         raise RuntimeError(f"gradmap {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
 
 
-def run_tasks(tasks, fn, jobs, label, log):
-    """[(task, fn(task))] with `jobs` at a time; progress (done/total, rate, ETA) every 50."""
-    t0, done = time.time(), [0]
+def run_tasks(tasks, fn, jobs, label, log, checkpoint=None):
+    """[(task, fn(task))] with `jobs` at a time; progress (done/total, rate, ETA) every 50.
+    checkpoint: a JSON-lines file of finished tasks, appended as they finish and read back at
+    the start, so that a killed run resumes where it stopped."""
+    key = lambda t: json.dumps(t, sort_keys=True)  # noqa: E731
+    finished = {}
+    if checkpoint and os.path.exists(checkpoint):
+        for line in open(checkpoint):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill
+            finished[key(rec["task"])] = rec["out"]
+        with open(checkpoint, "rb+") as f:  # end a line cut by the kill before appending
+            f.seek(0, 2)
+            if f.tell() > 0:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+    todo = [t for t in tasks if key(list(t)) not in finished]
+    if finished:
+        print(f"{label}: resuming, {len(tasks) - len(todo)} of {len(tasks)} replicates done", file=log, flush=True)
+    t0, done, lock = time.time(), [0], threading.Lock()
 
     def one(t):
         out = fn(t)
-        done[0] += 1
-        if done[0] % 50 == 0 or done[0] == len(tasks):
-            el = time.time() - t0
-            print(f"{label}: {done[0]}/{len(tasks)} replicates, {done[0] / el:.2f}/s, "
-                  f"ETA {el / done[0] * (len(tasks) - done[0]):.0f} s", file=log, flush=True)
-        return t, out
+        with lock:
+            done[0] += 1
+            if checkpoint:
+                with open(checkpoint, "a") as f:
+                    f.write(json.dumps({"task": list(t), "out": out}) + "\n")
+            if done[0] % 50 == 0 or done[0] == len(todo):
+                el = time.time() - t0
+                print(f"{label}: {done[0]}/{len(todo)} replicates, {done[0] / el:.2f}/s, "
+                      f"ETA {el / done[0] * (len(todo) - done[0]):.0f} s", file=log, flush=True)
+        finished[key(list(t))] = out
+        return out
 
     with ThreadPoolExecutor(jobs) as ex:
-        return list(ex.map(one, tasks))
+        list(ex.map(one, todo))
+    return [(t, finished[key(list(t))]) for t in tasks]
 
 
 def test_images(size):
@@ -155,7 +182,8 @@ def wilson(k, n, z=1.96):
 
 
 def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, permutations=200,
-              bootstraps=200, alpha=0.05, work=None, log=sys.stderr, size=SIZE, modalities=("fmri", "meg")):
+              bootstraps=200, alpha=0.05, work=None, log=sys.stderr, size=SIZE, modalities=("fmri", "meg"),
+              checkpoint=None):
     """snrs: {"fmri": [...], "meg": [...]} of equal length; level i of both is one simulation
     (of the modalities asked for; the other's level is then ignored)."""
     work = work or tempfile.mkdtemp(prefix="gradmap-calib-div-")
@@ -172,7 +200,7 @@ def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, p
                     tasks.append((net, seeds[r % bases], 1000 + r, sc, {"fmri": snr[0], "meg": snr[1]}))
     t0 = time.time()
     results = run_tasks(tasks, lambda t: replicate(gradmap, work, *t, permutations, bootstraps, alpha, size,
-                                                   modalities), jobs, "calibrate", log)
+                                                   modalities), jobs, "calibrate", log, checkpoint)
     raw = [{"network": net, "test_images": test_images(size), "base_seed": s, "noise_seed": n, "scenario": sc,
             "snr": snr, **both}
            for (net, s, n, sc, snr), both in results]
@@ -405,13 +433,16 @@ if __name__ == "__main__":
     size[size.index("--test-images") + 1] = str(a.test_images)
     res = calibrate(a.gradmap, a.networks.split(","), a.scenarios.split(","), snrs,
                     a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps, size=size,
-                    modalities=tuple(a.modalities.split(",")))
+                    modalities=tuple(a.modalities.split(",")),
+                    checkpoint=a.out + ".partial.jsonl" if a.out else None)
     res["groups"] = group_rates(res)
     res["voxels"] = voxel_rates(res)
     text = json.dumps(res, indent=1)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
+        if os.path.exists(a.out + ".partial.jsonl"):
+            os.remove(a.out + ".partial.jsonl")
     print(tables(res))
     if a.markdown:
         with open(a.markdown, "w") as f:

@@ -127,7 +127,7 @@ def summarise(raw, alpha):
 
 
 def calibrate(gradmap, replicates, bases=5, jobs=2, permutations=200, bootstraps=200, alpha=0.05, q=0.05,
-              work=None, first_noise_seed=1000, log=sys.stderr):
+              work=None, first_noise_seed=1000, log=sys.stderr, checkpoint=None):
     work = work or tempfile.mkdtemp(prefix="gradmap-calibrate-null-")
     os.makedirs(work, exist_ok=True)
     seeds = list(range(1, bases + 1))
@@ -136,7 +136,7 @@ def calibrate(gradmap, replicates, bases=5, jobs=2, permutations=200, bootstraps
     tasks = [(seeds[r % bases], first_noise_seed + r) for r in range(replicates)]
     t0 = time.time()
     results = run_tasks(tasks, lambda t: replicate(gradmap, work, *t, permutations, bootstraps, alpha, q),
-                        jobs, "calibrate_null", log)
+                        jobs, "calibrate_null", log, checkpoint)
     raw = [{"base_seed": s, "noise_seed": n, **out} for (s, n), out in results]
     shutil.rmtree(work, ignore_errors=True)
     return {"raw": raw, "summary": summarise(raw, alpha), "alpha": alpha, "q": q, "replicates": replicates,
@@ -185,10 +185,12 @@ if __name__ == "__main__":
     ap.add_argument("--markdown", help="the table as markdown")
     a = ap.parse_args()
     res = calibrate(a.gradmap, a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps,
-                    first_noise_seed=a.first_noise_seed)
+                    first_noise_seed=a.first_noise_seed, checkpoint=a.out + ".partial.jsonl" if a.out else None)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+        if os.path.exists(a.out + ".partial.jsonl"):
+            os.remove(a.out + ".partial.jsonl")
     print(markdown(res))
     if a.markdown:
         with open(a.markdown, "w") as f:

@@ -96,6 +96,27 @@ def test_divergence_verdicts_calibrated_subset():
         assert c["diverges"] >= 6, c     # power: the full table records >= 0.8 at this SNR
 
 
+def test_calibration_runs_resume_after_a_kill():
+    """The calibration tools' task runner: finished replicates are appended to a checkpoint and
+    not run again; a line cut by a kill is ignored (that replicate runs again)."""
+    ck = f"{BASE}/resume.jsonl"
+    if os.path.exists(ck):
+        os.remove(ck)
+    calls = []
+
+    def fn(t):
+        calls.append(tuple(t))
+        return {"x": t[0] * 2}
+    calibrate_divergence.run_tasks([(1,), (2,)], fn, 2, "test", sys.stderr, ck)
+    with open(ck, "a") as f:
+        f.write('{"task": [3], "ou')  # killed while writing
+    r = calibrate_divergence.run_tasks([(1,), (2,), (3,)], fn, 2, "test", sys.stderr, ck)
+    assert sorted(calls) == [(1,), (2,), (3,)], calls
+    assert r == [((1,), {"x": 2}), ((2,), {"x": 4}), ((3,), {"x": 6})], r
+    calibrate_divergence.run_tasks([(1,), (2,), (3,)], fn, 2, "test", sys.stderr, ck)
+    assert len(calls) == 3, calls  # the record written after the cut line is read back
+
+
 def test_null_calibrated():
     """12 null brains (3 stimulus sets x 4 noise draws); docs/statistics.md records 500."""
     r = calibrate_null.calibrate(GRADMAP, replicates=12, bases=3, jobs=2, permutations=200, work=f"{BASE}/null")
@@ -113,5 +134,6 @@ def test_null_calibrated():
 if __name__ == "__main__":
     only = sys.argv[1:]
     run_tests([t for t in (test_misaligned_recovered, test_aligned_recovered, test_null_undetermined,
-                           test_divergence_verdicts_calibrated_subset, test_null_calibrated)
+                           test_divergence_verdicts_calibrated_subset, test_calibration_runs_resume_after_a_kill,
+                           test_null_calibrated)
                if not only or t.__name__ in only])
