@@ -56,6 +56,15 @@ def run(gradmap, args, env_extra=None):
         raise RuntimeError(f"gradmap {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
 
 
+def save_result(res, out):
+    """The JSON result at `out` (if given); its checkpoint is then no longer needed."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        if os.path.exists(out + ".partial.jsonl"):
+            os.remove(out + ".partial.jsonl")
+
+
 def run_tasks(tasks, fn, jobs, label, log, checkpoint=None):
     """[(task, fn(task))] with `jobs` at a time; progress (done/total, rate, ETA) every 50.
     checkpoint: a JSON-lines file of finished tasks, appended as they finish and read back at
@@ -437,12 +446,7 @@ if __name__ == "__main__":
                     checkpoint=a.out + ".partial.jsonl" if a.out else None)
     res["groups"] = group_rates(res)
     res["voxels"] = voxel_rates(res)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-        if os.path.exists(a.out + ".partial.jsonl"):
-            os.remove(a.out + ".partial.jsonl")
+    save_result(res, a.out)
     print(tables(res))
     if a.markdown:
         with open(a.markdown, "w") as f:

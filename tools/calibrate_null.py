@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from calibrate_divergence import run, run_tasks, wilson  # noqa: E402
+from calibrate_divergence import run, run_tasks, save_result, wilson  # noqa: E402
 
 SIM = ["--images", "240", "--test-images", "60", "--image-size", "16", "--voxels", "300",
        "--sensors", "8", "--times", "36", "--repetitions", "2"]
@@ -186,11 +186,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     res = calibrate(a.gradmap, a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps,
                     first_noise_seed=a.first_noise_seed, checkpoint=a.out + ".partial.jsonl" if a.out else None)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
-        if os.path.exists(a.out + ".partial.jsonl"):
-            os.remove(a.out + ".partial.jsonl")
+    save_result(res, a.out)
     print(markdown(res))
     if a.markdown:
         with open(a.markdown, "w") as f:

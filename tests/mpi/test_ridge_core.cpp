@@ -320,23 +320,29 @@ TEST(RidgeCore, BandedRidgeEqualsPerBandPenaltiesAndTheBruteForceChoice) {
     all.push_back(i);
   for (std::int64_t i = 0; i < d.m; ++i)
     test.push_back(d.n + i);
+  // Per-feature penalty factors of band weight w; the left-out band (share 0): its columns zeroed
+  // (a huge penalty would do the same up to rounding).
+  auto band_design = [&](double w, std::vector<double>& pen) {
+    pen.assign(static_cast<size_t>(d.p), 1.0);
+    Mat xk = xall;
+    for (std::int64_t j = 0; j < d.p; ++j) {
+      const double share = j < p1 ? w : 1 - w;
+      if (share > 0)
+        pen[j] = 1 / share;
+      else
+        for (std::int64_t i = 0; i < d.n + d.m; ++i)
+          xk[i * d.p + j] = 0;
+    }
+    return xk;
+  };
   std::set<std::int32_t> seen;
   for (std::int64_t c = 0; c < d.t; ++c) {
     auto y = column(d.y, d.n, d.t, c);
     double best = INFINITY;
     size_t bw = 0, ba = 0;
     for (size_t k = 0; k < weights.size(); ++k) {
-      // Per-feature penalty factors; the left-out band: its columns zeroed (a huge penalty
-      // would do the same up to rounding).
-      std::vector<double> pen(static_cast<size_t>(d.p));
-      Mat xk = xall;
-      for (std::int64_t j = 0; j < d.p; ++j) {
-        const double share = j < p1 ? weights[k] : 1 - weights[k];
-        pen[j] = share > 0 ? 1 / share : 1.0;
-        if (share == 0)
-          for (std::int64_t i = 0; i < d.n + d.m; ++i)
-            xk[i * d.p + j] = 0;
-      }
+      std::vector<double> pen;
+      const Mat xk = band_design(weights[k], pen);
       for (size_t a = 0; a < d.alphas.size(); ++a) {
         double sse = 0;
         for (std::int64_t i = 0; i < d.n; ++i) {
@@ -359,15 +365,8 @@ TEST(RidgeCore, BandedRidgeEqualsPerBandPenaltiesAndTheBruteForceChoice) {
     EXPECT_NEAR(sc.cv_error[c], best, 1e-10 * best);
     seen.insert(chosen[c]);
     // The refit with the chosen per-band penalties on all training rows.
-    std::vector<double> pen(static_cast<size_t>(d.p));
-    Mat xk = xall;
-    for (std::int64_t j = 0; j < d.p; ++j) {
-      const double share = j < p1 ? weights[bw] : 1 - weights[bw];
-      pen[j] = share > 0 ? 1 / share : 1.0;
-      if (share == 0)
-        for (std::int64_t i = 0; i < d.n + d.m; ++i)
-          xk[i * d.p + j] = 0;
-    }
+    std::vector<double> pen;
+    const Mat xk = band_design(weights[bw], pen);
     y.resize(static_cast<size_t>(d.n + d.m), 0.0);
     const auto pred = refit_predict(xk, d.p, y, all, test, d.alphas[ba], pen);
     for (std::int64_t i = 0; i < d.m; ++i)
