@@ -88,6 +88,22 @@ std::vector<double> refit_predict(const Mat& x, std::int64_t p, const std::vecto
   return out;
 }
 
+// Mean squared leave-one-out residual of ridge on the n training rows of x (refitting without each
+// row; per-feature penalty factors pen when given).
+double loo_mse(const Mat& x, std::int64_t n, std::int64_t p, const std::vector<double>& y, double a,
+               const std::vector<double>& pen = {}) {
+  double sse = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::vector<std::int64_t> fit;
+    for (std::int64_t k = 0; k < n; ++k)
+      if (k != i)
+        fit.push_back(k);
+    const double e = y[i] - refit_predict(x, p, y, fit, {i}, a, pen)[0];
+    sse += e * e;
+  }
+  return sse / double(n);
+}
+
 struct Data {
   std::int64_t n = 48, p = 7, m = 12, t = 4;
   Mat x, xt;                 // standardised training / test features
@@ -183,18 +199,8 @@ TEST(RidgeCore, EfficientLeaveOneOutEqualsRefitting) {
   std::vector<std::vector<double>> crit(static_cast<size_t>(d.t));
   for (std::int64_t c = 0; c < d.t; ++c) {
     const auto y = column(d.y, d.n, d.t, c);
-    for (double a : d.alphas) {
-      double sse = 0;
-      for (std::int64_t i = 0; i < d.n; ++i) {
-        std::vector<std::int64_t> fit;
-        for (std::int64_t k = 0; k < d.n; ++k)
-          if (k != i)
-            fit.push_back(k);
-        const double e = y[i] - refit_predict(d.x, d.p, y, fit, {i}, a)[0];
-        sse += e * e;
-      }
-      crit[c].push_back(sse);
-    }
+    for (double a : d.alphas)
+      crit[c].push_back(loo_mse(d.x, d.n, d.p, y, a));
   }
   expect_choice_and_prediction(d, sc, crit);
   // The chosen alphas differ across targets (the test would not see a per-target mix-up).
@@ -344,17 +350,9 @@ TEST(RidgeCore, BandedRidgeEqualsPerBandPenaltiesAndTheBruteForceChoice) {
       std::vector<double> pen;
       const Mat xk = band_design(weights[k], pen);
       for (size_t a = 0; a < d.alphas.size(); ++a) {
-        double sse = 0;
-        for (std::int64_t i = 0; i < d.n; ++i) {
-          std::vector<std::int64_t> fit;
-          for (std::int64_t r = 0; r < d.n; ++r)
-            if (r != i)
-              fit.push_back(r);
-          const double e = y[i] - refit_predict(xk, d.p, y, fit, {i}, d.alphas[a], pen)[0];
-          sse += e * e;
-        }
-        if (sse / double(d.n) < best) {
-          best = sse / double(d.n);
+        const double mse = loo_mse(xk, d.n, d.p, y, d.alphas[a], pen);
+        if (mse < best) {
+          best = mse;
           bw = k;
           ba = a;
         }
