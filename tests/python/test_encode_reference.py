@@ -302,6 +302,8 @@ def test_bad_inputs():
           "too few for 50 folds")
     fails(["encode", "--features", f"{BASE}/nope.h5", *common], f"file not found: {BASE}/nope.h5")
     fails(["encode", "--features", f"{BASE}/features.h5", *common, "--precision", "half"], "--precision")
+    fails(["encode", "--features", f"{BASE}/features.h5", *common, "--solver", "magic"],
+          "--solver: must be auto, primal or dual, not 'magic'")
     assert not os.path.exists(out)
 
 
