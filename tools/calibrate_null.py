@@ -12,7 +12,11 @@ brain (both modalities) -> encode (permutations) -> stats, then record per modal
 - `share_p`: the share of per-target p-values below alpha (expected alpha);
 - MEG `cluster_family`: per (kind, layer) family (the family of the cluster test), any cluster with
   p < alpha;
-- the divergence verdicts (D_space, D_time): `undetermined` expected, `diverges` at most alpha.
+- the divergence verdicts (D_space, D_time): `undetermined` expected, `diverges` at most alpha;
+- `min_p_fwer_all`: the smallest p_fwer_all of the run, i.e. (1 + rank of the observed maximum
+  among the B permutation maxima) / (B + 1). Under H0 that rank is uniform on {0..B}, so the
+  whole distribution is checked (Kolmogorov-Smirnov against the discrete uniform, and the shares
+  below 0.01, 0.05, 0.10), not only the count below alpha.
 Shares are compared with alpha by their Wilson 95% interval and by the binomial tail
 P(Binomial(n, alpha) >= k).
 
@@ -42,6 +46,7 @@ SIM = ["--images", "240", "--test-images", "60", "--image-size", "16", "--voxels
        "--sensors", "8", "--times", "36", "--repetitions", "2"]
 KINDS = ("activations", "gradients")
 STAT = {"fmri": "D_space", "meg": "D_time"}
+MODALITIES = ("fmri", "meg")
 
 
 def base(gradmap, work, seed):
@@ -53,14 +58,14 @@ def base(gradmap, work, seed):
     return d
 
 
-def replicate(gradmap, work, seed, noise_seed, permutations, bootstraps, alpha, q):
+def replicate(gradmap, work, seed, noise_seed, permutations, bootstraps, alpha, q, modalities=MODALITIES):
     b = os.path.join(work, f"base-{seed}")
     d = os.path.join(work, f"r-{seed}-{noise_seed}")
     try:
         run(gradmap, ["simulate", "--out", d, "--scenario", "null", "--seed", str(seed), "--noise-seed",
-                      str(noise_seed), "--modality", "both", *SIM])
+                      str(noise_seed), "--modality", "both" if len(modalities) == 2 else modalities[0], *SIM])
         scores = []
-        for mod in ("fmri", "meg"):
+        for mod in modalities:
             run(gradmap, ["encode", "--features", f"{b}/features.h5", "--brain", f"{d}/brain_{mod}.h5",
                           "--out", f"{d}/scores_{mod}.h5", "--permutations", str(permutations),
                           "--bootstraps", str(bootstraps), "--seed", str(noise_seed)])
@@ -69,7 +74,7 @@ def replicate(gradmap, work, seed, noise_seed, permutations, bootstraps, alpha, 
         summ = json.load(open(f"{d}/stats/summary.json"))
         out = {}
         with h5py.File(f"{d}/stats/stats.h5") as s:
-            for mod in ("fmri", "meg"):
+            for mod in modalities:
                 fam = []  # per (kind, layer): any p_fwer < alpha
                 fw, qb, pp = [], [], []
                 clus = []
@@ -85,6 +90,7 @@ def replicate(gradmap, work, seed, noise_seed, permutations, bootstraps, alpha, 
                         clus += [bool(np.any((t[:, 0] == layer) & (t[:, 2] < alpha))) for layer in range(L)]
                 pp = np.concatenate(pp)
                 out[mod] = {"fwer_all": bool(np.nanmin(np.concatenate(fw)) < alpha),
+                            "min_p_fwer_all": float(np.nanmin(np.concatenate(fw))),
                             "fdr_all": bool(np.nanmin(np.concatenate(qb)) < q),
                             "fwer_family": fam,
                             "share_p": float(np.mean(pp[np.isfinite(pp)] < alpha)),
@@ -101,10 +107,33 @@ def binom_tail(k, n, p):
     return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
 
 
-def summarise(raw, alpha):
+def rank_uniformity(min_p, permutations):
+    """The ranks k = (B + 1) p - 1 of the observed maxima, tested against the discrete uniform on
+    {0..B}: the KS distance sup |F_n - F| over the support and its asymptotic p-value (slightly
+    conservative for a discrete law), and the shares of p <= 0.01, 0.05, 0.10 (expected: those
+    levels rounded down to the grid of 1/(B + 1))."""
+    B = permutations
+    k = np.rint(np.asarray(min_p) * (B + 1) - 1).astype(int)
+    n = len(k)
+    grid = np.arange(B + 1)
+    emp = np.searchsorted(np.sort(k), grid, side="right") / n
+    d = float(np.max(np.abs(emp - (grid + 1) / (B + 1))))
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    p_ks = float(min(1.0, 2 * sum((-1) ** (j - 1) * math.exp(-2 * j * j * lam * lam) for j in range(1, 101))))
+    levels = {}
+    for a in (0.01, 0.05, 0.10):
+        c = int(np.sum(np.asarray(min_p) <= a))
+        levels[str(a)] = {"count": c, "share": c / n, "expected": math.floor(a * (B + 1)) / (B + 1),
+                          "ci95": wilson(c, n)}
+    return {"n": n, "ks_d": d, "ks_p": p_ks, "levels": levels}
+
+
+def summarise(raw, alpha, permutations=None):
     res = {}
     n = len(raw)
-    for mod in ("fmri", "meg"):
+    for mod in MODALITIES:
+        if mod not in raw[0]:
+            continue
         rs = [r[mod] for r in raw]
         row = {"n": n}
         for key in ("fwer_all", "fdr_all"):
@@ -120,6 +149,8 @@ def summarise(raw, alpha):
                             # the largest of F families: compare with the F-fold Bonferroni tail
                             "p_binom_max": min(1.0, len(counts) * binom_tail(kmax, n, alpha))}
         row["mean_share_p"] = float(np.mean([r["share_p"] for r in rs]))
+        if permutations and all("min_p_fwer_all" in r for r in rs):
+            row["rank_uniformity"] = rank_uniformity([r["min_p_fwer_all"] for r in rs], permutations)
         v = [r["verdict"] for r in rs]
         row["verdicts"] = {x: v.count(x) for x in ("diverges", "consistent", "undetermined")}
         res[mod] = row
@@ -127,7 +158,7 @@ def summarise(raw, alpha):
 
 
 def calibrate(gradmap, replicates, bases=5, jobs=2, permutations=200, bootstraps=200, alpha=0.05, q=0.05,
-              work=None, first_noise_seed=1000, log=sys.stderr, checkpoint=None):
+              work=None, first_noise_seed=1000, log=sys.stderr, checkpoint=None, modalities=MODALITIES):
     work = work or tempfile.mkdtemp(prefix="gradmap-calibrate-null-")
     os.makedirs(work, exist_ok=True)
     seeds = list(range(1, bases + 1))
@@ -135,11 +166,11 @@ def calibrate(gradmap, replicates, bases=5, jobs=2, permutations=200, bootstraps
         base(gradmap, work, s)
     tasks = [(seeds[r % bases], first_noise_seed + r) for r in range(replicates)]
     t0 = time.time()
-    results = run_tasks(tasks, lambda t: replicate(gradmap, work, *t, permutations, bootstraps, alpha, q),
+    results = run_tasks(tasks, lambda t: replicate(gradmap, work, *t, permutations, bootstraps, alpha, q, modalities),
                         jobs, "calibrate_null", log, checkpoint)
     raw = [{"base_seed": s, "noise_seed": n, **out} for (s, n), out in results]
     shutil.rmtree(work, ignore_errors=True)
-    return {"raw": raw, "summary": summarise(raw, alpha), "alpha": alpha, "q": q, "replicates": replicates,
+    return {"raw": raw, "summary": summarise(raw, alpha, permutations), "alpha": alpha, "q": q, "replicates": replicates,
             "base_seeds": bases, "permutations": permutations, "bootstraps": bootstraps, "size": SIM,
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""), "seconds": round(time.time() - t0, 1)}
 
@@ -150,7 +181,9 @@ def markdown(res):
            "|---|---|---|---|---|---|"]
     names = {"fwer_all": "any target, max-statistic FWER over all kinds x layers",
              "fdr_all": "any target, BH over all kinds x layers (realised FDR)"}
-    for mod in ("fmri", "meg"):
+    for mod in MODALITIES:
+        if mod not in res["summary"]:
+            continue
         row = res["summary"][mod]
         n = row["n"]
         for key, name in names.items():
@@ -169,6 +202,14 @@ def markdown(res):
                    f"{v['undetermined']}) | {n} | {v['diverges']} | {v['diverges'] / n:.3f} | "
                    f"{binom_tail(v['diverges'], n, a):.3f} |")
         out.append(f"| {mod} | per-target p < alpha (mean share; expected {a}) | {n} | | {row['mean_share_p']:.4f} | |")
+        if "rank_uniformity" in row:
+            u = row["rank_uniformity"]
+            for lev, c in u["levels"].items():
+                out.append(f"| {mod} | min p_fwer_all <= {lev} (expected {c['expected']:.4f}) | {n} | {c['count']} | "
+                           f"{c['share']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | "
+                           f"{binom_tail(c['count'], n, c['expected']):.3f} |")
+            out.append(f"| {mod} | rank of the observed maximum among the permutation maxima: KS vs uniform | {n} | | "
+                       f"D = {u['ks_d']:.4f} | KS p = {u['ks_p']:.3f} |")
     return "\n".join(out)
 
 
@@ -183,9 +224,11 @@ if __name__ == "__main__":
     ap.add_argument("--gradmap", default=os.path.join(HERE, "..", "build", "src", "gradmap"))
     ap.add_argument("--out", help="JSON results")
     ap.add_argument("--markdown", help="the table as markdown")
+    ap.add_argument("--modalities", default="fmri,meg", help="fmri, meg or both (comma-separated)")
     a = ap.parse_args()
     res = calibrate(a.gradmap, a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps,
-                    first_noise_seed=a.first_noise_seed, checkpoint=a.out + ".partial.jsonl" if a.out else None)
+                    first_noise_seed=a.first_noise_seed, checkpoint=a.out + ".partial.jsonl" if a.out else None,
+                    modalities=tuple(m for m in MODALITIES if m in a.modalities.split(",")))
     save_result(res, a.out)
     print(markdown(res))
     if a.markdown:

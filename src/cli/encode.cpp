@@ -21,7 +21,9 @@ Command encode_command() {
       "each target's exceedance count (p = (1 + count) / (B + 1)), the max over targets and\n"
       "the ROI (fMRI) or time-point (MEG) means per permutation, and bootstrap resamples\n"
       "the group means for confidence intervals (docs/statistics.md).\n"
-      "Writes /<kind>/{r,r2,alpha,exceed} [layers, targets] and the replicates to scores.h5.";
+      "Writes /<kind>/{r,r2,alpha,exceed} [layers, targets] and the replicates to scores.h5.\n"
+      "--joint adds the banded ridge of all layers' activations with each layer's gradients\n"
+      "and the gradients' unique variance beyond the activations (/unique_gradients).";
   c.options = [](po::options_description& d) {
     d.add_options()("features", po::value<std::string>()->required(), "features.h5")(
         "brain", po::value<std::string>()->required(), "brain_fmri.h5 or brain_meg.h5")(
@@ -54,7 +56,17 @@ Command encode_command() {
         "memory budget per rank in GiB; targets are processed in chunks that fit (default: 80% "
         "of the node's memory divided by its ranks)")(
         "max-chunk", po::value<std::int64_t>()->default_value(0),
-        "at most this many voxels (or MEG sensors) per round (0: as many as the budget allows)");
+        "at most this many voxels (or MEG sensors) per round (0: as many as the budget allows)")(
+        "joint", po::bool_switch(),
+        "also fit the joint (banded) ridge of the activations of all layers with the gradients of "
+        "each layer, and score the gradients' unique variance dR^2 with its residual-permutation "
+        "null (docs/statistics.md, \"Unique variance\")")(
+        "joint-weights", po::value<std::string>()->default_value(""),
+        "--joint: comma-separated band weights w in (0, 1) of [sqrt(w) activations, sqrt(1 - w) "
+        "gradients], chosen per target with alpha by the same cross-validation; the activations "
+        "alone (w = 1) are always a candidate (default: 0.2,0.5,0.8)")(
+        "joint-activation-dims", po::value<std::int64_t>()->default_value(0),
+        "--joint: keep this many principal components of the activation block (0: all)");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     encoding::EncodeOptions o;
@@ -73,19 +85,25 @@ Command encode_command() {
     o.cluster_p = vm["cluster-p"].as<double>();
     o.memory_gb = vm["memory-gb"].as<double>();
     o.max_chunk = vm["max-chunk"].as<std::int64_t>();
-    std::stringstream ss(vm["alphas"].as<std::string>());
-    for (std::string item; std::getline(ss, item, ',');) {
-      if (item.empty())
-        continue;
-      try {
-        size_t used = 0;
-        o.alphas.push_back(std::stod(item, &used));
-        if (used != item.size())
-          throw std::invalid_argument(item);
-      } catch (const std::exception&) {
-        throw UsageError("--alphas: '" + item + "' is not a number");
+    o.joint = vm["joint"].as<bool>();
+    o.joint_activation_dims = vm["joint-activation-dims"].as<std::int64_t>();
+    auto numbers = [&](const char* option, std::vector<double>& out) {
+      std::stringstream ss(vm[option].as<std::string>());
+      for (std::string item; std::getline(ss, item, ',');) {
+        if (item.empty())
+          continue;
+        try {
+          size_t used = 0;
+          out.push_back(std::stod(item, &used));
+          if (used != item.size())
+            throw std::invalid_argument(item);
+        } catch (const std::exception&) {
+          throw UsageError(std::string("--") + option + ": '" + item + "' is not a number");
+        }
       }
-    }
+    };
+    numbers("alphas", o.alphas);
+    numbers("joint-weights", o.joint_weights);
     encoding::encode(o, ctx.comm);
   };
   return c;

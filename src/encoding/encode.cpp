@@ -12,6 +12,10 @@
 //    fMRI: every voxel's peak-layer p-values from its bootstrap layer profiles (voxel_peak_p).
 // 6. Write r, R^2, alpha, exceedances [layers, targets] (and K-fold's per-fold r) per kind to
 //    scores.h5 (column blocks per rank), and the reduced null and bootstrap replicates.
+// --joint: also the activation model A (the activations of all layers in one band) and, per
+// layer, the banded ridge of A with the gradients G_l (band weights w, penalties chosen per target
+// among w and alpha by the same cross-validation), the gradients' unique variance dR^2 and its
+// residual-permutation null, treated as a third kind "unique_gradients" (docs/statistics.md).
 #include "gradmap/encoding/encode.hpp"
 
 #include <unistd.h>
@@ -43,6 +47,10 @@
 #include "gradmap/stats/divergence.hpp"
 
 namespace gradmap::encoding {
+
+std::vector<double> default_joint_weights() {
+  return {0.2, 0.5, 0.8};
+}
 
 std::vector<double> default_alphas() {
   std::vector<double> a;
@@ -109,6 +117,12 @@ void validate(const EncodeOptions& o) {
     throw UsageError("--memory-gb: must be positive (0: 80% of the node's memory over its ranks)");
   if (!(o.cluster_p >= 0 && o.cluster_p < 0.5))
     throw UsageError("--cluster-p: must be in [0, 0.5) (0: no cluster null)");
+  for (double w : o.joint_weights)
+    if (!(w > 0 && w < 1))
+      throw UsageError("--joint-weights: every band weight must be strictly between 0 and 1 (the "
+                       "activations-only model, w = 1, is always a candidate)");
+  if (o.joint_activation_dims < 0)
+    throw UsageError("--joint-activation-dims: must be >= 0 (0: all)");
 }
 
 namespace {
@@ -351,6 +365,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   StageTimer timer("encode");
   const int me = mpi::rank(comm), p = mpi::size(comm);
   const std::vector<double> alphas = opt.alphas.empty() ? default_alphas() : opt.alphas;
+  const std::vector<double> jw =
+      opt.joint_weights.empty() ? default_joint_weights() : opt.joint_weights;
   const Precision prec = opt.precision;
 
   // 1. Inputs.
@@ -456,8 +472,37 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
            (opt.solver == Solver::primal ||
             (opt.solver == Solver::automatic && dim <= min_fold_train));
   };
+  // --joint: the activation block A (every layer's standardised activations, layer l's columns
+  // scaled by 1 / sqrt(L p_l), so that each layer adds 1/L to its total variance; optionally its
+  // first principal components) and, per layer and band weight w, the design
+  // [sqrt(w) A, sqrt(1 - w) G_l / sqrt(p_l)].
+  const bool joint = opt.joint;
+  std::int64_t ka = -1, kg = -1;
+  for (std::int64_t k = 0; k < K; ++k) {
+    ka = fi.kinds[k] == "activations" ? k : ka;
+    kg = fi.kinds[k] == "gradients" ? k : kg;
+  }
+  if (joint && (ka < 0 || kg < 0))
+    throw UsageError("--joint: " + opt.features +
+                     " must hold both activations and gradients (extract writes both)");
+  const std::int64_t W = joint ? std::int64_t(jw.size()) : 0;
+  std::int64_t pa_all = 0;
+  for (auto d : fi.dims)
+    pa_all += d;
+  const bool reduce_a =
+      joint && opt.joint_activation_dims > 0 && opt.joint_activation_dims < std::min(pa_all, n);
+  const std::int64_t pa = !joint ? 0 : reduce_a ? opt.joint_activation_dims : pa_all;
+  std::vector<std::int64_t> side_dims; // every (kind, layer); then A, then (layer, w)
+  for (std::int64_t k = 0; k < K; ++k)
+    side_dims.insert(side_dims.end(), fi.dims.begin(), fi.dims.end());
+  if (joint) {
+    side_dims.push_back(pa);
+    for (std::int64_t l = 0; l < L; ++l)
+      for (std::int64_t w = 0; w < W; ++w)
+        side_dims.push_back(pa + fi.dims[l]);
+  }
   std::int64_t pmax = 0, basis_bytes = 0;
-  for (auto d : fi.dims) {
+  for (auto d : side_dims) {
     const std::int64_t r = std::min(n, d);
     pmax = std::max(pmax, d);
     if (use_gram(d)) // X, V and X_test V; per fold V (double + float32), triu(H), means
@@ -468,19 +513,22 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           12 * n * r + 8 * (m * r + r) +
           (opt.alpha_cv == AlphaCV::kfold ? 12 * opt.folds * (n + n / opt.folds) * r : 0);
   }
-  basis_bytes *= K;
   const std::int64_t rmax = std::min(n, pmax);
   // Per target: its trials, the averaged/centred responses and the solver's work arrays
   // (U^T y, residuals, predictions, LOO errors) in double, and the outputs in float; K-fold:
   // the per-fold X_f^T y and their sum, [A | E], the per-fold r.
   // fMRI with bootstraps: every layer's bootstrap r of the chunk's voxels (float), for the
   // voxel-level peak-layer tests (docs/statistics.md, "Voxel level").
+  // --joint: the W + 1 candidate fits of a layer (prediction and per-target arrays), the
+  // activation model's residuals, the joint change and the unique kind's outputs and dR^2
+  // bootstrap.
   const bool voxel_peaks = !meg && opt.bootstraps > 0;
   const std::int64_t per_target =
-      8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 20 * K * L +
+      8 * (bi.trials + 5 * n + 3 * m + 3 * rmax + A) + 20 * (K + (joint ? 2 : 0)) * L +
       (opt.alpha_cv == AlphaCV::kfold ? 8 * ((opt.folds + 3) * pmax + opt.folds * (A + K * L))
                                       : 0) +
-      (voxel_peaks ? 4 * (L + 1) * std::int64_t(opt.bootstraps) : 0);
+      (voxel_peaks ? 4 * (L + 1) * std::int64_t(opt.bootstraps) : 0) +
+      (joint ? 8 * (W + 4) * (m + 8 + opt.folds) + 4 * std::int64_t(opt.bootstraps) : 0);
   // Working set of one basis computation: the features, their standardised copies, the SVD.
   const std::int64_t one_basis = 8 * (fi.n * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
   double memory_gb = opt.memory_gb;
@@ -492,7 +540,9 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   const bool cache = double(basis_bytes) <= budget / 2;
   const std::int64_t null_bytes = 4 * m * (opt.permutations + opt.bootstraps) +
                                   8 * K * L * G * (opt.permutations + opt.bootstraps);
-  const double fixed = (cache ? double(basis_bytes) : 0.0) + double(one_basis) + double(null_bytes);
+  const double joint_bytes = joint ? 8.0 * double(n + m) * double(pa_all + pa) : 0.0;
+  const double fixed = (cache ? double(basis_bytes) : 0.0) + double(one_basis) +
+                       double(null_bytes) * (joint ? double(K + 1) / double(K) : 1.0) + joint_bytes;
   std::int64_t chunk_units = std::int64_t((budget - fixed) / double(per_target * per_unit));
   auto gib = [](double b) {
     return std::to_string(int(b / double(1 << 30) * 100) / 100.0) + " GiB";
@@ -571,16 +621,22 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         },
         [&out, this_comm = comm](int owner) { broadcast_basis(out, owner, this_comm); });
   };
-  // Fills side (which must stay in place until run_jobs) for (kind k, layer l).
-  auto build = [&](std::int64_t k, std::int64_t l, bool distribute, Side& side) {
+  // The standardised training and test rows of (kind k, layer l) and the layer's width.
+  auto read_std = [&](std::int64_t k, std::int64_t l, std::vector<double>& xtr,
+                      std::vector<double>& xte) {
     auto ds = ff.dataset("/features/" + fi.kinds[k] + "/" + fi.layers[l]);
-    side.dim = ds.shape()[1];
+    const std::int64_t dim = ds.shape()[1];
     const auto x = ds.read_all<float>();
-    std::vector<double> xtr, xte;
-    if (standardise(x, side.dim, rows, test, xtr, xte) == side.dim)
+    if (standardise(x, dim, rows, test, xtr, xte) == dim)
       GM_WARN("encode: every feature of " << fi.kinds[k] << "/" << fi.layers[l]
                                           << " is constant over the training images: its "
                                           << "predictions are constant and its scores NaN");
+    return dim;
+  };
+  // Fills side (which must stay in place until run_jobs) from standardised rows.
+  auto build_from = [&](std::vector<double> xtr, std::vector<double> xte, std::int64_t dim,
+                        bool distribute, Side& side) {
+    side.dim = dim;
     if (use_gram(side.dim)) {
       side.gram = true;
       GramBasis& gb = side.gb;
@@ -617,16 +673,88 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     }
     svd_job(side.basis, std::move(xtr), n, side.dim, std::move(xte), m, distribute);
   };
+  auto build = [&](std::int64_t k, std::int64_t l, bool distribute, Side& side) {
+    std::vector<double> xtr, xte;
+    const std::int64_t dim = read_std(k, l, xtr, xte);
+    build_from(std::move(xtr), std::move(xte), dim, distribute, side);
+  };
+  // --joint: the activation block A, [n, pa] and [m, pa] (read by every rank; the optional
+  // principal-component reduction computed on rank 0 and broadcast).
+  std::vector<double> a_tr, a_te;
+  if (joint) {
+    a_tr.assign(static_cast<size_t>(n * pa_all), 0.0);
+    a_te.assign(static_cast<size_t>(m * pa_all), 0.0);
+    std::int64_t off = 0;
+    for (std::int64_t l = 0; l < L; ++l) {
+      std::vector<double> xtr, xte;
+      const std::int64_t d = read_std(ka, l, xtr, xte);
+      const double sc = 1.0 / std::sqrt(double(L) * double(d));
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t j = 0; j < d; ++j)
+          a_tr[i * pa_all + off + j] = sc * xtr[i * d + j];
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t j = 0; j < d; ++j)
+          a_te[i * pa_all + off + j] = sc * xte[i * d + j];
+      off += d;
+    }
+    if (reduce_a) { // scores on the first pa principal axes, rescaled to total variance 1
+      RidgeBasis pb;
+      if (me == 0)
+        pb = make_basis(a_tr, n, pa_all, a_te, m);
+      broadcast_basis(pb, 0, comm);
+      const std::int64_t kk = std::min(pa, pb.r);
+      double var = 0;
+      for (std::int64_t j = 0; j < kk; ++j)
+        var += pb.s[j] * pb.s[j] / double(n);
+      const double sc = var > 0 ? 1.0 / std::sqrt(var) : 0.0;
+      a_tr.assign(static_cast<size_t>(n * pa), 0.0);
+      a_te.assign(static_cast<size_t>(m * pa), 0.0);
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t j = 0; j < kk; ++j)
+          a_tr[i * pa + j] = sc * pb.u[i * pb.r + j] * pb.s[j];
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t j = 0; j < kk; ++j)
+          a_te[i * pa + j] = sc * pb.test_v[i * pb.r + j];
+    }
+  }
+  // The activation model's side, and the joint side of (layer l, weight w).
+  auto build_a = [&](bool distribute, Side& side) { build_from(a_tr, a_te, pa, distribute, side); };
+  auto build_joint = [&](std::int64_t l, double w, bool distribute, Side& side) {
+    std::vector<double> gtr, gte;
+    const std::int64_t d = read_std(kg, l, gtr, gte), q = pa + d;
+    const double sa = std::sqrt(w), sg = std::sqrt((1 - w) / double(d));
+    std::vector<double> xtr(static_cast<size_t>(n * q)), xte(static_cast<size_t>(m * q));
+    auto fill = [&](const std::vector<double>& a, const std::vector<double>& g, std::int64_t rows_,
+                    std::vector<double>& x) {
+      for (std::int64_t i = 0; i < rows_; ++i) {
+        for (std::int64_t j = 0; j < pa; ++j)
+          x[i * q + j] = sa * a[i * pa + j];
+        for (std::int64_t j = 0; j < d; ++j)
+          x[i * q + pa + j] = sg * g[i * d + j];
+      }
+    };
+    fill(a_tr, gtr, n, xtr);
+    fill(a_te, gte, m, xte);
+    build_from(std::move(xtr), std::move(xte), q, distribute, side);
+  };
   auto finish = [&](Side& side) {
     for (auto& fd : side.folds)
       finish_fold(fd);
   };
   std::vector<Side> cached;
+  const size_t a_side =
+      size_t(K * L); // --joint: A, then (layer l, weight w) at a_side + 1 + l W + w
   if (cache) {
-    cached.resize(static_cast<size_t>(K * L));
+    cached.resize(size_t(K * L) + (joint ? size_t(1 + L * W) : 0));
     for (std::int64_t k = 0; k < K; ++k)
       for (std::int64_t l = 0; l < L; ++l)
         build(k, l, true, cached[size_t(k * L + l)]);
+    if (joint) {
+      build_a(true, cached[a_side]);
+      for (std::int64_t l = 0; l < L; ++l)
+        for (std::int64_t w = 0; w < W; ++w)
+          build_joint(l, jw[size_t(w)], true, cached[a_side + 1 + size_t(l * W + w)]);
+    }
     run_jobs();
     for (auto& side : cached)
       finish(side);
@@ -648,6 +776,11 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   f.set_attr("/", "n_test", m);
   if (meg)
     f.set_attr("/", "target_shape", std::vector<std::int64_t>{bi.sensors, bi.times});
+  f.set_attr("/", "joint", std::int64_t{joint ? 1 : 0});
+  if (joint) {
+    f.set_attr("/", "joint_weights", jw);
+    f.set_attr("/", "joint_activation_dims", pa);
+  }
   const char* const outputs[4] = {"r", "r_normalised", "r2", "alpha"};
   std::vector<io::Dataset> out_ds;
   for (const auto& kind : fi.kinds) {
@@ -669,11 +802,41 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     for (const auto& kind : fi.kinds)
       exceed_ds.push_back(f.create_dataset("/" + kind + "/exceed", io::DType::i32, {L, bi.targets},
                                            {L, std::min<std::int64_t>(bi.targets, 4096)}));
+  // --joint: the activation model's scores [T], and the unique kind [L, T] (docs/statistics.md,
+  // "Unique variance"): r = Pearson(joint - activation prediction, activation residual), the
+  // statistic of the residual-permutation null; dR^2, the joint R^2, the shared part, the chosen
+  // band weight and alpha; the 95% bootstrap interval of dR^2 [2, L, T].
+  const char* const joint_outputs[6] = {"r", "dr2", "r2_joint", "shared", "weight", "alpha"};
+  std::vector<io::Dataset> ja_ds, ju_ds, ju_pred_ds;
+  std::optional<io::Dataset> ju_ci, ju_exceed, ju_peak;
+  if (joint) {
+    for (const char* name : {"r", "r2", "alpha"})
+      ja_ds.push_back(f.create_dataset(std::string("/joint/activations/") + name, io::DType::f32,
+                                       {bi.targets}));
+    for (const char* name : joint_outputs)
+      ju_ds.push_back(f.create_dataset(std::string("/unique_gradients/") + name, io::DType::f32,
+                                       {L, bi.targets},
+                                       {L, std::min<std::int64_t>(bi.targets, 4096)}));
+    if (opt.bootstraps > 0)
+      ju_ci = f.create_dataset("/unique_gradients/dr2_ci", io::DType::f32, {2, L, bi.targets});
+    if (opt.permutations > 0)
+      ju_exceed = f.create_dataset("/unique_gradients/exceed", io::DType::i32, {L, bi.targets},
+                                   {L, std::min<std::int64_t>(bi.targets, 4096)});
+    if (voxel_peaks)
+      ju_peak = f.create_dataset("/unique_gradients/voxel_peak_p", io::DType::f32, {L, bi.targets},
+                                 {L, std::min<std::int64_t>(bi.targets, 4096)});
+    for (const auto& layer : fi.layers)
+      if (opt.store_predictions)
+        ju_pred_ds.push_back(f.create_dataset("/unique_gradients/prediction/" + layer,
+                                              io::DType::f32, {m, bi.targets}));
+  }
   std::vector<NullAccumulator> acc;
   const bool clusters = meg && opt.permutations > 0 && opt.cluster_p > 0;
   const double cluster_r = clusters ? cluster_threshold(m, opt.cluster_p) : 0.0;
-  for (std::int64_t kl = 0; nulls && kl < K * L; ++kl)
+  for (std::int64_t kl = 0; nulls && kl < (K + (joint ? 1 : 0)) * L; ++kl) {
     acc.emplace_back(rs, int(G), clusters ? bi.targets : 0, float(cluster_r));
+    acc.back().constant_is_zero = kl >= K * L;
+  }
   // K-fold: the held-out Pearson r of every fold at the target's chosen alpha.
   std::vector<io::Dataset> fold_ds;
   for (std::int64_t k = 0; nf > 0 && k < K; ++k)
@@ -745,6 +908,14 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     prep.reset();
     // 5. Fit every (kind, layer) on this chunk; write the chunk's columns.
     size_t next_ds = 0;
+    auto fit_side = [&](const Side& side) {
+      return side.gram ? fit_kfold_gram(side.gb, ytr, yte, t, alphas, prec)
+             : opt.alpha_cv == AlphaCV::kfold
+                 ? fit_kfold(side.basis, side.folds, ytr, yte, t, alphas, prec)
+                 : fit_loo(side.basis, ytr, yte, t, alphas, prec);
+    };
+    std::vector<double> r2_grad(static_cast<size_t>(L * t),
+                                std::numeric_limits<double>::quiet_NaN()); // for the shared part
     for (std::int64_t k = 0; k < K; ++k) {
       std::vector<std::vector<float>> buf(4, std::vector<float>(static_cast<size_t>(L * t)));
       std::vector<std::vector<float>> preds;
@@ -758,10 +929,9 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           finish(fresh);
         }
         const Side& side = cache ? cached[size_t(k * L + l)] : fresh;
-        const RidgeScores sc = side.gram ? fit_kfold_gram(side.gb, ytr, yte, t, alphas, prec)
-                               : opt.alpha_cv == AlphaCV::kfold
-                                   ? fit_kfold(side.basis, side.folds, ytr, yte, t, alphas, prec)
-                                   : fit_loo(side.basis, ytr, yte, t, alphas, prec);
+        const RidgeScores sc = fit_side(side);
+        if (k == kg)
+          std::copy(sc.r2.begin(), sc.r2.end(), r2_grad.begin() + l * t);
         for (std::int64_t c = 0; c < t; ++c) {
           buf[0][l * t + c] = float(sc.r[c]);
           // r normalised by sqrt(NC), the ceiling of r for the averaged test responses.
@@ -792,6 +962,122 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       if (nf > 0)
         fold_ds[k].write(fold_r.data(), {0, 0, t0}, {t ? nf : 0, t ? L : 0, t});
     }
+    if (joint) { // the activation model, then each layer's joint model (candidates: A, then w)
+      Side fresh_a;
+      if (!cache) {
+        build_a(false, fresh_a);
+        finish(fresh_a);
+      }
+      const RidgeScores sa = fit_side(cache ? cached[a_side] : fresh_a);
+      std::vector<double> ea(static_cast<size_t>(m * t)); // the activation model's residuals
+      for (std::int64_t i = 0; i < m * t; ++i)
+        ea[i] = yte[i] - sa.prediction[i];
+      std::vector<float> abuf[3];
+      for (auto& v : abuf)
+        v.resize(static_cast<size_t>(t));
+      for (std::int64_t c = 0; c < t; ++c) {
+        abuf[0][c] = float(sa.r[c]);
+        abuf[1][c] = float(sa.r2[c]);
+        abuf[2][c] = float(sa.alpha[c]);
+      }
+      for (int o = 0; o < 3; ++o)
+        ja_ds[o].write(abuf[o].data(), {t0}, {t});
+      std::vector<std::vector<float>> jbuf(6, std::vector<float>(static_cast<size_t>(L * t)));
+      std::vector<float> ci(static_cast<size_t>(2 * L * t), NAN);
+      std::vector<std::int32_t> exceed(static_cast<size_t>(L * t), -1);
+      std::vector<float> boot_r(voxel_peaks ? static_cast<size_t>(L * opt.bootstraps * t) : 0);
+      std::vector<double> delta(static_cast<size_t>(m * t)), dboot(size_t(opt.bootstraps));
+      for (std::int64_t l = 0; l < L; ++l) {
+        std::vector<RidgeScores> cand{sa};
+        for (std::int64_t w = 0; w < W; ++w) {
+          Side fresh;
+          if (!cache) {
+            build_joint(l, jw[size_t(w)], false, fresh);
+            finish(fresh);
+          }
+          cand.push_back(fit_side(cache ? cached[a_side + 1 + size_t(l * W + w)] : fresh));
+        }
+        std::vector<std::int32_t> chosen;
+        const RidgeScores sj = select_per_target(cand, m, t, chosen);
+        cand.clear();
+        for (std::int64_t i = 0; i < m * t; ++i)
+          delta[i] = sj.prediction[i] - sa.prediction[i];
+        for (std::int64_t c = 0; c < t; ++c) {
+          // r(delta, e_A): 0 where the activation model was kept (delta = 0), NaN for a
+          // constant target.
+          double md = 0, me_ = 0;
+          for (std::int64_t i = 0; i < m; ++i) {
+            md += delta[i * t + c];
+            me_ += ea[i * t + c];
+          }
+          md /= double(m);
+          me_ /= double(m);
+          double sxy = 0, sxx = 0, syy = 0;
+          for (std::int64_t i = 0; i < m; ++i) {
+            const double a = delta[i * t + c] - md, b = ea[i * t + c] - me_;
+            sxy += a * b;
+            sxx += a * a;
+            syy += b * b;
+          }
+          const bool defined = std::isfinite(sa.r2[c]) && syy > 0;
+          const double ur = !defined ? NAN : sxx > 0 ? sxy / std::sqrt(sxx * syy) : 0.0;
+          const std::int32_t ch = chosen[c];
+          jbuf[0][l * t + c] = float(ur);
+          jbuf[1][l * t + c] = float(sj.r2[c] - sa.r2[c]);
+          jbuf[2][l * t + c] = float(sj.r2[c]);
+          jbuf[3][l * t + c] = float(sa.r2[c] + r2_grad[l * t + c] - sj.r2[c]);
+          jbuf[4][l * t + c] = ch < 0 || !defined ? NAN
+                               : ch == 0          ? 1.0f
+                                                  : float(jw[size_t(ch - 1)]);
+          jbuf[5][l * t + c] = float(sj.alpha[c]);
+          // dR^2 on bootstrap resamples of the test images (counts k_i):
+          // (sum k e_A^2 - sum k (e_A - delta)^2) / sum k (y - ybar_k)^2; 95% percentile interval.
+          if (opt.bootstraps > 0 && defined) {
+            for (int b = 0; b < opt.bootstraps; ++b) {
+              const std::uint32_t* cnt = &rs.count[static_cast<size_t>(std::int64_t(b) * m)];
+              double sk = 0, sy = 0, syy2 = 0, gain = 0;
+              for (std::int64_t i = 0; i < m; ++i) {
+                const double k = cnt[i], y = yte[i * t + c], e = ea[i * t + c],
+                             d = delta[i * t + c];
+                sk += k;
+                sy += k * y;
+                syy2 += k * y * y;
+                gain += k * (2 * e * d - d * d);
+              }
+              const double sst = syy2 - sy * sy / sk;
+              dboot[size_t(b)] = sst > 0 ? gain / sst : 0.0;
+            }
+            std::sort(dboot.begin(), dboot.end());
+            auto quantile = [&](double q) { // linear interpolation (numpy's default)
+              const double h = q * double(opt.bootstraps - 1);
+              const auto lo = std::int64_t(std::floor(h));
+              const auto hi = std::min<std::int64_t>(lo + 1, opt.bootstraps - 1);
+              return dboot[size_t(lo)] + (h - double(lo)) * (dboot[size_t(hi)] - dboot[size_t(lo)]);
+            };
+            ci[(0 * L + l) * t + c] = float(quantile(0.025));
+            ci[(1 * L + l) * t + c] = float(quantile(0.975));
+          }
+        }
+        if (opt.store_predictions) {
+          const std::vector<float> pf(sj.prediction.begin(), sj.prediction.end());
+          ju_pred_ds[size_t(l)].write(pf.data(), {0, t0}, {t ? m : 0, t});
+        }
+        if (nulls)
+          accumulate_nulls(rs, delta, ea, t, group.data() + t0, acc[size_t(K * L + l)],
+                           exceed.data() + l * t, t0,
+                           voxel_peaks ? boot_r.data() + l * opt.bootstraps * t : nullptr);
+      }
+      for (int o = 0; o < 6; ++o)
+        ju_ds[size_t(o)].write(jbuf[size_t(o)].data(), {0, t0}, {t ? L : 0, t});
+      if (opt.bootstraps > 0)
+        ju_ci->write(ci.data(), {0, 0, t0}, {t ? 2 : 0, t ? L : 0, t});
+      if (opt.permutations > 0)
+        ju_exceed->write(exceed.data(), {0, t0}, {t ? L : 0, t});
+      if (voxel_peaks) {
+        const auto pk = stats::target_peak_pvalues(jbuf[0], boot_r, L, opt.bootstraps, t);
+        ju_peak->write(pk.data(), {0, t0}, {t ? L : 0, t});
+      }
+    }
     const std::vector<float> ncf(nc.begin(), nc.end()), shf(split_half.begin(), split_half.end());
     nc_ds.write(ncf.data(), {t0}, {t});
     sh_ds.write(shf.data(), {t0}, {t});
@@ -815,8 +1101,12 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   if (constant > 0)
     GM_WARN("encode: " << constant << " targets are constant over the training images; their "
                        << "scores are NaN");
-  if (nulls)
-    write_nulls(f, opt, rs, fi.kinds, L, G, acc, meg, bf, comm);
+  if (nulls) {
+    std::vector<std::string> names = fi.kinds;
+    if (joint)
+      names.push_back("unique_gradients");
+    write_nulls(f, opt, rs, names, L, G, acc, meg, bf, comm);
+  }
   if (!meg) // the ROI of every voxel (-1: none), for the voxel-level tests' per-ROI counts
     f.write_small("/groups/target", group, {bi.targets});
   f.write_small("/split/train_stimuli", train, {n});

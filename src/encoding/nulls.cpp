@@ -137,10 +137,16 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
       }
       const double sp = std::sqrt(vp / double(m)), sy = std::sqrt(vy / double(m));
       // Relative tolerance: a prediction that is constant up to rounding is constant.
-      valid[j] = sp > 1e-12 * (std::abs(mp) + 1e-300) && sy > 1e-12 * (std::abs(my) + 1e-300) &&
-                 std::isfinite(sp) && std::isfinite(sy);
+      const bool pred_ok = sp > 1e-12 * (std::abs(mp) + 1e-300) && std::isfinite(sp);
+      valid[j] = (pred_ok || (acc.constant_is_zero && std::isfinite(mp))) &&
+                 sy > 1e-12 * (std::abs(my) + 1e-300) && std::isfinite(sy);
       if (!valid[j])
         continue;
+      if (!pred_ok) { // constant_is_zero: the prediction lane stays 0, so every r is 0
+        for (std::int64_t i = 0; i < m; ++i)
+          zy[i * TB + j] = float((y[i * t + c] - my) / sy);
+        continue;
+      }
       for (std::int64_t i = 0; i < m; ++i) {
         zp[i * TB + j] = float((pred[i * t + c] - mp) / sp);
         zy[i * TB + j] = float((y[i * t + c] - my) / sy);

@@ -46,7 +46,19 @@ struct EncodeOptions {
   /// MEG cluster tests: the one-sided t-test p that sets the cluster-forming r threshold
   /// (0: no cluster null; see clusters.hpp)
   double cluster_p = 0.01;
+  /// Joint (banded) ridge of the activations of all layers with the gradients of each layer,
+  /// and the gradients' unique variance beyond the activations (docs/statistics.md, "Unique
+  /// variance"): /unique_gradients/... and /joint/activations/... in scores.h5.
+  bool joint = false;
+  /// The band weights w of the joint design [sqrt(w) A, sqrt(1 - w) G_l], each in (0, 1); the
+  /// activations-only model (w = 1) is always a candidate. Empty: 0.2, 0.5, 0.8.
+  std::vector<double> joint_weights;
+  /// Principal components of the activation block kept (0: all; the block is then used as is).
+  std::int64_t joint_activation_dims = 0;
 };
+
+/// The default band weights of the joint model: 0.2, 0.5, 0.8.
+std::vector<double> default_joint_weights();
 
 /// The default alpha grid: 10 values log-spaced from 1e-1 to 1e8.
 std::vector<double> default_alphas();

@@ -48,6 +48,11 @@ struct NullAccumulator {
   float cluster_threshold = 0;
   std::int64_t words = 0;
   std::vector<std::uint64_t> above;
+  /// A constant prediction (with a valid response) scores r = 0 in the observation, every
+  /// permutation and every bootstrap (exceedance B: p = 1) instead of being undefined: the
+  /// unique-variance kind, whose "prediction" is the joint model's change to the activation
+  /// model's, exactly 0 where cross-validation kept the activations alone.
+  bool constant_is_zero = false;
   /// clusters_over: the total number of targets when cluster tests are on, else 0.
   NullAccumulator(const Resamples& rs, int groups, std::int64_t clusters_over = 0,
                   float cluster_threshold = 0);

@@ -1,0 +1,285 @@
+"""gradmap encode --joint (banded ridge of all layers' activations with each layer's gradients, the
+gradients' unique variance) against numpy and scikit-learn (docs/statistics.md, "Unique variance"):
+- fixed band weight and penalty: the joint prediction equals scikit-learn Ridge on the
+  concatenation of the spaces, each scaled by 1 / sqrt(its penalty alpha_i) (alpha_A = alpha / w,
+  alpha_G = alpha / (1 - w)), to 1e-5; the activation model equals Ridge on the activation block;
+- the per-target choice of (band weight, alpha) equals a brute-force search over the same
+  candidates with the leave-one-out criterion computed from the hat matrix in numpy (and, for one
+  design, scikit-learn RidgeCV's stored LOO errors);
+- dR^2, the joint R^2, the shared part, the unique r, the residual-permutation exceedance counts
+  (and that they equal the counts of dR^2 itself under residual permutation) and the bootstrap
+  interval of dR^2, recomputed in numpy from the stored resamples;
+- the primal (n > p) and dual (p > n) designs, -n 1 = -n 2, K-fold selection, bad options."""
+import h5py
+import numpy as np
+from sklearn.linear_model import Ridge, RidgeCV
+
+from gmtest import expect_failure, gradmap, h5_contents, run_tests, tmpdir
+
+BASE = tmpdir("joint")
+ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0]
+N, NTEST, REPS, T = 120, 30, 2, 24
+LAYERS = {"a": 10, "b": 60}  # n_train = 90: joint(a) has 80 columns (primal), joint(b) 130 (dual)
+B, BB = 200, 100
+
+
+def make_data(seed=0):
+    rng = np.random.default_rng(seed)
+    act = {k: rng.normal(size=(N, p)).astype(np.float32) for k, p in LAYERS.items()}
+    # gradients: partly a function of the activations (the confound), partly their own signal
+    grad = {k: (0.6 * act[k] ** 2 + rng.normal(size=(N, p))).astype(np.float32) for k, p in LAYERS.items()}
+    ya = act["a"].astype(np.float64) @ rng.normal(size=(LAYERS["a"], T)) / np.sqrt(LAYERS["a"])
+    yg = grad["b"].astype(np.float64) @ rng.normal(size=(LAYERS["b"], T)) / np.sqrt(LAYERS["b"])
+    kind = np.arange(T) % 3  # 0: activations only, 1: gradients of b too, 2: noise
+    clean = ya * (kind < 2) + yg * (kind == 1)
+    test = np.sort(rng.choice(N, NTEST, replace=False))
+    trial_stim = rng.permutation(np.repeat(np.arange(N), REPS))
+    y = clean[trial_stim] + rng.normal(size=(len(trial_stim), T)) * 1.5
+    y[:, 5] = 2.0  # a constant target
+    with h5py.File(f"{BASE}/features.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        for k in LAYERS:
+            f[f"/features/activations/{k}"] = act[k]
+            f[f"/features/gradients/{k}"] = grad[k]
+        f["/features"].attrs["layers"] = list(LAYERS)
+    with h5py.File(f"{BASE}/brain.h5", "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f.attrs["modality"] = "fmri"
+        f["/brain/responses"] = y.astype(np.float32)
+        f["/brain/trial_stimulus"] = trial_stim.astype(np.int64)
+        f["/brain/test_stimuli"] = test.astype(np.int64)
+        f["/brain/roi"] = (np.arange(T) % 2).astype(np.int32)
+        f["/brain/roi_names"] = np.array([b"V1", b"V2"])
+        f["/brain/roi_level"] = np.array([1, 2], np.int32)
+        f["/brain/voxel_ijk"] = np.stack([np.arange(T), np.zeros(T), np.zeros(T)], 1).astype(np.int32)
+        f["/brain"].attrs["volume_shape"] = np.array([T, 1, 1])
+        f["/brain"].attrs["affine"] = np.eye(4).ravel()
+    return act, grad, y.astype(np.float32).astype(np.float64), trial_stim, test
+
+
+ACT, GRAD, Y, TRIAL_STIM, TEST = make_data()
+TRAIN = np.setdiff1d(np.arange(N), TEST)
+KEEP = np.arange(T) != 5
+
+
+def standardised(x):
+    x = x.astype(np.float64)
+    mu, sd = x[TRAIN].mean(0), x[TRAIN].std(0)
+    return (x - mu) / sd
+
+
+def blocks():
+    """The documented blocks: A = every layer's z-scored activations, layer l scaled by
+    1 / sqrt(L p_l); G_l = the layer's z-scored gradients scaled by 1 / sqrt(p_l)."""
+    L = len(LAYERS)
+    a = np.hstack([standardised(ACT[k]) / np.sqrt(L * p) for k, p in LAYERS.items()])
+    g = {k: standardised(GRAD[k]) / np.sqrt(p) for k, p in LAYERS.items()}
+    return a, g
+
+
+def responses():
+    ymean = np.zeros((N, T))
+    np.add.at(ymean, TRIAL_STIM, Y)
+    ymean /= REPS
+    return ymean - ymean[TRAIN].mean(0)
+
+
+def loo_mse(x, y, alpha):
+    """Mean squared leave-one-out residual of ridge with an unpenalised intercept (x, y centred):
+    hat matrix H = X (X^T X + a I)^-1 X^T + 11^T / n, residual (y - H y) / (1 - h_ii)."""
+    n = x.shape[0]
+    h = x @ np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T) + 1.0 / n
+    e = (y - h @ y) / (1 - np.diag(h))[:, None]
+    return (e ** 2).mean(0)
+
+
+def pearson(a, b):
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+
+
+def encode(out, *extra, ranks=1):
+    gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", out,
+             "--joint", "--store-predictions", "--precision", "float64", "--permutations", B,
+             "--bootstraps", BB, *extra], ranks=ranks)
+    return out
+
+
+def test_fixed_penalties_equal_sklearn_ridge_on_scaled_spaces():
+    w, alpha = 0.3, 20.0
+    out = encode(f"{BASE}/fixed.h5", "--alphas", alpha, "--joint-weights", w)
+    a, g = blocks()
+    y = responses()
+    with h5py.File(out) as f:
+        pa = f["/joint/activations/alpha"][()]
+        assert np.allclose(pa[KEEP], alpha)
+        ra = Ridge(alpha=alpha).fit(a[TRAIN], y[TRAIN][:, KEEP]).predict(a[TEST])
+        got_r2 = f["/joint/activations/r2"][()][KEEP]
+        yt = y[TEST][:, KEEP]
+        r2 = 1 - ((yt - ra) ** 2).sum(0) / ((yt - yt.mean(0)) ** 2).sum(0)
+        assert np.abs(got_r2 - r2).max() < 1e-5, np.abs(got_r2 - r2).max()
+        for l, k in enumerate(LAYERS):
+            # banded ridge: Ridge(alpha=1) on [A / sqrt(alpha / w), G / sqrt(alpha / (1 - w))]
+            x = np.hstack([a / np.sqrt(alpha / w), g[k] / np.sqrt(alpha / (1 - w))])
+            ref = Ridge(alpha=1.0).fit(x[TRAIN], y[TRAIN][:, KEEP]).predict(x[TEST])
+            wt = f["/unique_gradients/weight"][l][KEEP]
+            got = f[f"/unique_gradients/prediction/{k}"][()][:, KEEP]
+            joint = wt == np.float32(w)
+            assert joint.sum() >= 3, (k, wt)  # enough targets chose the joint design
+            scale = np.abs(ref).max()
+            assert np.abs(got[:, joint] - ref[:, joint]).max() / scale < 1e-5, k
+            assert np.abs(got[:, ~joint] - ra[:, ~joint]).max() / scale < 1e-5, k  # w = 1: A alone
+
+
+def test_per_target_choice_equals_brute_force_search():
+    out = encode(f"{BASE}/choice.h5", "--alphas", ",".join(map(str, ALPHAS)), "--store-resamples")
+    a, g = blocks()
+    y = responses()
+    ytr, yte = y[TRAIN][:, KEEP], y[TEST][:, KEEP]
+    weights = [1.0, 0.2, 0.5, 0.8]  # the activation model first: it wins exact ties
+    # scikit-learn's stored LOO errors agree with the hat-matrix criterion on the A design
+    cv = RidgeCV(alphas=ALPHAS, alpha_per_target=True, store_cv_values=True).fit(a[TRAIN], ytr)
+    for i, al in enumerate(ALPHAS):
+        assert np.allclose(cv.cv_values_[:, :, i].mean(0), loo_mse(a[TRAIN], ytr, al), rtol=1e-8)
+    with h5py.File(out) as f:
+        perm = f["/resamples/permutations"][()]
+        counts = f["/resamples/bootstrap_counts"][()]
+        sst = ((yte - yte.mean(0)) ** 2).sum(0)
+
+        def fit(x, alpha):
+            return Ridge(alpha=alpha).fit(x[TRAIN], ytr).predict(x[TEST])
+
+        for l, k in enumerate(LAYERS):
+            crit, preds = [], []
+            for w in weights:
+                x = a if w == 1 else np.hstack([np.sqrt(w) * a, np.sqrt(1 - w) * g[k]])
+                errs = np.array([loo_mse(x[TRAIN], ytr, al) for al in ALPHAS])  # [A, t]
+                best = errs.argmin(0)  # the first alpha on ties
+                crit.append(errs[best, np.arange(ytr.shape[1])])
+                preds.append(np.column_stack([fit(x, ALPHAS[b])[:, c] for c, b in enumerate(best)]))
+                if w == 1:
+                    alpha_a = np.array(ALPHAS)[best]
+            crit = np.array(crit)
+            choice = crit.argmin(0)  # the first candidate on ties
+            wt = f["/unique_gradients/weight"][l][KEEP]
+            same = np.isclose(wt, np.array(weights)[choice])
+            assert same.mean() >= 0.95, (k, wt, np.array(weights)[choice])
+            assert np.allclose(f["/joint/activations/alpha"][()][KEEP], alpha_a)
+            pj = np.column_stack([preds[c][:, i] for i, c in enumerate(choice)])
+            pa = preds[0]
+            got = f[f"/unique_gradients/prediction/{k}"][()][:, KEEP]
+            assert np.abs(got[:, same] - pj[:, same]).max() / np.abs(pj).max() < 1e-6, k
+            r2 = lambda p: 1 - ((yte - p) ** 2).sum(0) / sst  # noqa: E731
+            dr2 = r2(pj) - r2(pa)
+            assert np.abs(f["/unique_gradients/dr2"][l][KEEP][same] - dr2[same]).max() < 1e-5
+            assert np.abs(f["/unique_gradients/r2_joint"][l][KEEP][same] - r2(pj)[same]).max() < 1e-5
+            rg = f["/gradients/r2"][l][KEEP]
+            shared = r2(pa) + rg - r2(pj)
+            assert np.abs(f["/unique_gradients/shared"][l][KEEP][same] - shared[same]).max() < 1e-5
+            # the unique r: Pearson(delta, e_A), 0 where the activation model was kept
+            delta, ea = pj - pa, yte - pa
+            zero = choice == 0
+            ur = np.zeros(delta.shape[1])
+            ur[~zero] = pearson(delta[:, ~zero], ea[:, ~zero])
+            gu = f["/unique_gradients/r"][l][KEEP]
+            assert np.abs(gu - ur)[same].max() < 1e-5
+            assert np.all(gu[wt == 1] == 0) and zero[wt == 1].all()
+            # residual permutation: #{b: r(delta[perm_b], e_A) >= r} (float32 kernel: ties aside)
+            exc = f["/unique_gradients/exceed"][l][KEEP]
+            rb = np.zeros((len(perm), delta.shape[1]))
+            rb[:, ~zero] = [pearson(delta[pb][:, ~zero], ea[:, ~zero]) for pb in perm]
+            ref = (rb >= ur - 1e-6 * (~zero)).sum(0)
+            ref[zero] = B
+            assert np.abs(exc - ref)[same].max() <= 1 and (exc == ref)[same].mean() >= 0.95, (exc, ref)
+            # ... which are the counts of dR^2 itself with e_A permuted (the activation model kept)
+            # (delta[perm_b] against e_A is e_A[perm_b^-1] against delta)
+            inv = [np.argsort(pb) for pb in perm]
+            d2 = np.array([((ea[q] ** 2).sum(0) - ((ea[q] - delta) ** 2).sum(0)) / sst for q in inv])
+            d2obs = ((ea ** 2).sum(0) - ((ea - delta) ** 2).sum(0)) / sst
+            same_rank = (d2 >= d2obs - 1e-12).sum(0)
+            ok = ~zero & same
+            alt = (rb >= ur - 1e-12)[:, ok].sum(0)
+            assert np.array_equal(same_rank[ok], alt), (same_rank[ok], alt)
+            # the 95% bootstrap interval of dR^2 over the stored resample counts
+            boot = []
+            for c in counts:
+                yb = (c[:, None] * yte).sum(0) / c.sum()
+                ss = (c[:, None] * (yte - yb) ** 2).sum(0)
+                gain = (c[:, None] * (2 * ea * delta - delta ** 2)).sum(0)
+                boot.append(gain / ss)
+            lo, hi = np.percentile(np.array(boot), [2.5, 97.5], axis=0)
+            ci = f["/unique_gradients/dr2_ci"][:, l][:, KEEP]
+            assert np.abs(ci[0] - lo)[same].max() < 1e-5 and np.abs(ci[1] - hi)[same].max() < 1e-5
+        # targets planted with gradient signal in layer b carry unique variance there
+        kind = (np.arange(T) % 3)[KEEP]
+        p = (1 + f["/unique_gradients/exceed"][1][KEEP]) / (B + 1)
+        assert (p[kind == 1] < 0.05).mean() >= 0.6, p[kind == 1]
+        assert np.mean(f["/unique_gradients/dr2"][1][KEEP][kind == 1]) > 0.05
+
+
+def assert_h5_same(a, b):
+    """Identical objects; per-target values equal, sums reduced over ranks (group means) to 1e-12."""
+    ca, cb = h5_contents(a), h5_contents(b)
+    assert ca.keys() == cb.keys(), set(ca) ^ set(cb)
+    for k in ca:
+        x, y = ca[k], cb[k]
+        assert x.shape == y.shape, k
+        if x.dtype.kind == "f":
+            tol = 1e-12 if "group" in k else 0
+            assert np.allclose(x, y, rtol=0, atol=tol, equal_nan=True), (a, b, k, np.nanmax(np.abs(x - y)))
+        else:
+            assert np.array_equal(x, y), k
+
+
+def test_rank_count_and_kfold():
+    outs = []
+    for ranks in (1, 2):
+        for cv in ("loo", "kfold"):
+            outs.append(encode(f"{BASE}/ranks-{cv}-{ranks}.h5", "--alphas", ",".join(map(str, ALPHAS)),
+                               "--alpha-cv", cv, "--folds", 4, ranks=ranks))
+    assert_h5_same(outs[0], outs[2])
+    assert_h5_same(outs[1], outs[3])
+    with h5py.File(outs[1]) as f:
+        w = f["/unique_gradients/weight"][()]
+        assert np.isin(w[:, KEEP], np.float32([1.0, 0.2, 0.5, 0.8])).all() and np.isnan(w[:, 5]).all()
+    # a budget that forces one target per round gives the same scores
+    chunked = encode(f"{BASE}/chunked.h5", "--alphas", ",".join(map(str, ALPHAS)), "--max-chunk", 1, ranks=2)
+    assert_h5_same(outs[0], chunked)
+
+
+def test_principal_component_reduction():
+    """--joint-activation-dims k: the activation block replaced by its first k principal
+    components, rescaled to total variance 1: equal to Ridge on the numpy PCA scores."""
+    k, alpha = 12, 5.0
+    out = encode(f"{BASE}/pca.h5", "--alphas", alpha, "--joint-activation-dims", k)
+    a, _ = blocks()
+    y = responses()
+    u, s, vt = np.linalg.svd(a[TRAIN], full_matrices=False)
+    z = a @ vt[:k].T
+    z /= np.sqrt((s[:k] ** 2).sum() / len(TRAIN))
+    ref = Ridge(alpha=alpha).fit(z[TRAIN], y[TRAIN][:, KEEP]).predict(z[TEST])
+    yt = y[TEST][:, KEEP]
+    r2 = 1 - ((yt - ref) ** 2).sum(0) / ((yt - yt.mean(0)) ** 2).sum(0)
+    with h5py.File(out) as f:
+        assert f.attrs["joint_activation_dims"] == k
+        assert np.abs(f["/joint/activations/r2"][()][KEEP] - r2).max() < 1e-6
+
+
+def test_bad_options():
+    base = ["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out",
+            f"{BASE}/bad.h5", "--joint"]
+    expect_failure([*base, "--joint-weights", "0.5,1"], "--joint-weights")
+    expect_failure([*base, "--joint-weights", "0.5,x"], "--joint-weights", "'x'")
+    expect_failure([*base, "--joint-activation-dims", "-1"], "--joint-activation-dims")
+    with h5py.File(f"{BASE}/features.h5") as f, h5py.File(f"{BASE}/act_only.h5", "w") as g:
+        g.attrs["gradmap_schema"] = np.int64(1)
+        for k in LAYERS:
+            g[f"/features/activations/{k}"] = f[f"/features/activations/{k}"][()]
+        g["/features"].attrs["layers"] = list(LAYERS)
+    expect_failure(["encode", "--features", f"{BASE}/act_only.h5", "--brain", f"{BASE}/brain.h5", "--out",
+                    f"{BASE}/bad.h5", "--joint"], "act_only.h5", "gradients")
+
+
+if __name__ == "__main__":
+    run_tests([test_fixed_penalties_equal_sklearn_ridge_on_scaled_spaces, test_per_target_choice_equals_brute_force_search,
+               test_rank_count_and_kfold, test_principal_component_reduction, test_bad_options])
