@@ -18,6 +18,11 @@ Replicates run as single-rank processes, --jobs at a time.
 
 Group inference (4 and 8 subjects) is checked on the same replicates: disjoint sets of S noise
 draws of a cell play S subjects and get the verdict of `gradmap aggregate`.
+
+--joint: encode --joint too; the verdicts on the gradients' unique variance (D_space_unique,
+D_time_unique) get their own rows, and the significance table adds the runs with any target of
+significant unique gradient variance (BH across its layers), which on `activations-only` brains
+are all false (<= q expected), beside the raw-gradient rate (the confound).
 """
 import argparse
 import json
@@ -144,7 +149,7 @@ def scenario_args(scenario):
 
 
 def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutations, bootstraps, alpha,
-              size=SIZE, modalities=("fmri", "meg")):
+              size=SIZE, modalities=("fmri", "meg"), joint=False):
     """One noise draw of the modalities (fMRI at snrs["fmri"], MEG at snrs["meg"]) -> per
     modality the verdict, its p-values and whether its interval contains the estimate."""
     b = base_dir(work, network, seed, size)
@@ -158,7 +163,7 @@ def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutat
         for mod in modalities:
             run(gradmap, ["encode", "--features", f"{b}/features.h5", "--brain", f"{d}/brain_{mod}.h5",
                           "--out", f"{d}/scores_{mod}.h5", "--permutations", str(permutations), "--bootstraps",
-                          str(bootstraps), "--seed", str(noise_seed)])
+                          str(bootstraps), "--seed", str(noise_seed), *(["--joint"] if joint else [])])
             scores += ["--scores", f"{d}/scores_{mod}.h5"]
         run(gradmap, ["stats", *scores, "--out", f"{d}/stats", "--alpha", str(alpha)])
         summ = json.load(open(f"{d}/stats/summary.json"))
@@ -172,10 +177,15 @@ def replicate(gradmap, work, network, seed, noise_seed, scenario, snrs, permutat
                         "value": st["value"], "ci": [lo, hi], "ci_extended": st["ci_extended"]}
             if "D_space_voxels" in summ[mod]:  # voxel level: counts of tested / diverges / consistent
                 out[mod]["voxels"] = summ[mod]["D_space_voxels"]["all"]
+            if STAT[mod] + "_unique" in summ[mod]:
+                su = summ[mod][STAT[mod] + "_unique"]
+                out[mod]["unique"] = {"verdict": su["verdict"], "p": su["p"], "p_consistent": su["p_consistent"],
+                                      "ci_extended": su["ci_extended"]}
         with h5py.File(f"{d}/stats/stats.h5") as s:  # targets significant anywhere (BH across all)
             for mod in modalities:
                 out[mod]["significant"] = {k: int((np.nanmin(s[f"/{mod}/{k}/q_bh_all"][()], 0) < 0.05).sum())
-                                           for k in ("activations", "gradients")}
+                                           for k in ("activations", "gradients", "unique_gradients")
+                                           if f"/{mod}/{k}/q_bh_all" in s}
         return out
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -192,7 +202,7 @@ def wilson(k, n, z=1.96):
 
 def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, permutations=200,
               bootstraps=200, alpha=0.05, work=None, log=sys.stderr, size=SIZE, modalities=("fmri", "meg"),
-              checkpoint=None):
+              checkpoint=None, joint=False):
     """snrs: {"fmri": [...], "meg": [...]} of equal length; level i of both is one simulation
     (of the modalities asked for; the other's level is then ignored)."""
     work = work or tempfile.mkdtemp(prefix="gradmap-calib-div-")
@@ -209,7 +219,7 @@ def calibrate(gradmap, networks, scenarios, snrs, replicates, bases=5, jobs=2, p
                     tasks.append((net, seeds[r % bases], 1000 + r, sc, {"fmri": snr[0], "meg": snr[1]}))
     t0 = time.time()
     results = run_tasks(tasks, lambda t: replicate(gradmap, work, *t, permutations, bootstraps, alpha, size,
-                                                   modalities), jobs, "calibrate", log, checkpoint)
+                                                   modalities, joint), jobs, "calibrate", log, checkpoint)
     raw = [{"network": net, "test_images": test_images(size), "base_seed": s, "noise_seed": n, "scenario": sc,
             "snr": snr, **both}
            for (net, s, n, sc, snr), both in results]
@@ -224,16 +234,19 @@ def summarise(raw):
     cells = {}
     for r in raw:
         for mod in MODS(r):
-            out = r[mod]
-            c = cells.setdefault((r["network"], r.get("test_images", 100), mod, r["scenario"], r["snr"][mod]),
-                                 {"n": 0, "diverges": 0, "consistent": 0, "undetermined": 0, "ci_extended": 0})
-            c["n"] += 1
-            c[out["verdict"]] += 1
-            c["ci_extended"] += bool(out["ci_extended"])
+            for stat, out in ((STAT[mod], r[mod]), (STAT[mod] + "_unique", r[mod].get("unique"))):
+                if out is None:
+                    continue
+                c = cells.setdefault((r["network"], r.get("test_images", 100), mod, stat, r["scenario"],
+                                      r["snr"][mod]),
+                                     {"n": 0, "diverges": 0, "consistent": 0, "undetermined": 0, "ci_extended": 0})
+                c["n"] += 1
+                c[out["verdict"]] += 1
+                c["ci_extended"] += bool(out["ci_extended"])
     rows = []
-    for (net, m, mod, sc, snr), c in sorted(cells.items()):
+    for (net, m, mod, stat, sc, snr), c in sorted(cells.items()):
         n = c["n"]
-        row = {"network": net, "test_images": m, "modality": mod, "statistic": STAT[mod], "scenario": sc,
+        row = {"network": net, "test_images": m, "modality": mod, "statistic": stat, "scenario": sc,
                "snr": snr, **c}
         for v in ("diverges", "consistent", "undetermined"):
             row[f"{v}_share"] = c[v] / n
@@ -301,20 +314,29 @@ def significance_rates(res):
     rows = []
     for (net, m, mod, sc, snr), v in sorted(cells.items()):
         row = {"network": net, "test_images": m, "modality": mod, "scenario": sc, "snr": snr, "n": len(v)}
-        for k in ("activations", "gradients"):
-            row[f"any_{k}"] = sum(x[k] > 0 for x in v)
-            row[f"mean_{k}"] = sum(x[k] for x in v) / len(v)
+        for k in ("activations", "gradients", "unique_gradients"):
+            if all(k in x for x in v):
+                row[f"any_{k}"] = sum(x[k] > 0 for x in v)
+                row[f"mean_{k}"] = sum(x[k] for x in v) / len(v)
+                row[f"any_{k}_ci95"] = wilson(row[f"any_{k}"], len(v))
         rows.append(row)
     return rows
 
 
 def markdown_significance(rows):
     out = ["| network | test images | modality | scenario | SNR | n | runs with significant activations | "
-           "runs with significant raw gradients | mean significant gradient targets |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "runs with significant raw gradients | mean significant gradient targets | runs with significant "
+           "unique gradient variance [95% CI] | mean targets with unique variance |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "any_unique_gradients" in r:
+            lo, hi = r["any_unique_gradients_ci95"]
+            u = (f"{r['any_unique_gradients']} ({r['any_unique_gradients'] / r['n']:.3f} [{lo:.3f}, {hi:.3f}]) | "
+                 f"{r['mean_unique_gradients']:.1f}")
+        else:
+            u = "- | -"
         out.append(f"| {r['network']} | {r['test_images']} | {r['modality']} | {r['scenario']} | {r['snr']} | "
-                   f"{r['n']} | {r['any_activations']} | {r['any_gradients']} | {r['mean_gradients']:.1f} |")
+                   f"{r['n']} | {r['any_activations']} | {r['any_gradients']} | {r['mean_gradients']:.1f} | {u} |")
     return "\n".join(out)
 
 
@@ -420,6 +442,8 @@ if __name__ == "__main__":
     ap.add_argument("--modalities", default="fmri,meg", help="fmri, meg or both (fmri,meg)")
     ap.add_argument("--images", type=int, default=600, help="images (training + test)")
     ap.add_argument("--test-images", type=int, default=100)
+    ap.add_argument("--joint", action="store_true", help="encode --joint: verdicts and significance of the "
+                    "gradients' unique variance too")
     ap.add_argument("--out", help="JSON results")
     ap.add_argument("--markdown", help="the table as markdown")
     ap.add_argument("--regroup", nargs="+", help="saved JSON results: merge them, print the tables (with "
@@ -443,7 +467,7 @@ if __name__ == "__main__":
     res = calibrate(a.gradmap, a.networks.split(","), a.scenarios.split(","), snrs,
                     a.replicates, a.bases, a.jobs, a.permutations, a.bootstraps, size=size,
                     modalities=tuple(a.modalities.split(",")),
-                    checkpoint=a.out + ".partial.jsonl" if a.out else None)
+                    checkpoint=a.out + ".partial.jsonl" if a.out else None, joint=a.joint)
     res["groups"] = group_rates(res)
     res["voxels"] = voxel_rates(res)
     save_result(res, a.out)

@@ -350,7 +350,7 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
     const auto value = sf.dataset("/groups/value").read_all<double>();
     const std::int64_t G = std::int64_t(value.size());
     std::vector<KindData> kinds;
-    for (const char* name : {"activations", "gradients"})
+    for (const char* name : {"activations", "gradients", "unique_gradients"})
       if (sf.exists(std::string("/") + name + "/r")) {
         KindData kd;
         kd.name = name;
@@ -378,19 +378,24 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
     }
     const std::string mod = "/" + modality;
 
-    // Per-target p-values, FDR within each (kind, layer) and across all, max-stat FWER.
-    std::vector<float> global_max(static_cast<size_t>(B), -INFINITY);
+    // Per-target p-values, FDR within each (kind, layer) and across all, max-stat FWER. The
+    // "all" families: the raw kinds (activations and gradients) together, and the gradients'
+    // unique variance (encode --joint) on its own, over its layers.
+    auto family = [](const KindData& kd) { return kd.name == "unique_gradients" ? 1 : 0; };
+    std::vector<float> global_max[2];
+    for (auto& gm : global_max)
+      gm.assign(static_cast<size_t>(B), -INFINITY);
     for (auto& kd : kinds)
       for (std::int64_t l = 0; l < L; ++l)
         for (std::int64_t b = 0; b < B; ++b)
-          global_max[b] = std::max(global_max[b], kd.null_max[l * B + b]);
-    std::vector<double> all_p;
+          global_max[family(kd)][b] = std::max(global_max[family(kd)][b], kd.null_max[l * B + b]);
+    std::vector<double> all_p[2];
     for (auto& kd : kinds) {
       kd.p.assign(static_cast<size_t>(L * T), kNaN);
       kd.p_fwer = kd.p_fwer_all = kd.q_bh = kd.q_by = kd.p;
       for (std::int64_t l = 0; l < L; ++l) {
         std::vector<float> mx(kd.null_max.begin() + l * B, kd.null_max.begin() + (l + 1) * B),
-            gm(global_max);
+            gm(global_max[family(kd)]);
         std::sort(mx.begin(), mx.end());
         std::sort(gm.begin(), gm.end());
         std::vector<double> pl(static_cast<size_t>(T), kNaN);
@@ -412,12 +417,18 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
         std::copy(qb.begin(), qb.end(), kd.q_bh.begin() + l * T);
         std::copy(qy.begin(), qy.end(), kd.q_by.begin() + l * T);
       }
-      all_p.insert(all_p.end(), kd.p.begin(), kd.p.end());
+      all_p[family(kd)].insert(all_p[family(kd)].end(), kd.p.begin(), kd.p.end());
     }
-    const auto qa_bh = fdr(all_p, false), qa_by = fdr(all_p, true);
-    for (size_t k = 0; k < kinds.size(); ++k) {
-      kinds[k].q_bh_all.assign(qa_bh.begin() + k * L * T, qa_bh.begin() + (k + 1) * L * T);
-      kinds[k].q_by_all.assign(qa_by.begin() + k * L * T, qa_by.begin() + (k + 1) * L * T);
+    for (int fam = 0; fam < 2; ++fam) {
+      const auto qa_bh = fdr(all_p[fam], false), qa_by = fdr(all_p[fam], true);
+      std::int64_t k = 0; // position of the kind within its family
+      for (auto& kd : kinds) {
+        if (family(kd) != fam)
+          continue;
+        kd.q_bh_all.assign(qa_bh.begin() + k * L * T, qa_bh.begin() + (k + 1) * L * T);
+        kd.q_by_all.assign(qa_by.begin() + k * L * T, qa_by.begin() + (k + 1) * L * T);
+        ++k;
+      }
     }
 
     summary << ",\n  \"" << modality << "\": {\n    \"scores\": \"" << path
@@ -546,45 +557,62 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
     // Divergence (docs/statistics.md): both kinds needed. The predictions of a biological
     // backprop as tests with a verdict: space (fMRI) by peak-layer confidence sets per ROI, time
     // (MEG) by the slope of the gradients' peak latencies on layer and the top-layer gap.
-    if (kinds.size() == 2) {
-      const Profiles obs[2] = {{&kinds[0].group_r, L, G, 1}, {&kinds[1].group_r, L, G, 1}};
-      const Profiles boot[2] = {{&kinds[0].boot_group, L, G, Bb}, {&kinds[1].boot_group, L, G, Bb}};
-      const Profiles null[2] = {{&kinds[0].null_group, L, G, B}, {&kinds[1].null_group, L, G, B}};
+    // The same tests on the gradients' unique variance beyond the activations (encode --joint;
+    // suffix "_unique", docs/statistics.md "Unique variance").
+    auto divergence = [&](const KindData& ka, const KindData& kg, const std::string& sfx) {
+      const bool unique = !sfx.empty();
+      const KindData* kp[2] = {&ka, &kg};
+      const Profiles obs[2] = {{&ka.group_r, L, G, 1}, {&kg.group_r, L, G, 1}};
+      const Profiles boot[2] = {{&ka.boot_group, L, G, Bb}, {&kg.boot_group, L, G, Bb}};
+      const Profiles null[2] = {{&ka.null_group, L, G, B}, {&kg.null_group, L, G, B}};
       Verdict v;
       std::ostringstream extra;
       if (meg) {
         const TimeDivergence td = time_divergence(obs[0], obs[1], boot[0], boot[1], null[0],
                                                   null[1], value, o.time_margin, o.alpha, o.ci);
         v = td.v;
-        f.write_small(mod + "/top_layer_latency_gap",
+        f.write_small(mod + "/top_layer_latency_gap" + sfx,
                       std::vector<double>{td.gap, td.gap_lo, td.gap_hi}, {3});
-        for (int k = 0; k < 2; ++k) {
-          const std::string base = mod + "/" + kinds[k].name + "/";
+        for (int k = unique ? 1 : 0; k < 2; ++k) { // the activations' entries once
+          const std::string base = mod + "/" + kp[k]->name + "/";
           const Latencies& lat = k ? td.grad : td.act;
           f.write_small(base + "onset_latency", lat.onset, {L});
           f.write_small(base + "peak_latency_ci", td.peak_ci[k], {L, 2});
           f.write_small(base + "onset_latency_ci", td.onset_ci[k], {L, 2});
-          extra << ",\n    \"peak_latency_ci_" << kinds[k].name
-                << "\": " << json_pairs(td.peak_ci[k]) << ",\n    \"onset_latency_" << kinds[k].name
-                << "\": " << json_list(lat.onset) << ",\n    \"onset_latency_ci_" << kinds[k].name
+          extra << ",\n    \"peak_latency_ci_" << kp[k]->name << "\": " << json_pairs(td.peak_ci[k])
+                << ",\n    \"onset_latency_" << kp[k]->name << "\": " << json_list(lat.onset)
+                << ",\n    \"onset_latency_ci_" << kp[k]->name
                 << "\": " << json_pairs(td.onset_ci[k]);
         }
-        extra << ",\n    \"top_layer_latency_gap\": {\"value\": " << num(td.gap) << ", \"ci\": ["
-              << num(td.gap_lo) << ", " << num(td.gap_hi) << "]}";
+        extra << ",\n    \"top_layer_latency_gap" << sfx << "\": {\"value\": " << num(td.gap)
+              << ", \"ci\": [" << num(td.gap_lo) << ", " << num(td.gap_hi) << "]}";
       } else {
         const double margin = o.space_margin * double(L - 1);
         const SpaceDivergence sd = space_divergence(obs[0], obs[1], boot[0], boot[1], null[0],
                                                     null[1], n_group, margin, o.alpha, o.ci);
         v = sd.v;
-        f.write_small(mod + "/D_space_p_diverges_roi", sd.p_div_roi, {G});
-        f.write_small(mod + "/D_space_p_consistent_roi", sd.p_cons_roi, {G});
-        f.write_small(mod + "/activations/peak_layer_p", sd.peak_p_act, {L, G});
-        f.write_small(mod + "/gradients/peak_layer_p", sd.peak_p_grad, {L, G});
-        extra << ",\n    \"D_space_p_diverges_roi\": " << json_list(sd.p_div_roi)
-              << ",\n    \"D_space_p_consistent_roi\": " << json_list(sd.p_cons_roi)
-              << ",\n    \"D_space_margin_layers\": " << num(margin);
+        f.write_small(mod + "/D_space" + sfx + "_p_diverges_roi", sd.p_div_roi, {G});
+        f.write_small(mod + "/D_space" + sfx + "_p_consistent_roi", sd.p_cons_roi, {G});
+        if (!unique)
+          f.write_small(mod + "/" + ka.name + "/peak_layer_p", sd.peak_p_act, {L, G});
+        f.write_small(mod + "/" + kg.name + "/peak_layer_p", sd.peak_p_grad, {L, G});
+        extra << ",\n    \"D_space" << sfx << "_p_diverges_roi\": " << json_list(sd.p_div_roi)
+              << ",\n    \"D_space" << sfx << "_p_consistent_roi\": " << json_list(sd.p_cons_roi);
+        if (!unique)
+          extra << ",\n    \"D_space_margin_layers\": " << num(margin);
       }
-      const char* dn = meg ? "D_time" : "D_space";
+      if (unique) // the verdict concerns the unique variance, not raw scores
+        v.reason = v.verdict == "consistent"
+                       ? "the gradients' unique variance beyond the activations is organised as a "
+                         "biological backpropagation predicts, within the stated margin"
+                   : v.verdict == "diverges"
+                       ? "the gradients' unique variance beyond the activations is organised "
+                         "differently from what a biological backpropagation predicts"
+                   : !(v.p_signal_gradients < o.alpha)
+                       ? "the gradients add no detectable unique variance beyond the activations "
+                         "here, so neither claim can be tested"
+                       : v.reason;
+      const std::string dn = std::string(meg ? "D_time" : "D_space") + sfx;
       f.write_small(mod + "/" + dn, std::vector<double>{v.value, v.lo, v.hi, v.p_diverges}, {4});
       f.write_small(mod + "/" + dn + "_boot", v.boot, {Bb});
       f.write_small(mod + "/" + dn + "_tests",
@@ -602,7 +630,8 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
               << ", \"reason\": \"" << v.reason << "\"}" << extra.str();
       GM_INFO("stats: " << modality << ": " << dn << " verdict: " << v.verdict << " (p diverges "
                         << num(v.p_diverges) << ", p consistent " << num(v.p_consistent) << ")");
-      if (!meg) { // voxelwise agreement of the peak-layer maps over voxels significant in both
+      if (!meg &&
+          !unique) { // voxelwise agreement of the peak-layer maps over voxels significant in both
         std::vector<double> pk[2], lv;
         std::int64_t both = 0, same = 0;
         std::vector<std::int32_t> peak_map[2];
@@ -614,8 +643,8 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
             bool sig = false;
             double best = -INFINITY, wsum = 0, lsum = 0;
             for (std::int64_t l = 0; l < L; ++l) {
-              const double r = kinds[k].r[l * T + t];
-              sig = sig || kinds[k].q_bh_all[l * T + t] < o.q;
+              const double r = kp[k]->r[l * T + t];
+              sig = sig || kp[k]->q_bh_all[l * T + t] < o.q;
               if (!std::isnan(r) && r > best) {
                 best = r;
                 peak_map[k][t] = std::int32_t(l);
@@ -631,8 +660,8 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
             }
             com_map[k][t] = wsum > 0 ? lsum / wsum : kNaN;
           }
-          f.write_small(mod + "/" + kinds[k].name + "/peak_layer", peak_map[k], {T});
-          f.write_small(mod + "/" + kinds[k].name + "/peak_layer_com", com_map[k], {T});
+          f.write_small(mod + "/" + kp[k]->name + "/peak_layer", peak_map[k], {T});
+          f.write_small(mod + "/" + kp[k]->name + "/peak_layer_com", com_map[k], {T});
         }
         for (std::int64_t t = 0; t < T; ++t)
           if (peak_map[0][t] >= 0 && peak_map[1][t] >= 0) {
@@ -647,6 +676,44 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
           summary << voxel_space_tests(f, sf, mod, peak_map, L, T, o.space_margin * double(L - 1),
                                        o.q);
       }
+    };
+    const KindData* kind_of[3] = {nullptr, nullptr, nullptr};
+    for (const auto& kd : kinds)
+      kind_of[kd.name == "activations" ? 0 : kd.name == "gradients" ? 1 : 2] = &kd;
+    if (kind_of[0] && kind_of[1])
+      divergence(*kind_of[0], *kind_of[1], "");
+    if (kind_of[0] && kind_of[2])
+      divergence(*kind_of[0], *kind_of[2], "_unique");
+    if (kind_of[2]) { // the gradients' unique variance: targets significant in any layer
+      const KindData& ku = *kind_of[2];
+      const auto dr2 = sf.dataset("/unique_gradients/dr2").read_all<float>();
+      std::vector<std::int32_t> any(static_cast<size_t>(T), 0);
+      std::vector<std::int64_t> per_layer(static_cast<size_t>(L), 0);
+      std::vector<double> mean_dr2(static_cast<size_t>(L), 0.0);
+      std::int64_t n_any = 0, n_fwer = 0;
+      for (std::int64_t t = 0; t < T; ++t) {
+        bool fw = false;
+        for (std::int64_t l = 0; l < L; ++l) {
+          if (ku.q_bh_all[l * T + t] < o.q) {
+            any[t] = 1;
+            ++per_layer[l];
+            mean_dr2[l] += dr2[l * T + t];
+          }
+          fw = fw || ku.p_fwer_all[l * T + t] < o.alpha;
+        }
+        n_any += any[t];
+        n_fwer += fw ? 1 : 0;
+      }
+      for (std::int64_t l = 0; l < L; ++l)
+        mean_dr2[l] = per_layer[l] > 0 ? mean_dr2[l] / double(per_layer[l]) : kNaN;
+      f.write_small(mod + "/unique_gradients/dr2", dr2, {L, T});
+      f.write_small(mod + "/unique_gradients/significant_any_layer", any, {T});
+      summary << ",\n    \"unique_gradients\": {\"n_significant_bh\": " << n_any
+              << ", \"n_significant_fwer\": " << n_fwer << ", \"targets\": " << T
+              << ", \"n_significant_bh_per_layer\": [";
+      for (std::int64_t l = 0; l < L; ++l)
+        summary << (l ? ", " : "") << per_layer[l];
+      summary << "], \"mean_dr2_significant\": " << json_list(mean_dr2) << "}";
     }
     summary << "\n  }";
     GM_INFO("stats: " << modality << ": " << rho_name << " activations " << hier[0].rho.value
