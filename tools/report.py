@@ -165,6 +165,8 @@ def fmt_p(p, mod_summ):
 def sentence(mod, d, st):
     """One plain sentence saying what a divergence verdict means."""
     where = "in space (fMRI)" if mod == "fmri" else "in time (MEG)"
+    if d.endswith("_unique"):
+        where += ", on the gradients' unique variance beyond the activations"
     return f"{where}: <b>{html.escape(st.get('verdict', 'n/a'))}</b>: {html.escape(st.get('reason', ''))}."
 
 
@@ -187,8 +189,17 @@ def main(stats_dir, out):
              f"<p>Statistics: <code>{html.escape(os.path.basename(os.path.normpath(stats_dir)))}</code></p>",
              "<h2>Does the brain look like it runs backpropagation?</h2><ul>"]
     for mod, d, _ in DIVERGENCE:
-        if mod in summ and d in summ[mod]:
-            parts.append(f"<li>{sentence(mod, d, summ[mod][d])}</li>")
+        for dd in (d, d + "_unique"):
+            if mod in summ and dd in summ[mod]:
+                parts.append(f"<li>{sentence(mod, dd, summ[mod][dd])}</li>")
+    for mod in ("fmri", "meg"):
+        u = summ.get(mod, {}).get("unique_gradients")
+        if u:
+            parts.append(f"<li>{mod}: {u['n_significant_bh']} of {u['targets']} targets have significant unique "
+                         f"gradient variance beyond the activations in some layer (BH across layers; per layer "
+                         f"{', '.join(map(str, u['n_significant_bh_per_layer']))}). Raw gradient scores partly "
+                         "re-encode the activations; only this count speaks for a learning signal "
+                         "(docs/statistics.md, \"Unique variance\").</li>")
     vox = summ.get("fmri", {}).get("D_space_voxels")
     if vox:
         a = vox["all"]
@@ -200,9 +211,11 @@ def main(stats_dir, out):
     for mod, rho, d in (("fmri", "rho_space", "D_space"), ("meg", "rho_time", "D_time")):
         if mod not in summ:
             continue
-        items = [(f"{mod} {rho} ({k})", summ[mod][rho][k]) for k in KINDS if k in summ[mod].get(rho, {})]
-        if d in summ[mod]:
-            items.append((f"{mod} {d}", summ[mod][d]))
+        items = [(f"{mod} {rho} ({k})", summ[mod][rho][k]) for k in (*KINDS, "unique_gradients")
+                 if k in summ[mod].get(rho, {})]
+        for dd in (d, d + "_unique"):
+            if dd in summ[mod]:
+                items.append((f"{mod} {dd}", summ[mod][dd]))
         B = summ[mod].get("permutations")
         for name, st in items:
             fmt = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731

@@ -90,6 +90,11 @@ def test_figures_and_html():
     page = open(f"{out}/index.html").read()
     assert page.count("data:image/png;base64,") == len(names)
     assert "rho_space" in page and "D_time" in page
+    # the demo runs encode --joint: the unique-variance verdicts, counts and table rows
+    assert "D_space_unique" in page and "D_time_unique" in page and "unique gradient variance" in page
+    summ = json.load(open(f"{BASE}/out/stats/summary.json"))
+    n = summ["fmri"]["unique_gradients"]["n_significant_bh"]
+    assert f"fmri: {n} of {summ['fmri']['unique_gradients']['targets']} targets" in page
 
 
 LAYOUT_PROBE = """<script>
