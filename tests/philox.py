@@ -6,7 +6,7 @@ M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
 MASK = 0xFFFFFFFF
 STREAMS = {"image": 1, "weights": 2, "voxel": 3, "fmri_noise": 4, "meg_noise": 5, "design": 6,
            "sensor": 7, "permutation": 8, "bootstrap": 9, "projection": 10, "augmentation": 11,
-           "folds": 12}
+           "folds": 12, "labels": 13}
 
 
 def block(ctr, key):

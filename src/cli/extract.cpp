@@ -32,7 +32,11 @@ Command extract_command() {
         "seed", po::value<std::uint64_t>()->default_value(def.seed),
         "seed of the augmentations and of the DINO prototype head")(
         "labels", po::value<std::string>()->default_value(def.labels),
-        "cross-entropy targets: 'stimuli' (/stimuli/labels) or 'self' (the model's argmax)")(
+        "cross-entropy targets: 'stimuli' (/stimuli/labels), 'self' (the model's argmax), or "
+        "'shuffled' (control: /stimuli/labels permuted across images with --seed)")(
+        "randomize-weights", po::bool_switch(),
+        "control: permute the elements of every parameter tensor of the model (after loading), "
+        "keeping each tensor's weight distribution and none of its learned structure")(
         "pooling", po::value<std::string>()->default_value(def.pooling),
         "mean (all tokens / positions), cls (token 0), patch-mean (tokens 1..T-1), "
         "cls+patch-mean (both), grid:G (G x G average grid of a feature map)")(
@@ -69,6 +73,7 @@ Command extract_command() {
     o.batch_size = vm["batch-size"].as<std::int64_t>();
     o.block = vm["block"].as<std::int64_t>();
     o.resume = !vm["no-resume"].as<bool>();
+    o.randomize_weights = vm["randomize-weights"].as<bool>();
     o.projection = vm["projection"].as<std::int64_t>();
     o.pca = vm["pca"].as<std::int64_t>();
     o.split_from = vm["split-from"].as<std::string>();

@@ -29,6 +29,7 @@
 #include "gradmap/model/features.hpp"
 #include "gradmap/mpi/comm.hpp"
 #include "gradmap/mpi/partition.hpp"
+#include "gradmap/sim/philox.hpp"
 
 namespace gradmap::extract {
 namespace {
@@ -57,6 +58,7 @@ std::vector<OptionField> option_fields(const ExtractOptions& o) {
       {"objective", o.objective, Affects::features},
       {"seed", to_string(o.seed), Affects::features},
       {"labels", o.labels, Affects::features},
+      {"randomize_weights", to_string(o.randomize_weights), Affects::features},
       {"pooling", o.pooling, Affects::features},
       {"block", to_string(o.block), Affects::features}, // the layout of the progress record
       {"projection", to_string(o.projection), Affects::features},
@@ -75,7 +77,7 @@ std::vector<OptionField> option_fields(const ExtractOptions& o) {
       {"resume", to_string(o.resume), Affects::nothing},
   };
 }
-// 20 members (10 strings, 6 64-bit integers, 3 ints, a bool) as laid out by libstdc++ on x86-64;
+// 21 members (10 strings, 6 64-bit integers, 3 ints, 2 bools) as laid out by libstdc++ on x86-64;
 // a tripwire, not an ABI promise: update it together with option_fields().
 static_assert(sizeof(std::string) != 32 || sizeof(ExtractOptions) == 392,
               "ExtractOptions changed: list the new option in option_fields()");
@@ -105,8 +107,8 @@ void validate(const ExtractOptions& o) {
     throw UsageError("--batch-size: must be at least 1");
   if (o.block < 1)
     throw UsageError("--block: must be at least 1");
-  if (o.labels != "stimuli" && o.labels != "self")
-    throw UsageError("--labels: must be 'stimuli' or 'self', not '" + o.labels + "'");
+  if (o.labels != "stimuli" && o.labels != "self" && o.labels != "shuffled")
+    throw UsageError("--labels: must be 'stimuli', 'self' or 'shuffled', not '" + o.labels + "'");
   if (o.pooling != "mean" && o.pooling != "cls" && o.pooling != "patch-mean" &&
       o.pooling != "cls+patch-mean" && o.pooling.rfind("grid:", 0) != 0)
     throw UsageError("--pooling: must be mean, cls, patch-mean, cls+patch-mean or grid:G, not '" +
@@ -137,9 +139,13 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
       with_context("while checking stimuli " + o.stimuli, [&] { return io::check_stimuli(stim); });
   // Cross-entropy needs labels; a user objective gets them when the file has them (else the
   // model's own argmax).
-  const bool need_labels = o.objective == "cross-entropy" && o.labels == "stimuli";
+  // --labels shuffled: the stimuli's labels, permuted across images (the control).
+  const bool file_labels = o.labels == "stimuli" || o.labels == "shuffled";
+  const bool need_labels = o.objective == "cross-entropy" && file_labels;
   const bool pass_labels = need_labels || (o.objective.rfind("torchscript:", 0) == 0 &&
-                                           o.labels == "stimuli" && si.has_labels);
+                                           file_labels && si.has_labels);
+  if (o.labels == "shuffled" && !si.has_labels)
+    throw UsageError(o.stimuli + ": --labels shuffled needs /stimuli/labels, which is missing");
   if (need_labels && !si.has_labels)
     throw UsageError(o.stimuli + ": objective " + o.objective +
                      " needs /stimuli/labels, which is missing (or use --labels self)");
@@ -147,7 +153,8 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
   mo.model = o.model;
   mo.weights = o.weights;
   mo.objective = o.objective;
-  mo.labels = o.labels;
+  mo.labels = o.labels == "shuffled" ? "stimuli" : o.labels;
+  mo.randomize_weights = o.randomize_weights;
   mo.pooling = o.pooling;
   mo.device = o.device;
   mo.threads = o.threads;
@@ -185,6 +192,16 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
                        " outputs (use --labels self for labels the model does not know)");
   }
 
+  // --labels shuffled: one permutation of all images' labels (Fisher-Yates, Philox(seed,
+  // labels)), the same on every rank.
+  std::vector<std::int64_t> shuffled;
+  if (o.labels == "shuffled" && pass_labels) {
+    shuffled = stim.dataset("/stimuli/labels").read_all<std::int64_t>();
+    sim::Philox rng(o.seed, sim::Stream::labels);
+    for (std::int64_t i = std::int64_t(shuffled.size()) - 1; i > 0; --i)
+      std::swap(shuffled[i], shuffled[rng.below(std::uint32_t(i + 1))]);
+  }
+
   // 2. The output, new or resumed.
   const std::int64_t nblocks = (si.n + o.block - 1) / o.block;
   const std::string fp = fingerprint(o, si);
@@ -214,10 +231,17 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
       for (int l = 0; l < L; ++l)
         f.create_dataset(dataset_name(k, layers[l]), io::DType::f32, {si.n, dims[l]},
                          {std::min<std::int64_t>(o.block, si.n), dims[l]});
+    // Nuisance features (docs/statistics.md, "Unique variance"): each image's loss and the L2
+    // norm of every layer's (unpooled) gradient.
+    f.create_dataset("/nuisance/loss", io::DType::f32, {si.n},
+                     {std::min<std::int64_t>(o.block, si.n)});
+    f.create_dataset("/nuisance/grad_norm", io::DType::f32, {si.n, std::int64_t(L)},
+                     {std::min<std::int64_t>(o.block, si.n), std::int64_t(L)});
     f.set_attr("/features", "layers", layers);
     f.set_attr("/features", "model", o.model);
     f.set_attr("/features", "objective", o.objective);
     f.set_attr("/features", "labels", o.labels);
+    f.set_attr("/features", "randomize_weights", std::int64_t{o.randomize_weights ? 1 : 0});
     f.set_attr("/features", "pooling", o.pooling);
     f.set_attr("/features", "reduction",
                o.projection > 0 ? "projection:" + std::to_string(o.projection)
@@ -259,10 +283,13 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
     std::iota(indices.begin(), indices.end(), i0);
     std::vector<std::int64_t> labels;
     if (pass_labels)
-      labels = stim.dataset("/stimuli/labels").read_rows<std::int64_t>(i0, i1);
+      labels = o.labels == "shuffled"
+                   ? std::vector<std::int64_t>(shuffled.begin() + i0, shuffled.begin() + i1)
+                   : stim.dataset("/stimuli/labels").read_rows<std::int64_t>(i0, i1);
     std::vector<std::vector<float>> feats[2];
     feats[0].resize(L);
     feats[1].resize(L);
+    std::vector<float> loss, gnorm(static_cast<size_t>(n * L)); // [n], [n, L]
     mpi::collective_check(comm, [&] {
       for (std::int64_t s = 0; s < n; s += o.batch_size) {
         const std::int64_t nb = std::min(o.batch_size, n - s);
@@ -276,7 +303,10 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
           }
           feats[0][l].insert(feats[0][l].end(), bf.activations[l].begin(), bf.activations[l].end());
           feats[1][l].insert(feats[1][l].end(), bf.gradients[l].begin(), bf.gradients[l].end());
+          for (std::int64_t i = 0; i < nb; ++i)
+            gnorm[(s + i) * L + l] = bf.grad_norm[l][i];
         }
+        loss.insert(loss.end(), bf.loss.begin(), bf.loss.end());
         progress.advance(nb);
       }
     });
@@ -284,6 +314,8 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
       for (int l = 0; l < L; ++l)
         f.dataset(dataset_name(k, layers[l]))
             .write(feats[k][l].data(), {i0, 0}, {n, n ? dims[l] : 0});
+    f.dataset("/nuisance/loss").write(loss.data(), {i0}, {n});
+    f.dataset("/nuisance/grad_norm").write(gnorm.data(), {i0, 0}, {n, n ? std::int64_t(L) : 0});
     f.flush(); // the rows reach the file before their block is marked done
     const std::uint8_t one = 1;
     done_ds.write(&one, {work ? b : 0}, {work ? 1 : 0});
@@ -363,6 +395,18 @@ void pca_stage(const ExtractOptions& o, const std::string& pooled, MPI_Comm comm
       progress.advance();
     }
   progress.finish();
+  for (const char* name : {"/nuisance/loss", "/nuisance/grad_norm"}) // per image: copied as is
+    if (in.exists(name)) {
+      auto src = in.dataset(name);
+      const auto shape = src.shape();
+      const std::int64_t w = shape.size() > 1 ? shape[1] : 1;
+      const auto x = src.read_rows<float>(mine.begin, mine.end);
+      auto dst = f.create_dataset(name, io::DType::f32, shape);
+      if (shape.size() > 1)
+        dst.write(x.data(), {mine.begin, 0}, {mine.size(), w});
+      else
+        dst.write(x.data(), {mine.begin}, {mine.size()});
+    }
   out.commit();
   GM_INFO("extract: wrote " << o.out << " (PCA fitted on " << (fi.n - std::int64_t(test.size()))
                             << " training images)");

@@ -207,6 +207,25 @@ std::string torch_version() {
   return TORCH_VERSION;
 }
 
+// The "random weights" control: the elements of every parameter tensor permuted (Fisher-Yates
+// with Philox(seed, weights, 0x40000 + tensor index)), the same on every rank and device.
+void permute_parameters(const std::vector<torch::Tensor>& params, std::uint64_t seed) {
+  torch::NoGradGuard ng;
+  std::uint32_t index = 0;
+  for (const auto& p : params) {
+    sim::Philox rng(seed, sim::Stream::weights, 0x40000U + index++);
+    const int64_t n = p.numel();
+    std::vector<int64_t> perm(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i)
+      perm[i] = i;
+    for (int64_t i = n - 1; i > 0; --i)
+      std::swap(perm[i], perm[rng.below(std::uint32_t(i + 1))]);
+    const auto idx = torch::from_blob(perm.data(), {n}, torch::kInt64).to(p.device());
+    const auto flat = p.detach().reshape({n}).index_select(0, idx).reshape(p.sizes());
+    p.detach().copy_(flat);
+  }
+}
+
 struct FeatureExtractor::Impl {
   ExtractorOptions opt;
   torch::Device device{torch::kCPU};
@@ -370,6 +389,8 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
                     std::string(e.what_without_backtrace()).substr(0, 300));
       }
     }
+    if (options.randomize_weights)
+      permute_parameters(I.builtin->parameters(), options.seed);
     I.builtin->eval();
     I.builtin->to(I.device);
     I.names = I.builtin->layer_names();
@@ -384,6 +405,12 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
       throw Error("cannot load TorchScript model " + path + ": " + e.what_without_backtrace());
     }
     I.script->eval();
+    if (options.randomize_weights) {
+      std::vector<torch::Tensor> ps;
+      for (const auto& t : I.script->parameters())
+        ps.push_back(t);
+      permute_parameters(ps, options.seed);
+    }
     if (I.script->hasattr("input_size"))
       I.input_size = I.script->attr("input_size").toInt();
     if (I.script->hasattr("layer_names"))
@@ -492,6 +519,7 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
   if (n == 0) {
     bf.activations.resize(I.names.size());
     bf.gradients.resize(I.names.size());
+    bf.grad_norm.resize(I.names.size());
     return bf;
   }
   // The input requires grad so that the graph reaches every layer output even when the model's
@@ -502,7 +530,7 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
     throw Error("model returned " + std::to_string(hs.size()) + " layer outputs, expected " +
                 std::to_string(I.names.size()));
   namespace F = torch::nn::functional;
-  torch::Tensor loss;
+  torch::Tensor per_image; // [n]: L = sum_i per_image_i
   if (I.opt.objective == "cross-entropy") {
     // L = sum_i CE(out_i, y_i): a sum of per-image losses, so dL/dh_l for image i depends on
     // image i only and per-image results do not depend on the batch size.
@@ -518,7 +546,7 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
         throw Error("label out of range [0, " + std::to_string(out.size(1)) + ") for this model");
       target = target.to(I.device);
     }
-    loss = F::cross_entropy(out, target, F::CrossEntropyFuncOptions().reduction(torch::kSum));
+    per_image = F::cross_entropy(out, target, F::CrossEntropyFuncOptions().reduction(torch::kNone));
   } else {
     if (!indices)
       throw Error("objective " + I.opt.objective + " needs the images' indices");
@@ -539,23 +567,24 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
       if (!r.isTensor() || r.toTensor().dim() != 1 || r.toTensor().size(0) != n)
         throw Error("TorchScript objective " + I.opt.objective.substr(12) +
                     " must return per-image losses, a Tensor of shape [B]");
-      loss = r.toTensor().sum();
+      per_image = r.toTensor();
     } else {
       if (out.dim() != 2)
         throw Error("objective " + I.opt.objective + " needs a final output [B, D]");
       // The heads are computed in float64 (the sharp teacher softmax amplifies rounding).
       const auto z = out.to(torch::kFloat64), zt = teacher.to(torch::kFloat64);
       if (I.opt.objective == "cosine") {
-        loss = (1.0 - F::cosine_similarity(z, zt, F::CosineSimilarityFuncOptions().dim(1))).sum();
+        per_image = 1.0 - F::cosine_similarity(z, zt, F::CosineSimilarityFuncOptions().dim(1));
       } else { // dino
         const auto W = I.prototype_head(out.size(1)).to(torch::kFloat64);
         const auto nrm = F::NormalizeFuncOptions().dim(1);
         const auto s = torch::mm(F::normalize(z, nrm), W) / 0.1;
         const auto t = torch::softmax(torch::mm(F::normalize(zt, nrm), W) / 0.04, 1);
-        loss = -(t * torch::log_softmax(s, 1)).sum();
+        per_image = -(t * torch::log_softmax(s, 1)).sum(1);
       }
     }
   }
+  const torch::Tensor loss = per_image.sum();
   std::vector<torch::Tensor> grads =
       torch::autograd::grad({loss}, hs, /*grad_outputs=*/{}, /*retain_graph=*/false,
                             /*create_graph=*/false, /*allow_unused=*/true);
@@ -571,7 +600,13 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
     auto g = I.pool(grads[l], l).to(torch::kCPU, torch::kFloat32).contiguous();
     bf.activations.emplace_back(a.data_ptr<float>(), a.data_ptr<float>() + a.numel());
     bf.gradients.emplace_back(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
+    auto gn = grads[l].reshape({n, -1}).to(torch::kFloat64).norm(2, 1).to(torch::kCPU,
+                                                                              torch::kFloat32);
+    gn = gn.contiguous();
+    bf.grad_norm.emplace_back(gn.data_ptr<float>(), gn.data_ptr<float>() + n);
   }
+  auto li = per_image.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+  bf.loss.assign(li.data_ptr<float>(), li.data_ptr<float>() + n);
   return bf;
 }
 

@@ -276,6 +276,59 @@ def simulated_reference(tag):
     return sim, ref, kink_margins(w, f"{sim}/stimuli.h5")
 
 
+def fisher_yates(values, rng):
+    """gradmap's in-place Fisher-Yates shuffle (swap i with below(i + 1), i = n-1 .. 1)."""
+    v = list(values)
+    for i in range(len(v) - 1, 0, -1):
+        j = rng.below(i + 1)
+        v[i], v[j] = v[j], v[i]
+    return v
+
+
+def test_controls_and_nuisance_match_pytorch():
+    """The controls of `gradmap run` and the nuisance features, against PyTorch:
+    --labels shuffled (the stimuli's labels permuted by Philox(seed, labels)), --randomize-weights
+    (every parameter tensor's elements permuted by Philox(seed, weights, 0x40000 + index)), and
+    /nuisance/loss and /nuisance/grad_norm (each image's loss and the L2 norm of each layer's
+    unpooled gradient)."""
+    import copy
+    model = ex.demo_model("demo-cnn", seed=5)
+    ex.export(model, f"{BASE}/cnn5.pt", 32, script=True)
+    img = write_stimuli(f"{BASE}/s32c.h5", 24, 32, labels=True, seed=6)
+    with h5py.File(f"{BASE}/s32c.h5") as f:
+        labels = f["/stimuli/labels"][()]
+    base = ["extract", "--stimuli", f"{BASE}/s32c.h5", "--model", f"torchscript:{BASE}/cnn5.pt", "--seed", 9,
+            "--batch-size", 5]
+    gradmap([*base, "--out", f"{BASE}/plain5.h5"], ranks=2)
+    gradmap([*base, "--labels", "shuffled", "--out", f"{BASE}/shuffled5.h5"], ranks=2)
+    shuffled = np.array(fisher_yates(labels, Philox(9, "labels")))
+    assert not np.array_equal(shuffled, labels) and np.array_equal(np.sort(shuffled), np.sort(labels))
+    compare(f"{BASE}/shuffled5.h5", model, img, shuffled, "mean")
+    # nuisance features of the plain run
+    x = ((torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD).requires_grad_(True)
+    hs, out = model(x)
+    per = F.cross_entropy(out, torch.from_numpy(labels), reduction="none")
+    gs = torch.autograd.grad(per.sum(), hs)
+    with h5py.File(f"{BASE}/plain5.h5") as f:
+        assert rel_err(f["/nuisance/loss"][()], per.detach().numpy()) < 1e-5
+        norms = np.stack([g.flatten(1).norm(dim=1).numpy() for g in gs], 1)
+        assert f["/nuisance/grad_norm"].shape == norms.shape
+        assert rel_err(f["/nuisance/grad_norm"][()], norms) < 1e-5
+    # random weights
+    gradmap([*base, "--randomize-weights", "--out", f"{BASE}/random5.h5"], ranks=2)
+    shuffled_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, p in enumerate(shuffled_model.parameters()):
+            perm = fisher_yates(range(p.numel()), Philox(9, "weights", 0x40000 + i))
+            p.copy_(p.flatten()[perm].view_as(p))
+    compare(f"{BASE}/random5.h5", shuffled_model, img, labels, "mean")
+    with h5py.File(f"{BASE}/random5.h5") as f:
+        assert f["/features"].attrs["randomize_weights"] == 1
+    write_stimuli(f"{BASE}/s32nolabels.h5", 8, 32, labels=False, seed=6)
+    expect_failure(["extract", "--stimuli", f"{BASE}/s32nolabels.h5", "--model", f"torchscript:{BASE}/cnn5.pt",
+                    "--labels", "shuffled", "--out", f"{BASE}/bad5.h5"], "--labels shuffled", "s32nolabels.h5")
+
+
 def test_builtin_features_independent_of_ranks_and_batch_size():
     sim, ref, margins = simulated_reference("indep")
     gradmap(["extract", "--stimuli", f"{sim}/stimuli.h5", "--out", f"{BASE}/b16.h5",
@@ -409,7 +462,8 @@ def test_every_option_that_changes_features_is_in_the_resume_key():
     assert resumed([*base, "--batch-size", 5, "--threads", 1], out), "batch size / threads forced a recompute"
     changes = {"model": ["--model", "builtin:deepcnn"], "weights": ["--weights", w],
                "objective": ["--objective", "cosine"], "seed": ["--seed", 9], "labels": ["--labels", "self"],
-               "pooling": ["--pooling", "grid:2"], "projection": ["--projection", 8]}
+               "pooling": ["--pooling", "grid:2"], "projection": ["--projection", 8],
+               "randomize_weights": ["--randomize-weights"], "shuffled labels": ["--labels", "shuffled"]}
     for name, extra in changes.items():
         assert not resumed([*base, *extra], out), f"--{name} changed but the partial output was resumed"
     assert not resumed(["--stimuli", copy, "--block", 32], out), "another stimuli file was resumed"
@@ -594,6 +648,7 @@ def test_bad_models_and_inputs():
 
 run_tests([test_vit_matches_pytorch_for_each_pooling, test_vit_resizes_with_antialiasing,
            test_batchnorm_cnn_matches_pytorch_with_self_labels, test_self_supervised_objectives_match_pytorch,
+           test_controls_and_nuisance_match_pytorch,
            test_poolings_and_a_user_objective_match_pytorch, test_traced_export_of_a_hooked_model,
            test_builtin_features_independent_of_ranks_and_batch_size,
            test_smooth_model_features_independent_of_ranks_and_batch_size_for_every_image,

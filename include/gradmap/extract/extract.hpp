@@ -18,7 +18,7 @@ struct ExtractOptions {
   std::string save_weights; ///< built-in models: write the weights used here (rank 0)
   std::string objective = "cross-entropy"; ///< cross-entropy | cosine | dino
   std::uint64_t seed = 0;                  ///< augmentations and the DINO prototype head
-  std::string labels = "stimuli";          ///< stimuli | self
+  std::string labels = "stimuli";          ///< stimuli | self | shuffled (control)
   std::string pooling = "mean";            ///< mean | cls | patch-mean
   std::string device = "cpu"; ///< cpu | cuda (rank r uses cuda:<node-local rank mod devices>)
   std::int64_t batch_size = 16;
@@ -26,6 +26,7 @@ struct ExtractOptions {
   int threads = 1;
   int local_rank = 0;
   bool resume = true;
+  bool randomize_weights = false; ///< control: parameters permuted within each tensor
   std::int64_t projection = 0; ///< sparse random projection to K dims (0: off)
   std::int64_t pca = 0;        ///< PCA components (0: off); needs split_from
   std::string split_from;      ///< brain.h5 whose /brain/test_stimuli are left out of the PCA fit

@@ -25,6 +25,10 @@ struct ExtractorOptions {
   std::string device = "cpu";     ///< cpu | cuda | cuda:N ("cuda": cuda:<local_rank mod devices>)
   int threads = 1;                ///< intra-op threads of this rank
   int local_rank = 0;             ///< this rank's index on its node (picks the GPU)
+  /// Control "random weights": every parameter tensor's elements permuted at random
+  /// (Philox(seed, weights, 0x40000 + tensor index)), after loading: the same per-tensor weight
+  /// distribution, none of the learned structure. Buffers (BatchNorm statistics) are kept.
+  bool randomize_weights = false;
 };
 
 /// Features of a batch: for each layer, activations and gradients, row-major [n, dims[l]].
@@ -32,6 +36,8 @@ struct BatchFeatures {
   std::int64_t n = 0;
   std::vector<std::vector<float>> activations;
   std::vector<std::vector<float>> gradients;
+  std::vector<float> loss;                    ///< [n] each image's loss (the objective's term)
+  std::vector<std::vector<float>> grad_norm; ///< [layers][n] L2 norm of dL/dh_l (unpooled)
 };
 
 /// Runs a network forward and backward and pools per-layer outputs and their gradients.

@@ -41,7 +41,8 @@ enum class Stream : std::uint32_t {
   bootstrap = 9,
   projection = 10,
   augmentation = 11,
-  folds = 12
+  folds = 12,
+  labels = 13 ///< the "shuffled labels" control of extract
 };
 
 /// A sequential generator over one (seed, stream, a, b) address: draw i uses counter
