@@ -66,7 +66,10 @@ Command encode_command() {
         "gradients], chosen per target with alpha by the same cross-validation; the activations "
         "alone (w = 1) are always a candidate (default: 0.2,0.5,0.8)")(
         "joint-activation-dims", po::value<std::int64_t>()->default_value(0),
-        "--joint: keep this many principal components of the activation block (0: all)");
+        "--joint: keep this many principal components of the activation block (0: all)")(
+        "joint-nuisance", po::value<bool>()->default_value(true),
+        "--joint: add the features file's nuisance features (each image's loss and per-layer "
+        "gradient norms, written by extract) to the activation model (true/false)");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     encoding::EncodeOptions o;
@@ -87,6 +90,7 @@ Command encode_command() {
     o.max_chunk = vm["max-chunk"].as<std::int64_t>();
     o.joint = vm["joint"].as<bool>();
     o.joint_activation_dims = vm["joint-activation-dims"].as<std::int64_t>();
+    o.joint_nuisance = vm["joint-nuisance"].as<bool>();
     auto numbers = [&](const char* option, std::vector<double>& out) {
       std::stringstream ss(vm[option].as<std::string>());
       for (std::string item; std::getline(ss, item, ',');) {

@@ -491,7 +491,13 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     pa_all += d;
   const bool reduce_a =
       joint && opt.joint_activation_dims > 0 && opt.joint_activation_dims < std::min(pa_all, n);
-  const std::int64_t pa = !joint ? 0 : reduce_a ? opt.joint_activation_dims : pa_all;
+  // Nuisance features (extract's /nuisance: loss and per-layer gradient norms): one more part of
+  // the activation block, of nq = L + 1 columns.
+  const bool nuisance = joint && opt.joint_nuisance && ff.exists("/nuisance/loss") &&
+                        ff.exists("/nuisance/grad_norm");
+  const std::int64_t nq = nuisance ? L + 1 : 0, parts = L + (nuisance ? 1 : 0);
+  const std::int64_t pa_layers = !joint ? 0 : reduce_a ? opt.joint_activation_dims : pa_all;
+  const std::int64_t pa = pa_layers + nq;
   std::vector<std::int64_t> side_dims; // every (kind, layer); then A, then (layer, w)
   for (std::int64_t k = 0; k < K; ++k)
     side_dims.insert(side_dims.end(), fi.dims.begin(), fi.dims.end());
@@ -688,7 +694,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     for (std::int64_t l = 0; l < L; ++l) {
       std::vector<double> xtr, xte;
       const std::int64_t d = read_std(ka, l, xtr, xte);
-      const double sc = 1.0 / std::sqrt(double(L) * double(d));
+      const double sc = 1.0 / std::sqrt(double(parts) * double(d));
       for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t j = 0; j < d; ++j)
           a_tr[i * pa_all + off + j] = sc * xtr[i * d + j];
@@ -697,24 +703,57 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           a_te[i * pa_all + off + j] = sc * xte[i * d + j];
       off += d;
     }
-    if (reduce_a) { // scores on the first pa principal axes, rescaled to total variance 1
+    std::int64_t width = pa_all; // columns of a_tr / a_te so far
+    if (reduce_a) { // scores on the first principal axes, rescaled to total variance L / parts
       RidgeBasis pb;
       if (me == 0)
         pb = make_basis(a_tr, n, pa_all, a_te, m);
       broadcast_basis(pb, 0, comm);
-      const std::int64_t kk = std::min(pa, pb.r);
+      const std::int64_t kk = std::min(pa_layers, pb.r);
       double var = 0;
       for (std::int64_t j = 0; j < kk; ++j)
         var += pb.s[j] * pb.s[j] / double(n);
-      const double sc = var > 0 ? 1.0 / std::sqrt(var) : 0.0;
-      a_tr.assign(static_cast<size_t>(n * pa), 0.0);
-      a_te.assign(static_cast<size_t>(m * pa), 0.0);
+      const double sc = var > 0 ? std::sqrt(double(L) / double(parts) / var) : 0.0;
+      a_tr.assign(static_cast<size_t>(n * pa_layers), 0.0);
+      a_te.assign(static_cast<size_t>(m * pa_layers), 0.0);
       for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t j = 0; j < kk; ++j)
-          a_tr[i * pa + j] = sc * pb.u[i * pb.r + j] * pb.s[j];
+          a_tr[i * pa_layers + j] = sc * pb.u[i * pb.r + j] * pb.s[j];
       for (std::int64_t i = 0; i < m; ++i)
         for (std::int64_t j = 0; j < kk; ++j)
-          a_te[i * pa + j] = sc * pb.test_v[i * pb.r + j];
+          a_te[i * pa_layers + j] = sc * pb.test_v[i * pb.r + j];
+      width = pa_layers;
+    }
+    if (nuisance) { // [loss, ||g_1||, ..., ||g_L||], z-scored, scaled by 1 / sqrt(parts nq)
+      const auto loss = ff.dataset("/nuisance/loss").read_all<float>();
+      const auto gn = ff.dataset("/nuisance/grad_norm").read_all<float>();
+      if (std::int64_t(loss.size()) != fi.n || std::int64_t(gn.size()) != fi.n * L)
+        throw UsageError(opt.features + ": /nuisance/loss must be [images] and "
+                                        "/nuisance/grad_norm [images, layers]");
+      std::vector<float> x(static_cast<size_t>(fi.n * nq));
+      for (std::int64_t i = 0; i < fi.n; ++i) {
+        x[i * nq] = loss[i];
+        for (std::int64_t l = 0; l < L; ++l)
+          x[i * nq + 1 + l] = gn[i * L + l];
+      }
+      for (float v : x)
+        if (!std::isfinite(v))
+          throw UsageError(opt.features + ": /nuisance holds NaN or Inf (run encode with "
+                                          "--joint-nuisance false to leave it out)");
+      std::vector<double> xtr, xte;
+      standardise(x, nq, rows, test, xtr, xte);
+      const double sc = 1.0 / std::sqrt(double(parts) * double(nq));
+      auto append = [&](std::vector<double>& a, const std::vector<double>& q, std::int64_t r) {
+        std::vector<double> out(static_cast<size_t>(r * pa));
+        for (std::int64_t i = 0; i < r; ++i) {
+          std::copy(a.begin() + i * width, a.begin() + (i + 1) * width, out.begin() + i * pa);
+          for (std::int64_t j = 0; j < nq; ++j)
+            out[i * pa + width + j] = sc * q[i * nq + j];
+        }
+        a.swap(out);
+      };
+      append(a_tr, xtr, n);
+      append(a_te, xte, m);
     }
   }
   // The activation model's side, and the joint side of (layer l, weight w).
@@ -779,7 +818,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   f.set_attr("/", "joint", std::int64_t{joint ? 1 : 0});
   if (joint) {
     f.set_attr("/", "joint_weights", jw);
-    f.set_attr("/", "joint_activation_dims", pa);
+    f.set_attr("/", "joint_activation_dims", pa_layers);
+    f.set_attr("/", "joint_nuisance_columns", nq);
   }
   const char* const outputs[4] = {"r", "r_normalised", "r2", "alpha"};
   std::vector<io::Dataset> out_ds;

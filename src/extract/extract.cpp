@@ -142,8 +142,8 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
   // --labels shuffled: the stimuli's labels, permuted across images (the control).
   const bool file_labels = o.labels == "stimuli" || o.labels == "shuffled";
   const bool need_labels = o.objective == "cross-entropy" && file_labels;
-  const bool pass_labels = need_labels || (o.objective.rfind("torchscript:", 0) == 0 &&
-                                           file_labels && si.has_labels);
+  const bool pass_labels =
+      need_labels || (o.objective.rfind("torchscript:", 0) == 0 && file_labels && si.has_labels);
   if (o.labels == "shuffled" && !si.has_labels)
     throw UsageError(o.stimuli + ": --labels shuffled needs /stimuli/labels, which is missing");
   if (need_labels && !si.has_labels)

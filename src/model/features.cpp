@@ -600,8 +600,8 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
     auto g = I.pool(grads[l], l).to(torch::kCPU, torch::kFloat32).contiguous();
     bf.activations.emplace_back(a.data_ptr<float>(), a.data_ptr<float>() + a.numel());
     bf.gradients.emplace_back(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
-    auto gn = grads[l].reshape({n, -1}).to(torch::kFloat64).norm(2, 1).to(torch::kCPU,
-                                                                              torch::kFloat32);
+    auto gn =
+        grads[l].reshape({n, -1}).to(torch::kFloat64).norm(2, 1).to(torch::kCPU, torch::kFloat32);
     gn = gn.contiguous();
     bf.grad_norm.emplace_back(gn.data_ptr<float>(), gn.data_ptr<float>() + n);
   }

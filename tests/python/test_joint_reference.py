@@ -268,6 +268,44 @@ def test_principal_component_reduction():
         assert np.abs(f["/joint/activations/r2"][()][KEEP] - r2).max() < 1e-6
 
 
+def test_nuisance_features_join_the_activation_model():
+    """extract's /nuisance (each image's loss, per-layer gradient norms) joins the activation block
+    as one more part: A = [Z_l / sqrt((L + 1) p_l) ..., N / sqrt((L + 1) (L + 1))], N the z-scored
+    [loss, ||g_1||, ..., ||g_L||]; --joint-nuisance false leaves it out."""
+    import shutil
+    rng = np.random.default_rng(5)
+    loss = rng.gamma(2.0, 1.0, N).astype(np.float32)
+    gn = rng.gamma(3.0, 1.0, (N, len(LAYERS))).astype(np.float32)
+    shutil.copy(f"{BASE}/features.h5", f"{BASE}/features_nuisance.h5")
+    with h5py.File(f"{BASE}/features_nuisance.h5", "a") as f:
+        f["/nuisance/loss"] = loss
+        f["/nuisance/grad_norm"] = gn
+    alpha = 7.0
+    outs = {}
+    for flag in ("true", "false"):
+        outs[flag] = f"{BASE}/nuisance-{flag}.h5"
+        gradmap(["encode", "--features", f"{BASE}/features_nuisance.h5", "--brain", f"{BASE}/brain.h5",
+                 "--out", outs[flag], "--joint", "--joint-nuisance", flag, "--alphas", alpha,
+                 "--precision", "float64", "--permutations", 0, "--bootstraps", 0])
+    L = len(LAYERS)
+    nz = standardised(np.column_stack([loss, gn]))
+    a = np.hstack([standardised(ACT[k]) / np.sqrt((L + 1) * p) for k, p in LAYERS.items()]
+                  + [nz / np.sqrt((L + 1) * (L + 1))])
+    a0, _ = blocks()
+    y = responses()
+    yt = y[TEST][:, KEEP]
+    for flag, block in (("true", a), ("false", a0)):
+        ref = Ridge(alpha=alpha).fit(block[TRAIN], y[TRAIN][:, KEEP]).predict(block[TEST])
+        r2 = 1 - ((yt - ref) ** 2).sum(0) / ((yt - yt.mean(0)) ** 2).sum(0)
+        with h5py.File(outs[flag]) as f:
+            assert f.attrs["joint_nuisance_columns"] == (L + 1 if flag == "true" else 0)
+            assert np.abs(f["/joint/activations/r2"][()][KEEP] - r2).max() < 1e-6, flag
+    with h5py.File(f"{BASE}/features_nuisance.h5", "a") as f:
+        f["/nuisance/loss"][3] = np.nan
+    expect_failure(["encode", "--features", f"{BASE}/features_nuisance.h5", "--brain", f"{BASE}/brain.h5",
+                    "--out", f"{BASE}/bad.h5", "--joint"], "features_nuisance.h5", "NaN", "--joint-nuisance")
+
+
 def test_stats_unique_family_equals_statsmodels():
     """stats on joint scores: the unique kind's p = (1 + exceed) / (B + 1), BH within each layer and
     across its layers (its own family, apart from the raw kinds' family, which stays as it was),
@@ -367,4 +405,5 @@ def test_bad_options():
 if __name__ == "__main__":
     run_tests([test_fixed_penalties_equal_sklearn_ridge_on_scaled_spaces, test_per_target_choice_equals_brute_force_search,
                test_rank_count_and_kfold, test_principal_component_reduction,
+               test_nuisance_features_join_the_activation_model,
                test_stats_unique_family_equals_statsmodels, test_recovery_on_simulated_brains, test_bad_options])

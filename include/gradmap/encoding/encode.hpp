@@ -55,6 +55,10 @@ struct EncodeOptions {
   std::vector<double> joint_weights;
   /// Principal components of the activation block kept (0: all; the block is then used as is).
   std::int64_t joint_activation_dims = 0;
+  /// The features file's nuisance features (/nuisance/loss and /nuisance/grad_norm: each
+  /// image's loss and per-layer gradient norms), when present, join the activation block as one
+  /// more part: the reference model is then activations + nuisance.
+  bool joint_nuisance = true;
 };
 
 /// The default band weights of the joint model: 0.2, 0.5, 0.8.

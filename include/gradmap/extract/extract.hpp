@@ -27,9 +27,9 @@ struct ExtractOptions {
   int local_rank = 0;
   bool resume = true;
   bool randomize_weights = false; ///< control: parameters permuted within each tensor
-  std::int64_t projection = 0; ///< sparse random projection to K dims (0: off)
-  std::int64_t pca = 0;        ///< PCA components (0: off); needs split_from
-  std::string split_from;      ///< brain.h5 whose /brain/test_stimuli are left out of the PCA fit
+  std::int64_t projection = 0;    ///< sparse random projection to K dims (0: off)
+  std::int64_t pca = 0;           ///< PCA components (0: off); needs split_from
+  std::string split_from; ///< brain.h5 whose /brain/test_stimuli are left out of the PCA fit
   std::int64_t pca_oversample = 10; ///< randomized SVD oversampling p
   int pca_power_iterations = 2;     ///< randomized SVD power iterations q
 };

@@ -36,7 +36,7 @@ struct BatchFeatures {
   std::int64_t n = 0;
   std::vector<std::vector<float>> activations;
   std::vector<std::vector<float>> gradients;
-  std::vector<float> loss;                    ///< [n] each image's loss (the objective's term)
+  std::vector<float> loss;                   ///< [n] each image's loss (the objective's term)
   std::vector<std::vector<float>> grad_norm; ///< [layers][n] L2 norm of dL/dh_l (unpooled)
 };
 
