@@ -170,6 +170,49 @@ def sentence(mod, d, st):
     return f"{where}: <b>{html.escape(st.get('verdict', 'n/a'))}</b>: {html.escape(st.get('reason', ''))}."
 
 
+def control_rows(label, summ):
+    """One row per modality: the headline counts and verdicts of one analysis."""
+    rows = []
+    for mod, d in (("fmri", "D_space"), ("meg", "D_time")):
+        m = summ.get(mod)
+        if not m:
+            continue
+        sig = m.get("significant", {})
+        best = lambda k: max(sig[k]["bh"]) if k in sig and sig[k]["bh"] else "n/a"  # noqa: E731
+        u = m.get("unique_gradients", {})
+        rows.append(f"<tr><td>{html.escape(label)}</td><td>{mod}</td><td>{best('activations')}</td>"
+                    f"<td>{best('gradients')}</td><td>{u.get('n_significant_bh', 'n/a')}</td>"
+                    f"<td>{html.escape(m.get(d, {}).get('verdict', 'n/a'))}</td>"
+                    f"<td>{html.escape(m.get(d + '_unique', {}).get('verdict', 'n/a'))}</td></tr>")
+    return rows
+
+
+def controls_table(stats_dir, summ):
+    """The controls `gradmap run` analysed beside this model (OUT/controls/<control>/stats), side
+    by side with it."""
+    cdir = os.path.join(os.path.dirname(os.path.normpath(stats_dir)), "controls")
+    found = []
+    for name in sorted(os.listdir(cdir)) if os.path.isdir(cdir) else []:
+        path = os.path.join(cdir, name, "stats", "summary.json")
+        if os.path.exists(path):
+            found.append((name, json.load(open(path))))
+    if not found:
+        return []
+    parts = ["<h2>Controls</h2><p>The same analysis with the model's weights permuted within each tensor "
+             "(random-weights) or with the labels of the cross-entropy objective shuffled across images "
+             "(shuffled-labels). Counts: targets significant (BH, q = "
+             f"{summ.get('q', 0.05):g}) in the best layer; unique: targets with significant unique gradient "
+             "variance beyond the activations and the nuisance features (loss, gradient norms) in any layer. "
+             "A learning-signal claim needs the model to differ from its controls.</p>",
+             "<table><tr><th>analysis</th><th>modality</th><th>activations</th><th>raw gradients</th>"
+             "<th>unique gradient variance</th><th>divergence (raw)</th><th>divergence (unique)</th></tr>"]
+    parts += control_rows("model", summ)
+    for name, cs in found:
+        parts += control_rows(name, cs)
+    parts.append("</table>")
+    return parts
+
+
 def main(stats_dir, out):
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     summ = json.load(open(os.path.join(stats_dir, "summary.json")))
@@ -226,6 +269,7 @@ def main(stats_dir, out):
                          f"<td>[{fmt(st['ci'][0])}, {fmt(st['ci'][1])}]</td><td>{p}</td>"
                          f"<td>{html.escape(st.get('verdict', ''))}</td></tr>")
     parts.append("</table>")
+    parts += controls_table(stats_dir, summ)
     for title, name in figs:
         data = base64.b64encode(open(os.path.join(out, "figures", name), "rb").read()).decode()
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")

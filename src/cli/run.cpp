@@ -12,6 +12,10 @@
 //   6. validate the stage outputs against the schema
 // With [run] models / objectives lists, steps 2-5 run for every model x objective in
 // OUT/runs/<model>__<objective>/ and `aggregate` compares them in OUT/aggregate/.
+// With [run] controls, steps 2-5 also run for each control of each analysis, in
+// <its directory>/controls/<control>/, before the analysis itself, whose report shows them side
+// by side: random-weights (extract --randomize-weights), shuffled-labels (extract --labels
+// shuffled). The nuisance features (loss, gradient norms) are in every encode --joint.
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
@@ -163,6 +167,11 @@ Command run_command() {
         "in OUT/aggregate/ (default: the one [extract] or /truth names, in OUT/)")(
         "objectives", po::value<std::string>()->default_value(""),
         "comma-separated objectives, crossed with --models (default: [extract] or /truth)")(
+        "controls", po::value<std::string>()->default_value(""),
+        "comma-separated controls analysed beside each model, in <dir>/controls/<control>/ and "
+        "shown side by side in its report: random-weights (the model's parameters permuted "
+        "within each tensor), shuffled-labels (cross-entropy against labels permuted across "
+        "images)")(
         "data", po::value<std::string>()->default_value("simulate"),
         "where the data come from: 'simulate' (the built-in dataset, configured by [simulate]), "
         "'nsd' (import-nsd, configured by [import-nsd]) or 'things-meg' (import-things-meg, "
@@ -235,8 +244,10 @@ Command run_command() {
         }
     }
     // extract -> encode per brain file -> stats -> report, in `dir`; `extra` extract options
-    // replace the same options of extract_base.
-    auto analyse = [&](const std::string& dir, const std::vector<std::string>& extra) {
+    // replace the same options of extract_base; `report_inputs`: more files whose change reruns
+    // the report (the controls' stats).
+    auto analyse_one = [&](const std::string& dir, const std::vector<std::string>& extra,
+                           const std::vector<std::string>& report_inputs) {
       std::vector<std::string> extract_args;
       for (size_t i = 0; i + 1 < extract_base.size(); i += 2) // option-value pairs
         if (std::find(extra.begin(), extra.end(), extract_base[i]) == extra.end())
@@ -266,9 +277,11 @@ Command run_command() {
       run_stage(
           {"stats", stats_args, scores, {dir + "/stats/stats.h5", dir + "/stats/summary.json.key"}},
           config, ctx);
+      std::vector<std::string> rin{dir + "/stats/stats.h5"};
+      rin.insert(rin.end(), report_inputs.begin(), report_inputs.end());
       run_stage({"report",
                  {"--stats", dir + "/stats", "--out", dir + "/report"},
-                 {dir + "/stats/stats.h5"},
+                 rin,
                  {dir + "/report/index.html.key"}},
                 config, ctx);
     };
@@ -285,6 +298,29 @@ Command run_command() {
     };
     const auto models = split(vm["models"].as<std::string>());
     const auto objectives = split(vm["objectives"].as<std::string>());
+    const auto controls = split(vm["controls"].as<std::string>());
+    for (const auto& ctl : controls)
+      if (ctl != "random-weights" && ctl != "shuffled-labels")
+        throw UsageError("--controls: '" + ctl + "' is not random-weights or shuffled-labels");
+    // The controls of one analysis first (each a full analysis of its own), then the analysis,
+    // whose report reads them from dir/controls/.
+    auto analyse = [&](const std::string& dir, const std::vector<std::string>& extra) {
+      std::vector<std::string> control_stats;
+      for (const auto& ctl : controls) {
+        std::vector<std::string> ex = extra;
+        if (ctl == "random-weights") {
+          ex.push_back("--randomize-weights");
+        } else {
+          // cross-entropy against the stimuli's labels, permuted (replaces a configured
+          // --labels; extract refuses it for an objective without labels)
+          ex.insert(ex.end(), {"--labels", "shuffled"});
+        }
+        const std::string cdir = dir + "/controls/" + ctl;
+        analyse_one(cdir, ex, {});
+        control_stats.push_back(cdir + "/stats/stats.h5");
+      }
+      analyse_one(dir, extra, control_stats);
+    };
     std::vector<std::string> features = {out + "/features.h5"};
     if (models.empty() && objectives.empty()) {
       analyse(out, {});

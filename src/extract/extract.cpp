@@ -109,6 +109,10 @@ void validate(const ExtractOptions& o) {
     throw UsageError("--block: must be at least 1");
   if (o.labels != "stimuli" && o.labels != "self" && o.labels != "shuffled")
     throw UsageError("--labels: must be 'stimuli', 'self' or 'shuffled', not '" + o.labels + "'");
+  if (o.labels == "shuffled" && (o.objective == "cosine" || o.objective == "dino"))
+    throw UsageError("--labels shuffled: objective " + o.objective +
+                     " uses no labels, so shuffling them controls nothing (the shuffled-labels "
+                     "control is for cross-entropy and label-taking TorchScript objectives)");
   if (o.pooling != "mean" && o.pooling != "cls" && o.pooling != "patch-mean" &&
       o.pooling != "cls+patch-mean" && o.pooling.rfind("grid:", 0) != 0)
     throw UsageError("--pooling: must be mean, cls, patch-mean, cls+patch-mean or grid:G, not '" +

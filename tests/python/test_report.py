@@ -141,6 +141,37 @@ def test_page_layout_in_headless_chromium():
         i["right"] > unscaled["width"] for i in unscaled["images"]), unscaled
 
 
+def test_controls_run_and_appear_side_by_side():
+    """[run] controls: each control is analysed in OUT/controls/<control>/ (its features made with
+    extract --randomize-weights / --labels shuffled) and the model's report shows its headline
+    counts and verdicts beside the controls'."""
+    cfg = open(DEMO).read().replace("images = 600", "images = 160").replace("voxels = 1400", "voxels = 200")
+    cfg = cfg.replace("modality = both", "modality = fmri").replace("[run]\n", "[run]\ncontrols = random-weights, shuffled-labels\n")
+    with open(f"{BASE}/controls.ini", "w") as f:
+        f.write(cfg + "\n[encode]\npermutations = 100\nbootstraps = 50\n")
+    out = f"{BASE}/controls-out"
+    gradmap(["run", "--config", f"{BASE}/controls.ini", "--out", out], ranks=2, timeout=600)
+    with h5py.File(f"{out}/controls/random-weights/features.h5") as f:
+        assert f["/features"].attrs["randomize_weights"] == 1
+    with h5py.File(f"{out}/controls/shuffled-labels/features.h5") as f:
+        assert f["/features"].attrs["labels"] == "shuffled"
+    with h5py.File(f"{out}/features.h5") as f, h5py.File(f"{out}/controls/shuffled-labels/features.h5") as g:
+        assert np.array_equal(f["/features/activations/conv1"][()], g["/features/activations/conv1"][()])
+        assert not np.array_equal(f["/features/gradients/conv1"][()], g["/features/gradients/conv1"][()])
+    page = open(f"{out}/report/index.html").read()
+    assert "<h2>Controls</h2>" in page
+    table = page.split("<h2>Controls</h2>")[1].split("</table>")[0]
+    for name in ("model", "random-weights", "shuffled-labels"):
+        summ = json.load(open(f"{out}/stats/summary.json" if name == "model" else
+                              f"{out}/controls/{name}/stats/summary.json"))["fmri"]
+        row = f"<tr><td>{name}</td><td>fmri</td><td>{max(summ['significant']['activations']['bh'])}</td>"
+        assert row in table, (row, table)
+        assert f"<td>{summ['unique_gradients']['n_significant_bh']}</td>" in table.split(f"<td>{name}</td>")[1]
+    expect = gradmap(["run", "--config", f"{BASE}/controls.ini", "--out", out, "--controls", "bogus"],
+                     check=False)
+    assert expect.returncode != 0 and "--controls: 'bogus'" in expect.stdout + expect.stderr
+
+
 def test_missing_stats_is_an_error():
     p = gradmap(["report", "--stats", f"{BASE}/nowhere", "--out", f"{BASE}/r2"], ranks=2, check=False)
     assert p.returncode != 0 and f"{BASE}/nowhere/stats.h5" in p.stdout + p.stderr
@@ -149,4 +180,4 @@ def test_missing_stats_is_an_error():
 if __name__ == "__main__":
     setup()
     run_tests([test_nifti_maps, test_csv_tables, test_figures_and_html, test_page_layout_in_headless_chromium,
-               test_missing_stats_is_an_error])
+               test_controls_run_and_appear_side_by_side, test_missing_stats_is_an_error])
