@@ -502,10 +502,16 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   for (std::int64_t k = 0; k < K; ++k)
     side_dims.insert(side_dims.end(), fi.dims.begin(), fi.dims.end());
   if (joint) {
-    side_dims.push_back(pa);
+    // the activation models R_0 = A (all layers) and R_k = [layer k - 1, nuisance], then the
+    // joint designs [R_k, G_l] for every k, l and w
+    std::vector<std::int64_t> rd{pa};
     for (std::int64_t l = 0; l < L; ++l)
-      for (std::int64_t w = 0; w < W; ++w)
-        side_dims.push_back(pa + fi.dims[l]);
+      rd.push_back(fi.dims[l] + nq);
+    side_dims.insert(side_dims.end(), rd.begin(), rd.end());
+    for (auto d : rd)
+      for (std::int64_t l = 0; l < L; ++l)
+        for (std::int64_t w = 0; w < W; ++w)
+          side_dims.push_back(d + fi.dims[l]);
   }
   std::int64_t pmax = 0, basis_bytes = 0;
   for (auto d : side_dims) {
@@ -534,7 +540,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       (opt.alpha_cv == AlphaCV::kfold ? 8 * ((opt.folds + 3) * pmax + opt.folds * (A + K * L))
                                       : 0) +
       (voxel_peaks ? 4 * (L + 1) * std::int64_t(opt.bootstraps) : 0) +
-      (joint ? 8 * (W + 4) * (m + 8 + opt.folds) + 4 * std::int64_t(opt.bootstraps) : 0);
+      (joint ? 8 * (W + L + 5) * (m + 8 + opt.folds) + 4 * std::int64_t(opt.bootstraps) : 0);
   // Working set of one basis computation: the features, their standardised copies, the SVD.
   const std::int64_t one_basis = 8 * (fi.n * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
   double memory_gb = opt.memory_gb;
@@ -686,7 +692,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   };
   // --joint: the activation block A, [n, pa] and [m, pa] (read by every rank; the optional
   // principal-component reduction computed on rank 0 and broadcast).
-  std::vector<double> a_tr, a_te;
+  std::vector<double> a_tr, a_te, n_tr, n_te; // n_: the z-scored nuisance block [rows, nq]
   if (joint) {
     a_tr.assign(static_cast<size_t>(n * pa_all), 0.0);
     a_te.assign(static_cast<size_t>(m * pa_all), 0.0);
@@ -754,26 +760,59 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       };
       append(a_tr, xtr, n);
       append(a_te, xte, m);
+      n_tr = std::move(xtr);
+      n_te = std::move(xte);
     }
   }
-  // The activation model's side, and the joint side of (layer l, weight w).
-  auto build_a = [&](bool distribute, Side& side) { build_from(a_tr, a_te, pa, distribute, side); };
-  auto build_joint = [&](std::int64_t l, double w, bool distribute, Side& side) {
-    std::vector<double> gtr, gte;
-    const std::int64_t d = read_std(kg, l, gtr, gte), q = pa + d;
+  // The activation models R_k: R_0 = A (all layers, with the nuisance block), R_k = layer k - 1
+  // alone with the nuisance block ([Z / sqrt(2 p), N / sqrt(2 nq)], or Z / sqrt(p) without
+  // nuisance); and the joint design [sqrt(w) R_k, sqrt(1 - w) G_l / sqrt(p_l)] (k, l, w).
+  auto ref_rows = [&](std::int64_t k, std::vector<double>& xtr, std::vector<double>& xte) {
+    if (k == 0) {
+      xtr = a_tr;
+      xte = a_te;
+      return pa;
+    }
+    std::vector<double> ztr, zte;
+    const std::int64_t d = read_std(ka, k - 1, ztr, zte), q = d + nq;
+    const double sz = 1.0 / std::sqrt(double(nq > 0 ? 2 : 1) * double(d)),
+                 sn = nq > 0 ? 1.0 / std::sqrt(2.0 * double(nq)) : 0.0;
+    auto fill = [&](const std::vector<double>& z, const std::vector<double>& nu, std::int64_t r) {
+      std::vector<double> x(static_cast<size_t>(r * q));
+      for (std::int64_t i = 0; i < r; ++i) {
+        for (std::int64_t j = 0; j < d; ++j)
+          x[i * q + j] = sz * z[i * d + j];
+        for (std::int64_t j = 0; j < nq; ++j) // n_ holds the z-scored nuisance features
+          x[i * q + d + j] = sn * nu[i * nq + j];
+      }
+      return x;
+    };
+    xtr = fill(ztr, n_tr, n);
+    xte = fill(zte, n_te, m);
+    return q;
+  };
+  auto build_ref = [&](std::int64_t k, bool distribute, Side& side) {
+    std::vector<double> xtr, xte;
+    const std::int64_t q = ref_rows(k, xtr, xte);
+    build_from(std::move(xtr), std::move(xte), q, distribute, side);
+  };
+  auto build_joint = [&](std::int64_t k, std::int64_t l, double w, bool distribute, Side& side) {
+    std::vector<double> rtr, rte, gtr, gte;
+    const std::int64_t pr = ref_rows(k, rtr, rte);
+    const std::int64_t d = read_std(kg, l, gtr, gte), q = pr + d;
     const double sa = std::sqrt(w), sg = std::sqrt((1 - w) / double(d));
     std::vector<double> xtr(static_cast<size_t>(n * q)), xte(static_cast<size_t>(m * q));
     auto fill = [&](const std::vector<double>& a, const std::vector<double>& g, std::int64_t rows_,
                     std::vector<double>& x) {
       for (std::int64_t i = 0; i < rows_; ++i) {
-        for (std::int64_t j = 0; j < pa; ++j)
-          x[i * q + j] = sa * a[i * pa + j];
+        for (std::int64_t j = 0; j < pr; ++j)
+          x[i * q + j] = sa * a[i * pr + j];
         for (std::int64_t j = 0; j < d; ++j)
-          x[i * q + pa + j] = sg * g[i * d + j];
+          x[i * q + pr + j] = sg * g[i * d + j];
       }
     };
-    fill(a_tr, gtr, n, xtr);
-    fill(a_te, gte, m, xte);
+    fill(rtr, gtr, n, xtr);
+    fill(rte, gte, m, xte);
     build_from(std::move(xtr), std::move(xte), q, distribute, side);
   };
   auto finish = [&](Side& side) {
@@ -781,18 +820,24 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       finish_fold(fd);
   };
   std::vector<Side> cached;
-  const size_t a_side =
-      size_t(K * L); // --joint: A, then (layer l, weight w) at a_side + 1 + l W + w
+  // --joint: R_k at a_side + k (k = 0..L), the joint design (k, l, w) at
+  // joint_side(k, l, w).
+  const size_t a_side = size_t(K * L);
+  auto joint_side = [&](std::int64_t k, std::int64_t l, std::int64_t w) {
+    return a_side + size_t(L + 1) + size_t((k * L + l) * W + w);
+  };
   if (cache) {
-    cached.resize(size_t(K * L) + (joint ? size_t(1 + L * W) : 0));
+    cached.resize(size_t(K * L) + (joint ? size_t((L + 1) * (1 + L * W)) : 0));
     for (std::int64_t k = 0; k < K; ++k)
       for (std::int64_t l = 0; l < L; ++l)
         build(k, l, true, cached[size_t(k * L + l)]);
     if (joint) {
-      build_a(true, cached[a_side]);
-      for (std::int64_t l = 0; l < L; ++l)
-        for (std::int64_t w = 0; w < W; ++w)
-          build_joint(l, jw[size_t(w)], true, cached[a_side + 1 + size_t(l * W + w)]);
+      for (std::int64_t k = 0; k <= L; ++k) {
+        build_ref(k, true, cached[a_side + size_t(k)]);
+        for (std::int64_t l = 0; l < L; ++l)
+          for (std::int64_t w = 0; w < W; ++w)
+            build_joint(k, l, jw[size_t(w)], true, cached[joint_side(k, l, w)]);
+      }
     }
     run_jobs();
     for (auto& side : cached)
@@ -848,11 +893,12 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   // band weight and alpha; the 95% bootstrap interval of dR^2 [2, L, T].
   const char* const joint_outputs[6] = {"r", "dr2", "r2_joint", "shared", "weight", "alpha"};
   std::vector<io::Dataset> ja_ds, ju_ds, ju_pred_ds;
-  std::optional<io::Dataset> ju_ci, ju_exceed, ju_peak;
+  std::optional<io::Dataset> ju_ci, ju_exceed, ju_peak, ja_layer;
   if (joint) {
     for (const char* name : {"r", "r2", "alpha"})
       ja_ds.push_back(f.create_dataset(std::string("/joint/activations/") + name, io::DType::f32,
                                        {bi.targets}));
+    ja_layer = f.create_dataset("/joint/activations/layer", io::DType::i32, {bi.targets});
     for (const char* name : joint_outputs)
       ju_ds.push_back(f.create_dataset(std::string("/unique_gradients/") + name, io::DType::f32,
                                        {L, bi.targets},
@@ -948,12 +994,14 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     prep.reset();
     // 5. Fit every (kind, layer) on this chunk; write the chunk's columns.
     size_t next_ds = 0;
-    auto fit_side = [&](const Side& side) {
-      return side.gram ? fit_kfold_gram(side.gb, ytr, yte, t, alphas, prec)
+    auto fit_y = [&](const Side& side, const std::vector<double>& y_tr,
+                     const std::vector<double>& y_te, std::int64_t tt) {
+      return side.gram ? fit_kfold_gram(side.gb, y_tr, y_te, tt, alphas, prec)
              : opt.alpha_cv == AlphaCV::kfold
-                 ? fit_kfold(side.basis, side.folds, ytr, yte, t, alphas, prec)
-                 : fit_loo(side.basis, ytr, yte, t, alphas, prec);
+                 ? fit_kfold(side.basis, side.folds, y_tr, y_te, tt, alphas, prec)
+                 : fit_loo(side.basis, y_tr, y_te, tt, alphas, prec);
     };
+    auto fit_side = [&](const Side& side) { return fit_y(side, ytr, yte, t); };
     std::vector<double> r2_grad(static_cast<size_t>(L * t),
                                 std::numeric_limits<double>::quiet_NaN()); // for the shared part
     for (std::int64_t k = 0; k < K; ++k) {
@@ -1002,13 +1050,31 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       if (nf > 0)
         fold_ds[k].write(fold_r.data(), {0, 0, t0}, {t ? nf : 0, t ? L : 0, t});
     }
-    if (joint) { // the activation model, then each layer's joint model (candidates: A, then w)
-      Side fresh_a;
-      if (!cache) {
-        build_a(false, fresh_a);
-        finish(fresh_a);
+    if (joint) {
+      // The activation model: per target the best (by the cross-validation criterion) of all
+      // layers together (A) and each layer alone (with the nuisance block); then each layer's
+      // joint model, candidates: the activation model, then each w.
+      std::vector<RidgeScores> ref_cand;
+      for (std::int64_t k = 0; k <= L; ++k) {
+        Side fresh;
+        if (!cache) {
+          build_ref(k, false, fresh);
+          finish(fresh);
+        }
+        ref_cand.push_back(fit_side(cache ? cached[a_side + size_t(k)] : fresh));
       }
-      const RidgeScores sa = fit_side(cache ? cached[a_side] : fresh_a);
+      std::vector<std::int32_t> ref_chosen;
+      const RidgeScores sa = select_per_target(ref_cand, m, t, ref_chosen);
+      ref_cand.clear();
+      std::vector<std::int32_t> ref_layer(static_cast<size_t>(t));
+      // The targets of each activation model R_k: their joint models extend R_k.
+      std::vector<std::vector<std::int64_t>> group_of(static_cast<size_t>(L + 1));
+      for (std::int64_t c = 0; c < t; ++c) {
+        ref_layer[c] = ref_chosen[c] - 1; // -1: all layers (or undefined)
+        if (ref_chosen[c] >= 0)
+          group_of[size_t(ref_chosen[c])].push_back(c);
+      }
+      ja_layer->write(ref_layer.data(), {t0}, {t});
       std::vector<double> ea(static_cast<size_t>(m * t)); // the activation model's residuals
       for (std::int64_t i = 0; i < m * t; ++i)
         ea[i] = yte[i] - sa.prediction[i];
@@ -1028,14 +1094,47 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       std::vector<float> boot_r(voxel_peaks ? static_cast<size_t>(L * opt.bootstraps * t) : 0);
       std::vector<double> delta(static_cast<size_t>(m * t)), dboot(size_t(opt.bootstraps));
       for (std::int64_t l = 0; l < L; ++l) {
+        // candidate w: for each target, [sqrt(w) R_k, sqrt(1 - w) G_l] with its own R_k,
+        // fitted per group of targets sharing k and scattered back
         std::vector<RidgeScores> cand{sa};
         for (std::int64_t w = 0; w < W; ++w) {
-          Side fresh;
-          if (!cache) {
-            build_joint(l, jw[size_t(w)], false, fresh);
-            finish(fresh);
+          RidgeScores full;
+          full.alpha.assign(static_cast<size_t>(t), std::numeric_limits<double>::quiet_NaN());
+          full.r = full.r2 = full.cv_error = full.alpha;
+          full.prediction.assign(static_cast<size_t>(m * t), 0.0);
+          full.fold_r.assign(static_cast<size_t>(nf * t), std::numeric_limits<double>::quiet_NaN());
+          for (std::int64_t k = 0; k <= L; ++k) {
+            const auto& cols = group_of[size_t(k)];
+            const std::int64_t tk = std::int64_t(cols.size());
+            if (tk == 0)
+              continue;
+            std::vector<double> ytk(static_cast<size_t>(n * tk)), yek(static_cast<size_t>(m * tk));
+            for (std::int64_t i = 0; i < n; ++i)
+              for (std::int64_t j = 0; j < tk; ++j)
+                ytk[i * tk + j] = ytr[i * t + cols[j]];
+            for (std::int64_t i = 0; i < m; ++i)
+              for (std::int64_t j = 0; j < tk; ++j)
+                yek[i * tk + j] = yte[i * t + cols[j]];
+            Side fresh;
+            if (!cache) {
+              build_joint(k, l, jw[size_t(w)], false, fresh);
+              finish(fresh);
+            }
+            const RidgeScores part =
+                fit_y(cache ? cached[joint_side(k, l, w)] : fresh, ytk, yek, tk);
+            for (std::int64_t j = 0; j < tk; ++j) {
+              const std::int64_t c = cols[j];
+              full.alpha[c] = part.alpha[j];
+              full.r[c] = part.r[j];
+              full.r2[c] = part.r2[j];
+              full.cv_error[c] = part.cv_error[j];
+              for (std::int64_t i = 0; i < m; ++i)
+                full.prediction[i * t + c] = part.prediction[i * tk + j];
+              for (std::int64_t g = 0; g < nf; ++g)
+                full.fold_r[g * t + c] = part.fold_r[g * tk + j];
+            }
           }
-          cand.push_back(fit_side(cache ? cached[a_side + 1 + size_t(l * W + w)] : fresh));
+          cand.push_back(std::move(full));
         }
         std::vector<std::int32_t> chosen;
         const RidgeScores sj = select_per_target(cand, m, t, chosen);
