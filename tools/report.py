@@ -187,29 +187,51 @@ def control_rows(label, summ):
     return rows
 
 
-def controls_table(stats_dir, summ):
-    """The controls `gradmap run` analysed beside this model (OUT/controls/<control>/stats), side
-    by side with it."""
-    cdir = os.path.join(os.path.dirname(os.path.normpath(stats_dir)), "controls")
+def summaries_in(folder, skip=None):
+    """[(name, summary.json)] of every <folder>/<name>/stats/summary.json (sorted by name)."""
     found = []
-    for name in sorted(os.listdir(cdir)) if os.path.isdir(cdir) else []:
-        path = os.path.join(cdir, name, "stats", "summary.json")
-        if os.path.exists(path):
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name, "stats", "summary.json")
+        if name != skip and os.path.exists(path):
             found.append((name, json.load(open(path))))
-    if not found:
-        return []
-    parts = ["<h2>Controls</h2><p>The same analysis with the model's weights permuted within each tensor "
-             "(random-weights) or with the labels of the cross-entropy objective shuffled across images "
-             "(shuffled-labels). Counts: targets significant (BH, q = "
-             f"{summ.get('q', 0.05):g}) in the best layer; unique: targets with significant unique gradient "
-             "variance beyond the activations and the nuisance features (loss, gradient norms) in any layer. "
-             "A learning-signal claim needs the model to differ from its controls.</p>",
+    return found
+
+
+def comparison_table(title, intro, first, others, summ):
+    parts = [f"<h2>{title}</h2><p>{intro} Counts: targets significant (BH, q = {summ.get('q', 0.05):g}) in "
+             "the best layer; unique: targets with significant unique gradient variance beyond the "
+             "activations and the nuisance features (loss, gradient norms) in any layer.</p>",
              "<table><tr><th>analysis</th><th>modality</th><th>activations</th><th>raw gradients</th>"
              "<th>unique gradient variance</th><th>divergence (raw)</th><th>divergence (unique)</th></tr>"]
-    parts += control_rows("model", summ)
-    for name, cs in found:
+    parts += control_rows(first, summ)
+    for name, cs in others:
         parts += control_rows(name, cs)
     parts.append("</table>")
+    return parts
+
+
+def controls_table(stats_dir, summ):
+    """The controls `gradmap run` analysed beside this model (<dir>/controls/<control>/stats),
+    side by side with it; and, for a run among several models x objectives (OUT/runs/<tag>/),
+    the sensitivity table across all of them."""
+    here = os.path.dirname(os.path.normpath(stats_dir))
+    parts = []
+    found = summaries_in(os.path.join(here, "controls"))
+    if found:
+        parts += comparison_table(
+            "Controls", "The same analysis with the model's weights permuted within each tensor "
+            "(random-weights) or with the labels of the cross-entropy objective shuffled across images "
+            "(shuffled-labels). A learning-signal claim needs the model to differ from its controls.",
+            "model", found, summ)
+    runs = os.path.dirname(here)
+    if os.path.basename(runs) == "runs":
+        others = summaries_in(runs, skip=os.path.basename(here))
+        if others:
+            parts += comparison_table(
+                "Sensitivity across models and objectives", "This analysis (first row) and the other "
+                "model x objective runs of the same `gradmap run` (OUT/runs/&lt;model&gt;__&lt;objective&gt;): "
+                "a conclusion that holds for one objective only is a statement about that objective.",
+                os.path.basename(here) + " (this report)", others, summ)
     return parts
 
 

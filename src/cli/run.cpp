@@ -16,6 +16,7 @@
 // <its directory>/controls/<control>/, before the analysis itself, whose report shows them side
 // by side: random-weights (extract --randomize-weights), shuffled-labels (extract --labels
 // shuffled). The nuisance features (loss, gradient norms) are in every encode --joint.
+// With several models x objectives the reports run last, each with a table across all runs.
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
@@ -245,9 +246,18 @@ Command run_command() {
     }
     // extract -> encode per brain file -> stats -> report, in `dir`; `extra` extract options
     // replace the same options of extract_base; `report_inputs`: more files whose change reruns
-    // the report (the controls' stats).
+    // the report (the controls' stats); report = false: the caller runs the report stage.
+    auto report_stage = [&](const std::string& dir, const std::vector<std::string>& inputs) {
+      std::vector<std::string> rin{dir + "/stats/stats.h5"};
+      rin.insert(rin.end(), inputs.begin(), inputs.end());
+      run_stage({"report",
+                 {"--stats", dir + "/stats", "--out", dir + "/report"},
+                 rin,
+                 {dir + "/report/index.html.key"}},
+                config, ctx);
+    };
     auto analyse_one = [&](const std::string& dir, const std::vector<std::string>& extra,
-                           const std::vector<std::string>& report_inputs) {
+                           const std::vector<std::string>& report_inputs, bool report) {
       std::vector<std::string> extract_args;
       for (size_t i = 0; i + 1 < extract_base.size(); i += 2) // option-value pairs
         if (std::find(extra.begin(), extra.end(), extract_base[i]) == extra.end())
@@ -277,13 +287,8 @@ Command run_command() {
       run_stage(
           {"stats", stats_args, scores, {dir + "/stats/stats.h5", dir + "/stats/summary.json.key"}},
           config, ctx);
-      std::vector<std::string> rin{dir + "/stats/stats.h5"};
-      rin.insert(rin.end(), report_inputs.begin(), report_inputs.end());
-      run_stage({"report",
-                 {"--stats", dir + "/stats", "--out", dir + "/report"},
-                 rin,
-                 {dir + "/report/index.html.key"}},
-                config, ctx);
+      if (report)
+        report_stage(dir, report_inputs);
     };
     auto split = [](const std::string& list) {
       std::vector<std::string> items;
@@ -303,8 +308,9 @@ Command run_command() {
       if (ctl != "random-weights" && ctl != "shuffled-labels")
         throw UsageError("--controls: '" + ctl + "' is not random-weights or shuffled-labels");
     // The controls of one analysis first (each a full analysis of its own), then the analysis,
-    // whose report reads them from dir/controls/.
-    auto analyse = [&](const std::string& dir, const std::vector<std::string>& extra) {
+    // whose report reads them from dir/controls/ (returned: their stats, inputs of that report).
+    auto analyse = [&](const std::string& dir, const std::vector<std::string>& extra,
+                       bool report) {
       std::vector<std::string> control_stats;
       for (const auto& ctl : controls) {
         std::vector<std::string> ex = extra;
@@ -316,17 +322,20 @@ Command run_command() {
           ex.insert(ex.end(), {"--labels", "shuffled"});
         }
         const std::string cdir = dir + "/controls/" + ctl;
-        analyse_one(cdir, ex, {});
+        analyse_one(cdir, ex, {}, true);
         control_stats.push_back(cdir + "/stats/stats.h5");
       }
-      analyse_one(dir, extra, control_stats);
+      analyse_one(dir, extra, control_stats, report);
+      return control_stats;
     };
     std::vector<std::string> features = {out + "/features.h5"};
     if (models.empty() && objectives.empty()) {
-      analyse(out, {});
+      analyse(out, {}, true);
     } else {
       // Every model x objective in its own directory, then one table across them.
-      std::vector<std::string> agg = {"--out", out + "/aggregate"}, stats_dirs;
+      // The reports last: each shows a sensitivity table across all the runs (OUT/runs/*).
+      std::vector<std::string> agg = {"--out", out + "/aggregate"}, stats_dirs, dirs;
+      std::vector<std::vector<std::string>> report_inputs;
       features.clear();
       for (const auto& model : models.empty() ? std::vector<std::string>{""} : models)
         for (const auto& objective :
@@ -343,11 +352,19 @@ Command run_command() {
             extra.insert(extra.end(), {"--model", model});
           if (!objective.empty())
             extra.insert(extra.end(), {"--objective", objective});
-          analyse(dir, extra);
+          report_inputs.push_back(analyse(dir, extra, false));
+          dirs.push_back(dir);
           features.push_back(dir + "/features.h5");
           stats_dirs.push_back(dir + "/stats/stats.h5");
           agg.insert(agg.end(), {"--stats", dir + "/stats", "--label", tag});
         }
+      for (size_t i = 0; i < dirs.size(); ++i) {
+        auto in = report_inputs[i];
+        for (const auto& sd : stats_dirs)
+          if (sd != dirs[i] + "/stats/stats.h5")
+            in.push_back(sd);
+        report_stage(dirs[i], in);
+      }
       if (stats_dirs.size() >= 2)
         run_stage({"aggregate", agg, stats_dirs, {out + "/aggregate/aggregate.h5"}}, config, ctx);
     }

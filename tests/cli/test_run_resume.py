@@ -153,6 +153,12 @@ def test_several_models_are_analysed_and_compared():
         assert (a is None and b is None) or np.isclose(a, b), (a, b)
     with h5py.File(f"{out}/runs/{tags[1]}/features.h5") as f:
         assert f["/features"].attrs["model"] == "builtin:tinyvit"
+    # every run's report shows the sensitivity table across the runs (written after all of them)
+    for i, t in enumerate(tags):
+        page = open(f"{out}/runs/{t}/report/index.html").read()
+        assert "Sensitivity across models and objectives" in page, t
+        table = page.split("Sensitivity across models and objectives")[1].split("</table>")[0]
+        assert f"<td>{t} (this report)</td>" in table and f"<td>{tags[1 - i]}</td>" in table, table
 
 
 if __name__ == "__main__":

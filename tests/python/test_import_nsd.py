@@ -266,7 +266,8 @@ def test_bad_inputs():
 def test_run_with_the_nsd_config():
     ini = config_from_template("nsd.ini", {
         "import-nsd": {"nsd-root": ROOT, "subject": SUBJ, "sessions": "1-2"},
-        "extract": {"model": "builtin:tinycnn", "pca": 0, "batch-size": 64},
+        "extract": {"model": "builtin:tinycnn", "objective": "cosine", "pooling": "mean", "pca": 0,
+                    "batch-size": 64},
         "encode": {"permutations": 40, "bootstraps": 40}}, f"{BASE}/nsd.ini")
     out = f"{BASE}/run"
     p = gradmap(["run", "--config", ini, "--out", out], ranks=2, timeout=900)
