@@ -309,8 +309,7 @@ Command run_command() {
         throw UsageError("--controls: '" + ctl + "' is not random-weights or shuffled-labels");
     // The controls of one analysis first (each a full analysis of its own), then the analysis,
     // whose report reads them from dir/controls/ (returned: their stats, inputs of that report).
-    auto analyse = [&](const std::string& dir, const std::vector<std::string>& extra,
-                       bool report) {
+    auto analyse = [&](const std::string& dir, const std::vector<std::string>& extra, bool report) {
       std::vector<std::string> control_stats;
       for (const auto& ctl : controls) {
         std::vector<std::string> ex = extra;

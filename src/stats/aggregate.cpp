@@ -141,7 +141,7 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
     js << (i ? ", " : "") << "\"" << labels[i] << "\"";
   js << "], \"ci_level\": " << num(o.ci);
   csv << "modality,statistic,input,value\n";
-  const std::string kinds[2] = {"activations", "gradients"};
+  const std::string kinds[3] = {"activations", "gradients", "unique_gradients"};
   for (const std::string mod : {"fmri", "meg"}) {
     size_t have = 0;
     for (const auto& file : files)
@@ -167,8 +167,9 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
     for (const auto& k : kinds)
       if (files[0].exists("/" + mod + "/" + k + "/" + rho))
         entries.push_back({rho + "_" + k, "/" + mod + "/" + k + "/" + rho});
-    if (files[0].exists("/" + mod + "/" + d))
-      entries.push_back({d, "/" + mod + "/" + d});
+    for (const std::string& dd : {d, d + "_unique"})
+      if (files[0].exists("/" + mod + "/" + dd))
+        entries.push_back({dd, "/" + mod + "/" + dd});
     if (files[0].exists("/" + mod + "/peak_agreement"))
       entries.push_back({"peak_layer_agreement", "/" + mod + "/peak_agreement"});
     js << ",\n  \"" << mod << "\": {";
@@ -192,7 +193,8 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
       // H0 of the rho entries: 0 (no hierarchy). D_space / D_time are descriptive here (their
       // H0 is not 0): their group test is the combination of the per-input tests below; the
       // agreement has no null of 0.
-      const bool no_sign_test = name == "peak_layer_agreement" || name == d;
+      const bool no_sign_test =
+          name == "peak_layer_agreement" || name == d || name == d + "_unique";
       const double p = no_sign_test ? kNaN : sign_flip_p(v);
       f.write_small("/" + mod + "/" + name + "/values", v, {std::int64_t(S)});
       f.write_small("/" + mod + "/" + name + "/summary", std::vector<double>{mean, lo, hi, p}, {4});
@@ -208,64 +210,68 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
     // combination of the per-input p-values of "diverges" and of the signal tests (valid for
     // independent inputs whose p-values are uniform or conservative under H0: X = -2 sum ln p ~
     // chi2(2S)), and the intersection-union p of "consistent in every input" (max over inputs).
-    const std::string tests = "/" + mod + "/" + d + "_tests";
-    if (files[0].exists(tests)) {
-      std::vector<double> pd, pc, psa, psg;
-      // Each input's p-values are floored at the resolution of its replicates, 1 / (B_b + 1)
-      // (B + 1 for the permutation signal tests): a Wald p in the far tail must not carry a
-      // Fisher combination alone.
-      std::map<std::string, int> count{{"diverges", 0}, {"consistent", 0}, {"undetermined", 0}};
-      for (size_t i = 0; i < S; ++i) {
-        if (!files[i].exists(tests))
-          throw UsageError(o.stats[i] + "/stats.h5: " + tests + " is missing");
-        const auto x = files[i].dataset(tests).read_all<double>();
-        if (x.size() != 4)
-          throw UsageError(o.stats[i] + "/stats.h5: " + tests + " must hold 4 values");
-        const auto floor_of = [&](const char* replicates) { // 0 when the count is not recorded
-          return files[i].has_attr("/" + mod, replicates)
-                     ? 1.0 / double(files[i].attr_int("/" + mod, replicates) + 1)
-                     : 0.0;
-        };
-        const double fb = floor_of("bootstraps"), fp = floor_of("permutations");
-        auto floored = [](double p, double lowest) {
-          return std::isfinite(p) ? std::max(p, lowest) : 1.0;
-        };
-        pd.push_back(floored(x[0], fb));
-        pc.push_back(floored(x[1], 0)); // non-finite: 1, never supports "consistent"
-        psa.push_back(floored(x[2], fp));
-        psg.push_back(floored(x[3], fp));
-        count[files[i].attr_string("/" + mod + "/" + d, "verdict")] += 1;
+    // The same on the gradients' unique variance (encode --joint: D_*_unique) when every input
+    // has it.
+    for (const std::string& dd : {d, d + "_unique"}) {
+      const std::string tests = "/" + mod + "/" + dd + "_tests";
+      if (files[0].exists(tests)) {
+        std::vector<double> pd, pc, psa, psg;
+        // Each input's p-values are floored at the resolution of its replicates, 1 / (B_b + 1)
+        // (B + 1 for the permutation signal tests): a Wald p in the far tail must not carry a
+        // Fisher combination alone.
+        std::map<std::string, int> count{{"diverges", 0}, {"consistent", 0}, {"undetermined", 0}};
+        for (size_t i = 0; i < S; ++i) {
+          if (!files[i].exists(tests))
+            throw UsageError(o.stats[i] + "/stats.h5: " + tests + " is missing");
+          const auto x = files[i].dataset(tests).read_all<double>();
+          if (x.size() != 4)
+            throw UsageError(o.stats[i] + "/stats.h5: " + tests + " must hold 4 values");
+          const auto floor_of = [&](const char* replicates) { // 0 when the count is not recorded
+            return files[i].has_attr("/" + mod, replicates)
+                       ? 1.0 / double(files[i].attr_int("/" + mod, replicates) + 1)
+                       : 0.0;
+          };
+          const double fb = floor_of("bootstraps"), fp = floor_of("permutations");
+          auto floored = [](double p, double lowest) {
+            return std::isfinite(p) ? std::max(p, lowest) : 1.0;
+          };
+          pd.push_back(floored(x[0], fb));
+          pc.push_back(floored(x[1], 0)); // non-finite: 1, never supports "consistent"
+          psa.push_back(floored(x[2], fp));
+          psg.push_back(floored(x[3], fp));
+          count[files[i].attr_string("/" + mod + "/" + dd, "verdict")] += 1;
+        }
+        Verdict v;
+        v.p_diverges = fisher_combined_p(pd);
+        v.p_consistent = *std::max_element(pc.begin(), pc.end());
+        v.p_signal_activations = fisher_combined_p(psa);
+        v.p_signal_gradients = fisher_combined_p(psg);
+        decide(v, o.alpha);
+        if (v.verdict == "diverges")
+          v.reason = "the prediction fails in at least one of the " + std::to_string(S) +
+                     " inputs (" + std::to_string(count["diverges"]) + " diverge on their own)";
+        else if (v.verdict == "consistent")
+          v.reason =
+              "consistent with the prediction in every one of the " + std::to_string(S) + " inputs";
+        f.write_small("/" + mod + "/" + dd + "/group_tests",
+                      std::vector<double>{v.p_diverges, v.p_consistent, v.p_signal_activations,
+                                          v.p_signal_gradients},
+                      {4});
+        f.set_attr("/" + mod + "/" + dd, "group_verdict", v.verdict);
+        js << ",\n    \"" << dd << "_group\": {\"verdict\": \"" << v.verdict
+           << "\", \"p_diverges_fisher\": " << num(v.p_diverges)
+           << ", \"p_consistent_all\": " << num(v.p_consistent)
+           << ", \"p_signal_activations_fisher\": " << num(v.p_signal_activations)
+           << ", \"p_signal_gradients_fisher\": " << num(v.p_signal_gradients)
+           << ", \"inputs_diverges\": " << count["diverges"]
+           << ", \"inputs_consistent\": " << count["consistent"]
+           << ", \"inputs_undetermined\": " << count["undetermined"] << ", \"inputs\": " << S
+           << ", \"reason\": \"" << v.reason << "\"}";
       }
-      Verdict v;
-      v.p_diverges = fisher_combined_p(pd);
-      v.p_consistent = *std::max_element(pc.begin(), pc.end());
-      v.p_signal_activations = fisher_combined_p(psa);
-      v.p_signal_gradients = fisher_combined_p(psg);
-      decide(v, o.alpha);
-      if (v.verdict == "diverges")
-        v.reason = "the prediction fails in at least one of the " + std::to_string(S) +
-                   " inputs (" + std::to_string(count["diverges"]) + " diverge on their own)";
-      else if (v.verdict == "consistent")
-        v.reason =
-            "consistent with the prediction in every one of the " + std::to_string(S) + " inputs";
-      f.write_small("/" + mod + "/" + d + "/group_tests",
-                    std::vector<double>{v.p_diverges, v.p_consistent, v.p_signal_activations,
-                                        v.p_signal_gradients},
-                    {4});
-      f.set_attr("/" + mod + "/" + d, "group_verdict", v.verdict);
-      js << ",\n    \"" << d << "_group\": {\"verdict\": \"" << v.verdict
-         << "\", \"p_diverges_fisher\": " << num(v.p_diverges)
-         << ", \"p_consistent_all\": " << num(v.p_consistent)
-         << ", \"p_signal_activations_fisher\": " << num(v.p_signal_activations)
-         << ", \"p_signal_gradients_fisher\": " << num(v.p_signal_gradients)
-         << ", \"inputs_diverges\": " << count["diverges"]
-         << ", \"inputs_consistent\": " << count["consistent"]
-         << ", \"inputs_undetermined\": " << count["undetermined"] << ", \"inputs\": " << S
-         << ", \"reason\": \"" << v.reason << "\"}";
     }
     // Mean ROI x layer (fMRI) or latency-curve (MEG) tables across inputs.
     for (const auto& k :
-         same_layers ? std::vector<std::string>(kinds, kinds + 2) : std::vector<std::string>{}) {
+         same_layers ? std::vector<std::string>(kinds, kinds + 3) : std::vector<std::string>{}) {
       const std::string path = "/" + mod + "/" + k + "/group_r";
       if (!files[0].exists(path))
         continue;

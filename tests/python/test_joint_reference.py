@@ -376,6 +376,12 @@ def test_stats_unique_family_equals_statsmodels():
             for k in ("activations", "gradients"):
                 for d in ("q_bh_all", "p_fwer_all"):
                     assert np.array_equal(sp[f"/fmri/{k}/{d}"][()], st[f"/fmri/{k}/{d}"][()], equal_nan=True)
+    # aggregate combines the unique-variance verdicts too (two inputs: these stats, twice)
+    gradmap(["aggregate", "--stats", f"{BASE}/st", "--stats", f"{BASE}/st", "--out", f"{BASE}/agg"])
+    agg = json.load(open(f"{BASE}/agg/aggregate.json"))["fmri"]
+    assert agg["D_space_unique"]["values"] == [summ["D_space_unique"]["value"]] * 2
+    assert agg["D_space_unique_group"]["inputs"] == 2
+    assert "rho_space_unique_gradients" in agg
     assert summ["D_space_unique"]["verdict"] in ("diverges", "consistent", "undetermined")
     assert "unique variance" in summ["D_space_unique"]["reason"] or summ["D_space_unique"]["verdict"] == "undetermined"
     assert "unique_gradients" in summ["rho_space"]
