@@ -820,6 +820,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       finish_fold(fd);
   };
   std::vector<Side> cached;
+  std::vector<std::uint8_t> joint_built(static_cast<size_t>(L + 1), 0); // joint designs of R_k
   // --joint: R_k at a_side + k (k = 0..L), the joint design (k, l, w) at
   // joint_side(k, l, w).
   const size_t a_side = size_t(K * L);
@@ -831,14 +832,9 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     for (std::int64_t k = 0; k < K; ++k)
       for (std::int64_t l = 0; l < L; ++l)
         build(k, l, true, cached[size_t(k * L + l)]);
-    if (joint) {
-      for (std::int64_t k = 0; k <= L; ++k) {
+    if (joint) // the joint designs of R_k are built when a target first chooses R_k (below)
+      for (std::int64_t k = 0; k <= L; ++k)
         build_ref(k, true, cached[a_side + size_t(k)]);
-        for (std::int64_t l = 0; l < L; ++l)
-          for (std::int64_t w = 0; w < W; ++w)
-            build_joint(k, l, jw[size_t(w)], true, cached[joint_side(k, l, w)]);
-      }
-    }
     run_jobs();
     for (auto& side : cached)
       finish(side);
@@ -1073,6 +1069,28 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         ref_layer[c] = ref_chosen[c] - 1; // -1: all layers (or undefined)
         if (ref_chosen[c] >= 0)
           group_of[size_t(ref_chosen[c])].push_back(c);
+      }
+      // Cached: build (collectively, dealt to ranks) the joint designs of every R_k that a
+      // target of this round chose on any rank and that is not built yet.
+      if (cache) {
+        std::vector<int> present(static_cast<size_t>(L + 1));
+        for (std::int64_t k = 0; k <= L; ++k)
+          present[size_t(k)] = group_of[size_t(k)].empty() ? 0 : 1;
+        GM_CHECK_MPI(
+            MPI_Allreduce(MPI_IN_PLACE, present.data(), int(L + 1), MPI_INT, MPI_MAX, comm));
+        std::vector<size_t> fresh_sides;
+        for (std::int64_t k = 0; k <= L; ++k)
+          if (present[size_t(k)] && !joint_built[size_t(k)]) {
+            joint_built[size_t(k)] = 1;
+            for (std::int64_t l = 0; l < L; ++l)
+              for (std::int64_t w = 0; w < W; ++w) {
+                build_joint(k, l, jw[size_t(w)], true, cached[joint_side(k, l, w)]);
+                fresh_sides.push_back(joint_side(k, l, w));
+              }
+          }
+        run_jobs();
+        for (auto i : fresh_sides)
+          finish(cached[i]);
       }
       ja_layer->write(ref_layer.data(), {t0}, {t});
       std::vector<double> ea(static_cast<size_t>(m * t)); // the activation model's residuals
