@@ -325,6 +325,8 @@ void write_nulls(const io::File& f, const EncodeOptions& opt, const Resamples& r
     const std::string adjacency = adj.empty() ? "time" : "sensors+time";
     const ClusterGraph g = make_cluster_graph(S, shape[2], adj);
     for (size_t k = 0; k < kinds.size(); ++k) {
+      if (acc[k * size_t(L)].words == 0)
+        continue; // the unique kind
       std::vector<std::int64_t> mx;
       for (std::int64_t l = 0; l < L; ++l) {
         const auto one = null_cluster_max(acc[k * size_t(L) + size_t(l)], g, int(B), comm);
@@ -367,6 +369,15 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   const std::vector<double> alphas = opt.alphas.empty() ? default_alphas() : opt.alphas;
   const std::vector<double> jw =
       opt.joint_weights.empty() ? default_joint_weights() : opt.joint_weights;
+  // --joint: the activation models' grid holds every penalty the joint designs can put on their
+  // activation band (alpha / w), so that a joint model cannot win by a better-tuned activation
+  // penalty alone.
+  std::vector<double> ref_alphas = alphas;
+  for (double w : jw)
+    for (double a : alphas)
+      ref_alphas.push_back(a / w);
+  std::sort(ref_alphas.begin(), ref_alphas.end());
+  ref_alphas.erase(std::unique(ref_alphas.begin(), ref_alphas.end()), ref_alphas.end());
   const Precision prec = opt.precision;
 
   // 1. Inputs.
@@ -887,7 +898,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   // "Unique variance"): r = Pearson(joint - activation prediction, activation residual), the
   // statistic of the residual-permutation null; dR^2, the joint R^2, the shared part, the chosen
   // band weight and alpha; the 95% bootstrap interval of dR^2 [2, L, T].
-  const char* const joint_outputs[6] = {"r", "dr2", "r2_joint", "shared", "weight", "alpha"};
+  const char* const joint_outputs[6] = {"t", "dr2", "r2_joint", "shared", "weight", "alpha"};
   std::vector<io::Dataset> ja_ds, ju_ds, ju_pred_ds;
   std::optional<io::Dataset> ju_ci, ju_exceed, ju_peak, ja_layer;
   if (joint) {
@@ -916,9 +927,12 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   const bool clusters = meg && opt.permutations > 0 && opt.cluster_p > 0;
   const double cluster_r = clusters ? cluster_threshold(m, opt.cluster_p) : 0.0;
   for (std::int64_t kl = 0; nulls && kl < (K + (joint ? 1 : 0)) * L; ++kl) {
-    acc.emplace_back(rs, int(G), clusters ? bi.targets : 0, float(cluster_r));
-    acc.back().constant_is_zero = kl >= K * L;
+    // (no clusters for the unique kind: its statistic is a t, not an r)
+    acc.emplace_back(rs, int(G), clusters && kl < K * L ? bi.targets : 0, float(cluster_r));
   }
+  // --joint: the B bootstrap count vectors of the unique-variance null (nulls.hpp)
+  const std::vector<std::uint32_t> null_counts =
+      joint ? null_bootstrap_counts(m, opt.permutations, opt.seed) : std::vector<std::uint32_t>{};
   // K-fold: the held-out Pearson r of every fold at the target's chosen alpha.
   std::vector<io::Dataset> fold_ds;
   for (std::int64_t k = 0; nf > 0 && k < K; ++k)
@@ -991,13 +1005,14 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     // 5. Fit every (kind, layer) on this chunk; write the chunk's columns.
     size_t next_ds = 0;
     auto fit_y = [&](const Side& side, const std::vector<double>& y_tr,
-                     const std::vector<double>& y_te, std::int64_t tt) {
-      return side.gram ? fit_kfold_gram(side.gb, y_tr, y_te, tt, alphas, prec)
+                     const std::vector<double>& y_te, std::int64_t tt,
+                     const std::vector<double>& grid) {
+      return side.gram ? fit_kfold_gram(side.gb, y_tr, y_te, tt, grid, prec)
              : opt.alpha_cv == AlphaCV::kfold
-                 ? fit_kfold(side.basis, side.folds, y_tr, y_te, tt, alphas, prec)
-                 : fit_loo(side.basis, y_tr, y_te, tt, alphas, prec);
+                 ? fit_kfold(side.basis, side.folds, y_tr, y_te, tt, grid, prec)
+                 : fit_loo(side.basis, y_tr, y_te, tt, grid, prec);
     };
-    auto fit_side = [&](const Side& side) { return fit_y(side, ytr, yte, t); };
+    auto fit_side = [&](const Side& side) { return fit_y(side, ytr, yte, t, alphas); };
     std::vector<double> r2_grad(static_cast<size_t>(L * t),
                                 std::numeric_limits<double>::quiet_NaN()); // for the shared part
     for (std::int64_t k = 0; k < K; ++k) {
@@ -1057,7 +1072,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           build_ref(k, false, fresh);
           finish(fresh);
         }
-        ref_cand.push_back(fit_side(cache ? cached[a_side + size_t(k)] : fresh));
+        ref_cand.push_back(
+            fit_y(cache ? cached[a_side + size_t(k)] : fresh, ytr, yte, t, ref_alphas));
       }
       std::vector<std::int32_t> ref_chosen;
       const RidgeScores sa = select_per_target(ref_cand, m, t, ref_chosen);
@@ -1110,7 +1126,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       std::vector<float> ci(static_cast<size_t>(2 * L * t), NAN);
       std::vector<std::int32_t> exceed(static_cast<size_t>(L * t), -1);
       std::vector<float> boot_r(voxel_peaks ? static_cast<size_t>(L * opt.bootstraps * t) : 0);
-      std::vector<double> delta(static_cast<size_t>(m * t)), dboot(size_t(opt.bootstraps));
+      std::vector<double> delta(static_cast<size_t>(m * t));
       for (std::int64_t l = 0; l < L; ++l) {
         // candidate w: for each target, [sqrt(w) R_k, sqrt(1 - w) G_l] with its own R_k,
         // fitted per group of targets sharing k and scattered back
@@ -1139,7 +1155,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
               finish(fresh);
             }
             const RidgeScores part =
-                fit_y(cache ? cached[joint_side(k, l, w)] : fresh, ytk, yek, tk);
+                fit_y(cache ? cached[joint_side(k, l, w)] : fresh, ytk, yek, tk, alphas);
             for (std::int64_t j = 0; j < tk; ++j) {
               const std::int64_t c = cols[j];
               full.alpha[c] = part.alpha[j];
@@ -1159,70 +1175,27 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         cand.clear();
         for (std::int64_t i = 0; i < m * t; ++i)
           delta[i] = sj.prediction[i] - sa.prediction[i];
+        std::vector<std::uint8_t> defined(static_cast<size_t>(t));
         for (std::int64_t c = 0; c < t; ++c) {
-          // r(delta, e_A): 0 where the activation model was kept (delta = 0), NaN for a
-          // constant target.
-          double md = 0, me_ = 0;
-          for (std::int64_t i = 0; i < m; ++i) {
-            md += delta[i * t + c];
-            me_ += ea[i * t + c];
-          }
-          md /= double(m);
-          me_ /= double(m);
-          double sxy = 0, sxx = 0, syy = 0;
-          for (std::int64_t i = 0; i < m; ++i) {
-            const double a = delta[i * t + c] - md, b = ea[i * t + c] - me_;
-            sxy += a * b;
-            sxx += a * a;
-            syy += b * b;
-          }
-          const bool defined = std::isfinite(sa.r2[c]) && syy > 0;
-          const double ur = !defined ? NAN : sxx > 0 ? sxy / std::sqrt(sxx * syy) : 0.0;
+          defined[c] = std::isfinite(sa.r2[c]) ? 1 : 0;
           const std::int32_t ch = chosen[c];
-          jbuf[0][l * t + c] = float(ur);
-          jbuf[1][l * t + c] = float(sj.r2[c] - sa.r2[c]);
           jbuf[2][l * t + c] = float(sj.r2[c]);
           jbuf[3][l * t + c] = float(sa.r2[c] + r2_grad[l * t + c] - sj.r2[c]);
-          jbuf[4][l * t + c] = ch < 0 || !defined ? NAN
-                               : ch == 0          ? 1.0f
-                                                  : float(jw[size_t(ch - 1)]);
+          jbuf[4][l * t + c] = ch < 0 || !defined[c] ? NAN
+                               : ch == 0             ? 1.0f
+                                                     : float(jw[size_t(ch - 1)]);
           jbuf[5][l * t + c] = float(sj.alpha[c]);
-          // dR^2 on bootstrap resamples of the test images (counts k_i):
-          // (sum k e_A^2 - sum k (e_A - delta)^2) / sum k (y - ybar_k)^2; 95% percentile interval.
-          if (opt.bootstraps > 0 && defined) {
-            for (int b = 0; b < opt.bootstraps; ++b) {
-              const std::uint32_t* cnt = &rs.count[static_cast<size_t>(std::int64_t(b) * m)];
-              double sk = 0, sy = 0, syy2 = 0, gain = 0;
-              for (std::int64_t i = 0; i < m; ++i) {
-                const double k = cnt[i], y = yte[i * t + c], e = ea[i * t + c],
-                             d = delta[i * t + c];
-                sk += k;
-                sy += k * y;
-                syy2 += k * y * y;
-                gain += k * (2 * e * d - d * d);
-              }
-              const double sst = syy2 - sy * sy / sk;
-              dboot[size_t(b)] = sst > 0 ? gain / sst : 0.0;
-            }
-            std::sort(dboot.begin(), dboot.end());
-            auto quantile = [&](double q) { // linear interpolation (numpy's default)
-              const double h = q * double(opt.bootstraps - 1);
-              const auto lo = std::int64_t(std::floor(h));
-              const auto hi = std::min<std::int64_t>(lo + 1, opt.bootstraps - 1);
-              return dboot[size_t(lo)] + (h - double(lo)) * (dboot[size_t(hi)] - dboot[size_t(lo)]);
-            };
-            ci[(0 * L + l) * t + c] = float(quantile(0.025));
-            ci[(1 * L + l) * t + c] = float(quantile(0.975));
-          }
         }
+        // dR^2, its bootstrap-t statistic and null, the interval (nulls.hpp)
+        accumulate_unique(rs, null_counts, yte, ea, delta, t, group.data() + t0, defined.data(),
+                          nulls ? &acc[size_t(K * L + l)] : nullptr, exceed.data() + l * t,
+                          &jbuf[0][size_t(l * t)], &jbuf[1][size_t(l * t)], &ci[size_t(l * t)],
+                          &ci[size_t((L + l) * t)],
+                          voxel_peaks ? boot_r.data() + l * opt.bootstraps * t : nullptr);
         if (opt.store_predictions) {
           const std::vector<float> pf(sj.prediction.begin(), sj.prediction.end());
           ju_pred_ds[size_t(l)].write(pf.data(), {0, t0}, {t ? m : 0, t});
         }
-        if (nulls)
-          accumulate_nulls(rs, delta, ea, t, group.data() + t0, acc[size_t(K * L + l)],
-                           exceed.data() + l * t, t0,
-                           voxel_peaks ? boot_r.data() + l * opt.bootstraps * t : nullptr);
       }
       for (int o = 0; o < 6; ++o)
         ju_ds[size_t(o)].write(jbuf[size_t(o)].data(), {0, t0}, {t ? L : 0, t});
@@ -1231,7 +1204,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
       if (opt.permutations > 0)
         ju_exceed->write(exceed.data(), {0, t0}, {t ? L : 0, t});
       if (voxel_peaks) {
-        const auto pk = stats::target_peak_pvalues(jbuf[0], boot_r, L, opt.bootstraps, t);
+        const auto pk = stats::target_peak_pvalues(jbuf[1], boot_r, L, opt.bootstraps, t);
         ju_peak->write(pk.data(), {0, t0}, {t ? L : 0, t});
       }
     }

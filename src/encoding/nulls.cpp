@@ -137,16 +137,10 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
       }
       const double sp = std::sqrt(vp / double(m)), sy = std::sqrt(vy / double(m));
       // Relative tolerance: a prediction that is constant up to rounding is constant.
-      const bool pred_ok = sp > 1e-12 * (std::abs(mp) + 1e-300) && std::isfinite(sp);
-      valid[j] = (pred_ok || (acc.constant_is_zero && std::isfinite(mp))) &&
-                 sy > 1e-12 * (std::abs(my) + 1e-300) && std::isfinite(sy);
+      valid[j] = sp > 1e-12 * (std::abs(mp) + 1e-300) && sy > 1e-12 * (std::abs(my) + 1e-300) &&
+                 std::isfinite(sp) && std::isfinite(sy);
       if (!valid[j])
         continue;
-      if (!pred_ok) { // constant_is_zero: the prediction lane stays 0, so every r is 0
-        for (std::int64_t i = 0; i < m; ++i)
-          zy[i * TB + j] = float((y[i * t + c] - my) / sy);
-        continue;
-      }
       for (std::int64_t i = 0; i < m; ++i) {
         zp[i * TB + j] = float((pred[i * t + c] - mp) / sp);
         zy[i * TB + j] = float((y[i * t + c] - my) / sy);
@@ -250,6 +244,128 @@ std::vector<std::int64_t> null_cluster_max(const NullAccumulator& acc, const Clu
   }
   GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, mx.data(), permutations, MPI_INT64_T, MPI_MAX, comm));
   return mx;
+}
+
+} // namespace gradmap::encoding
+
+namespace gradmap::encoding {
+
+std::vector<std::uint32_t> null_bootstrap_counts(std::int64_t m, int replicates,
+                                                 std::uint64_t seed) {
+  std::vector<std::uint32_t> count(static_cast<size_t>(std::int64_t(replicates) * m), 0);
+  for (int b = 0; b < replicates; ++b) {
+    std::uint32_t* c = &count[static_cast<size_t>(std::int64_t(b) * m)];
+    sim::Philox rng(seed, sim::Stream::bootstrap, 0x80000000U + std::uint32_t(b));
+    for (std::int64_t i = 0; i < m; ++i)
+      ++c[rng.below(std::uint32_t(m))];
+  }
+  return count;
+}
+
+void accumulate_unique(const Resamples& rs, const std::vector<std::uint32_t>& null_counts,
+                       const std::vector<double>& y, const std::vector<double>& e,
+                       const std::vector<double>& d, std::int64_t t, const std::int32_t* group,
+                       const std::uint8_t* defined, NullAccumulator* acc, std::int32_t* exceed,
+                       float* stat, float* dr2_out, float* ci_lo, float* ci_hi, float* boot) {
+  const std::int64_t m = rs.m;
+  const int Bb = rs.bootstraps;
+  const int B = int(null_counts.size() / static_cast<size_t>(std::max<std::int64_t>(m, 1)));
+  ProfileEvent ev("gm.nulls.unique");
+  ProfileEvent::add_flops(8.0 * double(m) * double(t) * (double(B) + double(Bb)));
+  std::vector<double> l(static_cast<size_t>(m)), yc(static_cast<size_t>(m)),
+      dboot(static_cast<size_t>(Bb));
+  for (std::int64_t c = 0; c < t; ++c) {
+    double ybar = 0;
+    for (std::int64_t i = 0; i < m; ++i)
+      ybar += y[i * t + c];
+    ybar /= double(m);
+    double sst = 0, sl = 0;
+    bool zero = true;
+    for (std::int64_t i = 0; i < m; ++i) {
+      const double di = d[i * t + c], ei = e[i * t + c];
+      l[i] = 2 * ei * di - di * di; // e^2 - (e - d)^2: the joint model's gain on image i
+      zero = zero && di == 0;
+      yc[i] = y[i * t + c];
+      sst += (yc[i] - ybar) * (yc[i] - ybar);
+      sl += l[i];
+    }
+    if (!defined[c] || !(sst > 0)) {
+      exceed[c] = -1;
+      stat[c] = dr2_out[c] = ci_lo[c] = ci_hi[c] = NAN;
+      for (int b = 0; boot && b < Bb; ++b)
+        boot[std::int64_t(b) * t + c] = NAN;
+      continue;
+    }
+    const double mean = sl / double(m), dr2 = sl / sst;
+    double ss = 0;
+    for (std::int64_t i = 0; i < m; ++i)
+      ss += (l[i] - mean) * (l[i] - mean);
+    const double se = std::sqrt(ss / double(m - 1) / double(m));
+    const double tobs = zero || !(se > 0) ? 0.0 : mean / se;
+    stat[c] = float(tobs);
+    dr2_out[c] = float(dr2);
+    const std::int32_t g = acc ? group[c] : -1;
+    if (g >= 0) {
+      acc->obs_sum[g] += dr2;
+      ++acc->n[g];
+    }
+    // One resample's weighted mean and se of l and its dR^2 (counts k, sum k = m).
+    auto resample = [&](const std::uint32_t* k, double& mb, double& seb, double& dr2b) {
+      double s = 0, sy = 0, syy = 0;
+      for (std::int64_t i = 0; i < m; ++i) {
+        s += k[i] * l[i];
+        sy += k[i] * yc[i];
+        syy += k[i] * yc[i] * yc[i];
+      }
+      mb = s / double(m);
+      double v = 0;
+      for (std::int64_t i = 0; i < m; ++i)
+        v += k[i] * (l[i] - mb) * (l[i] - mb);
+      seb = std::sqrt(v / double(m - 1) / double(m));
+      const double sstb = syy - sy * sy / double(m);
+      dr2b = sstb > 0 ? s / sstb : 0.0;
+    };
+    std::int64_t ge = 0;
+#pragma omp parallel for schedule(static) reduction(+ : ge)
+    for (int b = 0; b < B; ++b) {
+      double mb = 0, seb = 0, dr2b = 0;
+      resample(&null_counts[static_cast<size_t>(std::int64_t(b) * m)], mb, seb, dr2b);
+      // bootstrap-t: the resampled t centred at the observed mean (H0 holds in the resample
+      // world); 0 where l is constant (the activation model kept) or the resample has no spread
+      const double tb = zero || !(seb > 0) ? 0.0 : (mb - mean) / seb;
+      ge += tb >= tobs ? 1 : 0;
+      if (acc)
+        acc->null_max[b] = std::max(acc->null_max[b], float(tb));
+      if (g >= 0)
+        acc->perm_sum[static_cast<size_t>(g) * B + b] += zero ? 0.0 : dr2b - dr2;
+    }
+    exceed[c] = std::int32_t(ge);
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < Bb; ++b) {
+      double mb = 0, seb = 0, dr2b = 0;
+      resample(&rs.count[static_cast<size_t>(std::int64_t(b) * m)], mb, seb, dr2b);
+      dboot[size_t(b)] = zero ? 0.0 : dr2b;
+    }
+    for (int b = 0; b < Bb; ++b) {
+      if (g >= 0)
+        acc->boot_sum[static_cast<size_t>(g) * Bb + b] += dboot[size_t(b)];
+      if (boot)
+        boot[std::int64_t(b) * t + c] = float(dboot[size_t(b)]);
+    }
+    if (Bb > 0 && !zero) { // 95% percentile interval (numpy's linear interpolation)
+      std::sort(dboot.begin(), dboot.end());
+      auto quantile = [&](double q) {
+        const double h = q * double(Bb - 1);
+        const auto lo = std::int64_t(std::floor(h));
+        const auto hi = std::min<std::int64_t>(lo + 1, Bb - 1);
+        return dboot[size_t(lo)] + (h - double(lo)) * (dboot[size_t(hi)] - dboot[size_t(lo)]);
+      };
+      ci_lo[c] = float(quantile(0.025));
+      ci_hi[c] = float(quantile(0.975));
+    } else {
+      ci_lo[c] = ci_hi[c] = NAN; // kept activation model: no interval (dR^2 = 0 by choice)
+    }
+  }
 }
 
 } // namespace gradmap::encoding

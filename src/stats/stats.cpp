@@ -351,13 +351,14 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
     const std::int64_t G = std::int64_t(value.size());
     std::vector<KindData> kinds;
     for (const char* name : {"activations", "gradients", "unique_gradients"})
-      if (sf.exists(std::string("/") + name + "/r")) {
+      if (sf.exists(std::string("/") + name + "/r") || sf.exists(std::string("/") + name + "/t")) {
         KindData kd;
         kd.name = name;
         const std::string base = std::string("/") + name + "/";
         for (const char* d : {"exceed", "null_max", "null_group", "boot_group", "group_r"})
           need(base + d);
-        kd.r = sf.dataset(base + "r").read_all<float>();
+        // the unique kind's per-target statistic is its bootstrap t (encode --joint)
+        kd.r = sf.dataset(base + (kd.name == "unique_gradients" ? "t" : "r")).read_all<float>();
         kd.exceed = sf.dataset(base + "exceed").read_all<std::int32_t>();
         kd.null_max = sf.dataset(base + "null_max").read_all<float>();
         kd.null_group = sf.dataset(base + "null_group").read_all<double>();
@@ -513,6 +514,8 @@ void stats(const StatsOptions& o, MPI_Comm comm) {
       summary << ",\n    \"cluster_threshold_r\": " << num(thr) << ", \"cluster_adjacency\": \""
               << sf.attr_string("/", "cluster_adjacency") << "\"";
       for (const auto& kd : kinds) {
+        if (!sf.exists("/" + kd.name + "/null_cluster"))
+          continue; // the unique kind (its statistic is a t, thresholded nowhere)
         const auto null = sf.dataset("/" + kd.name + "/null_cluster").read_all<std::int64_t>();
         std::vector<std::int32_t> labels_all;
         std::vector<double> table; // rows: layer, size, p, t_first, t_last

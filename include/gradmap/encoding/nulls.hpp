@@ -48,11 +48,6 @@ struct NullAccumulator {
   float cluster_threshold = 0;
   std::int64_t words = 0;
   std::vector<std::uint64_t> above;
-  /// A constant prediction (with a valid response) scores r = 0 in the observation, every
-  /// permutation and every bootstrap (exceedance B: p = 1) instead of being undefined: the
-  /// unique-variance kind, whose "prediction" is the joint model's change to the activation
-  /// model's, exactly 0 where cross-validation kept the activations alone.
-  bool constant_is_zero = false;
   /// clusters_over: the total number of targets when cluster tests are on, else 0.
   NullAccumulator(const Resamples& rs, int groups, std::int64_t clusters_over = 0,
                   float cluster_threshold = 0);
@@ -68,6 +63,31 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
                       const std::vector<double>& y, std::int64_t t, const std::int32_t* group,
                       NullAccumulator& acc, std::int32_t* exceed, std::int64_t t0 = 0,
                       float* boot_r = nullptr);
+
+/// Not collective; identical on every rank. `replicates` bootstrap count vectors [replicates, m]
+/// for the unique-variance null: m draws below(m) from Philox(seed, bootstrap, 2^31 + b)
+/// (independent of the interval resamples, which use b < 2^31).
+std::vector<std::uint32_t> null_bootstrap_counts(std::int64_t m, int replicates,
+                                                 std::uint64_t seed);
+
+/// Not collective. The gradients' unique variance of a chunk (docs/statistics.md, "Unique
+/// variance"); y (the test responses), e (the activation model's test residuals) and d (the
+/// joint model's change to its predictions) are [m, t]. Per target with defined[c]:
+///   l_i = e_i^2 - (e_i - d_i)^2 = 2 e_i d_i - d_i^2,  dR^2 = sum_i l_i / SST,
+///   t = mean(l) / (sd(l) / sqrt(m)) (0 when d = 0: the activation model was kept),
+/// and the bootstrap-t test of E[l] > 0 given the fitted models, over the B count vectors of
+/// null_counts: t*_b = (mean_b(l) - mean(l)) / (sd_b(l) / sqrt(m)) (0 when d = 0 or sd_b = 0);
+/// exceed[c] = #{b: t*_b >= t}; acc.null_max[b] = max over targets of t*_b; per group
+/// acc.perm_sum[g, b] += dR^2*_b - dR^2 (the centred group null), acc.boot_sum[g, b] += dR^2*_b
+/// over rs.count, acc.obs_sum[g] += dR^2. Writes stat[c] = t, dr2[c], the 95% percentile
+/// interval of dR^2*_b over rs.count (NaN where d = 0) and, when boot is given ([Bb, t]),
+/// dR^2*_b. Undefined targets: exceed -1, NaN. acc may be null (no replicates kept). Threads over
+/// replicates; the result does not depend on the thread count.
+void accumulate_unique(const Resamples& rs, const std::vector<std::uint32_t>& null_counts,
+                       const std::vector<double>& y, const std::vector<double>& e,
+                       const std::vector<double>& d, std::int64_t t, const std::int32_t* group,
+                       const std::uint8_t* defined, NullAccumulator* acc, std::int32_t* exceed,
+                       float* stat, float* dr2, float* ci_lo, float* ci_hi, float* boot);
 
 /// Collective: max of null_max, sums of the rest, the union of the cluster bits, on every rank.
 void reduce_nulls(NullAccumulator& acc, MPI_Comm comm);
