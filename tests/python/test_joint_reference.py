@@ -373,6 +373,15 @@ def test_stats_unique_family_equals_statsmodels():
         for l in range(p.shape[0]):
             okl = np.isfinite(p[l])
             assert np.allclose(st["/fmri/unique_gradients/q_bh"][l][okl], multipletests(p[l][okl], method="fdr_bh")[1])
+        # max-statistic FWER within each layer and across the unique kind's layers (its own max)
+        tstat = f["/unique_gradients/t"][()]
+        nm = f["/unique_gradients/null_max"][()]
+        for l in range(p.shape[0]):
+            ref = np.where(np.isfinite(p[l]), (1 + (nm[l][None, :] >= tstat[l][:, None]).sum(1)) / 1001, np.nan)
+            assert np.allclose(st["/fmri/unique_gradients/p_fwer"][l], ref, equal_nan=True)
+            ref = np.where(np.isfinite(p[l]), (1 + (nm.max(0)[None, :] >= tstat[l][:, None]).sum(1)) / 1001,
+                           np.nan)
+            assert np.allclose(st["/fmri/unique_gradients/p_fwer_all"][l], ref, equal_nan=True)
         anysig = (np.nan_to_num(q_all, nan=1) < 0.05).any(0)
         u = summ["unique_gradients"]
         assert u["n_significant_bh"] == anysig.sum() > 0, (u, anysig.sum())
