@@ -69,6 +69,24 @@ def assert_h5_identical(a, b):
             assert np.array_equal(x, y), f"{k}: values differ"
 
 
+def write_fmri_brain(path, responses, trial_stimulus, test, roi=None, roi_names=("V1",), roi_level=(1,)):
+    """A minimal fMRI brain file: responses [trials, voxels], the trials' stimuli, the test
+    stimuli, each voxel's ROI (default all 0) and a 1-D volume of the voxels."""
+    t = responses.shape[1]
+    with h5py.File(path, "w") as f:
+        f.attrs["gradmap_schema"] = np.int64(1)
+        f.attrs["modality"] = "fmri"
+        f["/brain/responses"] = responses.astype(np.float32)
+        f["/brain/trial_stimulus"] = np.asarray(trial_stimulus, np.int64)
+        f["/brain/test_stimuli"] = np.asarray(test, np.int64)
+        f["/brain/roi"] = np.zeros(t, np.int32) if roi is None else np.asarray(roi, np.int32)
+        f["/brain/roi_names"] = np.array([n.encode() for n in roi_names])
+        f["/brain/roi_level"] = np.array(roi_level, np.int32)
+        f["/brain/voxel_ijk"] = np.stack([np.arange(t), np.zeros(t), np.zeros(t)], 1).astype(np.int32)
+        f["/brain"].attrs["volume_shape"] = np.array([t, 1, 1])
+        f["/brain"].attrs["affine"] = np.eye(4).ravel()
+
+
 def config_from_template(name, changes, path):
     """The shipped template config/<name> with `changes` {section: {key: value}} applied."""
     import configparser

@@ -1156,17 +1156,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
             }
             const RidgeScores part =
                 fit_y(cache ? cached[joint_side(k, l, w)] : fresh, ytk, yek, tk, alphas);
-            for (std::int64_t j = 0; j < tk; ++j) {
-              const std::int64_t c = cols[j];
-              full.alpha[c] = part.alpha[j];
-              full.r[c] = part.r[j];
-              full.r2[c] = part.r2[j];
-              full.cv_error[c] = part.cv_error[j];
-              for (std::int64_t i = 0; i < m; ++i)
-                full.prediction[i * t + c] = part.prediction[i * tk + j];
-              for (std::int64_t g = 0; g < nf; ++g)
-                full.fold_r[g * t + c] = part.fold_r[g * tk + j];
-            }
+            for (std::int64_t j = 0; j < tk; ++j)
+              copy_target(part, tk, j, full, t, cols[j], m);
           }
           cand.push_back(std::move(full));
         }

@@ -804,17 +804,22 @@ RidgeScores select_per_target(const std::vector<RidgeScores>& candidates, std::i
       }
     if (chosen[c] < 0)
       continue; // no finite criterion (a constant target): NaN scores, zero prediction
-    const RidgeScores& s = candidates[size_t(chosen[c])];
-    out.alpha[c] = s.alpha[c];
-    out.r[c] = s.r[c];
-    out.r2[c] = s.r2[c];
-    out.cv_error[c] = s.cv_error[c];
-    for (std::int64_t i = 0; i < m; ++i)
-      out.prediction[i * t + c] = s.prediction[i * t + c];
-    for (size_t f = 0; f < nf; ++f)
-      out.fold_r[f * t + c] = s.fold_r[f * t + c];
+    copy_target(candidates[size_t(chosen[c])], t, c, out, t, c, m);
   }
   return out;
+}
+
+void copy_target(const RidgeScores& from, std::int64_t from_t, std::int64_t j, RidgeScores& to,
+                 std::int64_t to_t, std::int64_t c, std::int64_t m) {
+  to.alpha[c] = from.alpha[j];
+  to.r[c] = from.r[j];
+  to.r2[c] = from.r2[j];
+  to.cv_error[c] = from.cv_error[j];
+  for (std::int64_t i = 0; i < m; ++i)
+    to.prediction[i * to_t + c] = from.prediction[i * from_t + j];
+  const std::int64_t nf = std::int64_t(from.fold_r.size()) / std::max<std::int64_t>(from_t, 1);
+  for (std::int64_t f = 0; f < nf; ++f)
+    to.fold_r[f * to_t + c] = from.fold_r[f * from_t + j];
 }
 
 } // namespace gradmap::encoding

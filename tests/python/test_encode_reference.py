@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 from sklearn.linear_model import Ridge, RidgeCV
 
-from gmtest import expect_failure, gradmap, run_tests, tmpdir
+from gmtest import expect_failure, gradmap, run_tests, tmpdir, write_fmri_brain
 
 BASE = tmpdir("encode")
 ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 1e4]
@@ -34,18 +34,7 @@ def make_data(seed=0):
         for k, x in feats.items():
             f[f"/features/activations/{k}"] = x
         f["/features"].attrs["layers"] = list(layers)
-    with h5py.File(f"{BASE}/brain.h5", "w") as f:
-        f.attrs["gradmap_schema"] = np.int64(1)
-        f.attrs["modality"] = "fmri"
-        f["/brain/responses"] = y.astype(np.float32)
-        f["/brain/trial_stimulus"] = trial_stim.astype(np.int64)
-        f["/brain/test_stimuli"] = test.astype(np.int64)
-        f["/brain/roi"] = np.zeros(T, np.int32)
-        f["/brain/roi_names"] = np.array([b"V1"])
-        f["/brain/roi_level"] = np.array([1], np.int32)
-        f["/brain/voxel_ijk"] = np.stack([np.arange(T), np.zeros(T), np.zeros(T)], 1).astype(np.int32)
-        f["/brain"].attrs["volume_shape"] = np.array([T, 1, 1])
-        f["/brain"].attrs["affine"] = np.eye(4).ravel()
+    write_fmri_brain(f"{BASE}/brain.h5", y, trial_stim, test)
     return feats, y.astype(np.float32).astype(np.float64), trial_stim, test
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.linear_model import Ridge, RidgeCV
 from statsmodels.stats.multitest import multipletests
 
-from gmtest import expect_failure, gradmap, h5_contents, run_tests, tmpdir
+from gmtest import expect_failure, gradmap, h5_contents, run_tests, tmpdir, write_fmri_brain
 from philox import Philox
 
 BASE = tmpdir("joint")
@@ -46,18 +46,8 @@ def make_data(seed=0):
             f[f"/features/activations/{k}"] = act[k]
             f[f"/features/gradients/{k}"] = grad[k]
         f["/features"].attrs["layers"] = list(LAYERS)
-    with h5py.File(f"{BASE}/brain.h5", "w") as f:
-        f.attrs["gradmap_schema"] = np.int64(1)
-        f.attrs["modality"] = "fmri"
-        f["/brain/responses"] = y.astype(np.float32)
-        f["/brain/trial_stimulus"] = trial_stim.astype(np.int64)
-        f["/brain/test_stimuli"] = test.astype(np.int64)
-        f["/brain/roi"] = (np.arange(T) % 2).astype(np.int32)
-        f["/brain/roi_names"] = np.array([b"V1", b"V2"])
-        f["/brain/roi_level"] = np.array([1, 2], np.int32)
-        f["/brain/voxel_ijk"] = np.stack([np.arange(T), np.zeros(T), np.zeros(T)], 1).astype(np.int32)
-        f["/brain"].attrs["volume_shape"] = np.array([T, 1, 1])
-        f["/brain"].attrs["affine"] = np.eye(4).ravel()
+    write_fmri_brain(f"{BASE}/brain.h5", y, trial_stim, test, roi=np.arange(T) % 2, roi_names=("V1", "V2"),
+                     roi_level=(1, 2))
     return act, grad, y.astype(np.float32).astype(np.float64), trial_stim, test
 
 
@@ -476,18 +466,7 @@ def test_null_holds_when_gradients_reencode_activations():
                 f[f"/features/activations/{k}"] = act[k].astype(np.float32)
                 f[f"/features/gradients/{k}"] = grad[k].astype(np.float32)
             f["/features"].attrs["layers"] = ["a", "b"]
-        with h5py.File(f"{d}/brain.h5", "w") as f:
-            f.attrs["gradmap_schema"] = np.int64(1)
-            f.attrs["modality"] = "fmri"
-            f["/brain/responses"] = y.astype(np.float32)
-            f["/brain/trial_stimulus"] = np.arange(n, dtype=np.int64)
-            f["/brain/test_stimuli"] = np.sort(rng.choice(n, m, replace=False)).astype(np.int64)
-            f["/brain/roi"] = np.zeros(t, np.int32)
-            f["/brain/roi_names"] = np.array([b"V1"])
-            f["/brain/roi_level"] = np.array([1], np.int32)
-            f["/brain/voxel_ijk"] = np.stack([np.arange(t), np.zeros(t), np.zeros(t)], 1).astype(np.int32)
-            f["/brain"].attrs["volume_shape"] = np.array([t, 1, 1])
-            f["/brain"].attrs["affine"] = np.eye(4).ravel()
+        write_fmri_brain(f"{d}/brain.h5", y, np.arange(n), np.sort(rng.choice(n, m, replace=False)))
         gradmap(["encode", "--features", f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out", f"{d}/s.h5",
                  "--joint", "--permutations", 500, "--bootstraps", 20, "--seed", seed])
         with h5py.File(f"{d}/s.h5") as f:

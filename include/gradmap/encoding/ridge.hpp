@@ -57,6 +57,12 @@ struct RidgeScores {
 RidgeScores select_per_target(const std::vector<RidgeScores>& candidates, std::int64_t m,
                               std::int64_t t, std::vector<std::int32_t>& chosen);
 
+/// Not collective. Copies target j of `from` (fitted on from_t targets) to target c of `to`
+/// (to_t targets, arrays already sized): alpha, r, r2, cv_error, the m test predictions and the
+/// per-fold r.
+void copy_target(const RidgeScores& from, std::int64_t from_t, std::int64_t j, RidgeScores& to,
+                 std::int64_t to_t, std::int64_t c, std::int64_t m);
+
 /// Precision of the alpha-selection GEMMs (the per-alpha residuals or fold predictions, which
 /// are nearly all the work). float32: those GEMMs and their operands in single precision, the
 /// error sums in double; every target whose best criterion is within a relative 1e-4 of another
