@@ -369,15 +369,16 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
   const std::vector<double> alphas = opt.alphas.empty() ? default_alphas() : opt.alphas;
   const std::vector<double> jw =
       opt.joint_weights.empty() ? default_joint_weights() : opt.joint_weights;
-  // --joint: the activation models' grid holds every penalty the joint designs can put on their
-  // activation band (alpha / w), so that a joint model cannot win by a better-tuned activation
-  // penalty alone.
-  std::vector<double> ref_alphas = alphas;
-  for (double w : jw)
-    for (double a : alphas)
-      ref_alphas.push_back(a / w);
-  std::sort(ref_alphas.begin(), ref_alphas.end());
-  ref_alphas.erase(std::unique(ref_alphas.begin(), ref_alphas.end()), ref_alphas.end());
+  // --joint: the joint design of weight w is fitted with the penalties alpha w, so that its
+  // activation band's penalty (alpha w / w = alpha) runs over the same grid as the activation
+  // models' (a joint model cannot win by a better-tuned activation penalty alone) and the
+  // gradient band's is alpha w / (1 - w).
+  std::vector<std::vector<double>> joint_alphas;
+  for (double w : jw) {
+    joint_alphas.emplace_back(alphas);
+    for (double& a : joint_alphas.back())
+      a *= w;
+  }
   const Precision prec = opt.precision;
 
   // 1. Inputs.
@@ -1072,8 +1073,7 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           build_ref(k, false, fresh);
           finish(fresh);
         }
-        ref_cand.push_back(
-            fit_y(cache ? cached[a_side + size_t(k)] : fresh, ytr, yte, t, ref_alphas));
+        ref_cand.push_back(fit_side(cache ? cached[a_side + size_t(k)] : fresh));
       }
       std::vector<std::int32_t> ref_chosen;
       const RidgeScores sa = select_per_target(ref_cand, m, t, ref_chosen);
@@ -1154,8 +1154,8 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
               build_joint(k, l, jw[size_t(w)], false, fresh);
               finish(fresh);
             }
-            const RidgeScores part =
-                fit_y(cache ? cached[joint_side(k, l, w)] : fresh, ytk, yek, tk, alphas);
+            const RidgeScores part = fit_y(cache ? cached[joint_side(k, l, w)] : fresh, ytk, yek,
+                                           tk, joint_alphas[size_t(w)]);
             for (std::int64_t j = 0; j < tk; ++j)
               copy_target(part, tk, j, full, t, cols[j], m);
           }
