@@ -104,7 +104,17 @@ def replicate(gradmap, work, seed, noise_seed, permutations, bootstraps, alpha, 
 
 def binom_tail(k, n, p):
     """P(Binomial(n, p) >= k)."""
-    return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+    if k <= 0:
+        return 1.0
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    # in log space: the binomial coefficients of n in the thousands overflow a float
+    lg = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+          + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+    top = max(lg)
+    return float(min(1.0, math.exp(top) * sum(math.exp(x - top) for x in lg)))
 
 
 def rank_uniformity(min_p, permutations):
