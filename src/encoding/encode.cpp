@@ -808,10 +808,23 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
     const std::int64_t q = ref_rows(k, xtr, xte);
     build_from(std::move(xtr), std::move(xte), q, distribute, side);
   };
+  // The last R_k and G_l rows read: the W designs of a (k, l) share them.
+  struct Rows {
+    std::int64_t key = -1, dim = 0;
+    std::vector<double> tr, te;
+  } ref_memo, grad_memo;
   auto build_joint = [&](std::int64_t k, std::int64_t l, double w, bool distribute, Side& side) {
-    std::vector<double> rtr, rte, gtr, gte;
-    const std::int64_t pr = ref_rows(k, rtr, rte);
-    const std::int64_t d = read_std(kg, l, gtr, gte), q = pr + d;
+    if (ref_memo.key != k) {
+      ref_memo.dim = ref_rows(k, ref_memo.tr, ref_memo.te);
+      ref_memo.key = k;
+    }
+    if (grad_memo.key != l) {
+      grad_memo.dim = read_std(kg, l, grad_memo.tr, grad_memo.te);
+      grad_memo.key = l;
+    }
+    const std::vector<double>&rtr = ref_memo.tr, &rte = ref_memo.te, &gtr = grad_memo.tr,
+          &gte = grad_memo.te;
+    const std::int64_t pr = ref_memo.dim, d = grad_memo.dim, q = pr + d;
     const double sa = std::sqrt(w), sg = std::sqrt((1 - w) / double(d));
     std::vector<double> xtr(static_cast<size_t>(n * q)), xte(static_cast<size_t>(m * q));
     auto fill = [&](const std::vector<double>& a, const std::vector<double>& g, std::int64_t rows_,
@@ -1086,14 +1099,13 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
         if (ref_chosen[c] >= 0)
           group_of[size_t(ref_chosen[c])].push_back(c);
       }
-      // Cached: build (collectively, dealt to ranks) the joint designs of every R_k that a
-      // target of this round chose on any rank and that is not built yet.
+      // The R_k that a target of this round chose on any rank: their joint designs are built
+      // (reading the features collectively) by every rank, cached: once, dealt to ranks.
+      std::vector<int> present(static_cast<size_t>(L + 1));
+      for (std::int64_t k = 0; k <= L; ++k)
+        present[size_t(k)] = group_of[size_t(k)].empty() ? 0 : 1;
+      GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, present.data(), int(L + 1), MPI_INT, MPI_MAX, comm));
       if (cache) {
-        std::vector<int> present(static_cast<size_t>(L + 1));
-        for (std::int64_t k = 0; k <= L; ++k)
-          present[size_t(k)] = group_of[size_t(k)].empty() ? 0 : 1;
-        GM_CHECK_MPI(
-            MPI_Allreduce(MPI_IN_PLACE, present.data(), int(L + 1), MPI_INT, MPI_MAX, comm));
         std::vector<size_t> fresh_sides;
         for (std::int64_t k = 0; k <= L; ++k)
           if (present[size_t(k)] && !joint_built[size_t(k)]) {
@@ -1140,6 +1152,13 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
           for (std::int64_t k = 0; k <= L; ++k) {
             const auto& cols = group_of[size_t(k)];
             const std::int64_t tk = std::int64_t(cols.size());
+            if (!present[size_t(k)])
+              continue;
+            Side fresh;
+            if (!cache) { // every rank: the reads are collective
+              build_joint(k, l, jw[size_t(w)], false, fresh);
+              finish(fresh);
+            }
             if (tk == 0)
               continue;
             std::vector<double> ytk(static_cast<size_t>(n * tk)), yek(static_cast<size_t>(m * tk));
@@ -1149,11 +1168,6 @@ void encode(const EncodeOptions& opt, MPI_Comm comm) {
             for (std::int64_t i = 0; i < m; ++i)
               for (std::int64_t j = 0; j < tk; ++j)
                 yek[i * tk + j] = yte[i * t + cols[j]];
-            Side fresh;
-            if (!cache) {
-              build_joint(k, l, jw[size_t(w)], false, fresh);
-              finish(fresh);
-            }
             const RidgeScores part = fit_y(cache ? cached[joint_side(k, l, w)] : fresh, ytk, yek,
                                            tk, joint_alphas[size_t(w)]);
             for (std::int64_t j = 0; j < tk; ++j)

@@ -272,6 +272,11 @@ def test_rank_count_and_kfold():
     # a budget that forces one target per round gives the same scores
     chunked = encode(f"{BASE}/chunked.h5", "--alphas", ",".join(map(str, ALPHAS)), "--max-chunk", 1, ranks=2)
     assert_h5_same(outs[0], chunked)
+    # a budget too small to cache the training side: every design rebuilt per round of 5 targets,
+    # on both ranks whichever activation models their own targets chose (the reads are collective)
+    small = encode(f"{BASE}/uncached.h5", "--alphas", ",".join(map(str, ALPHAS)), "--memory-gb", 0.003,
+                   "--max-chunk", 5, ranks=2)
+    assert_h5_same(outs[0], small)
 
 
 def test_principal_component_reduction():
