@@ -5,14 +5,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <fstream>
-#include <iomanip>
 #include <limits>
 #include <map>
 #include <sstream>
+#include <tuple>
 
 #include "gradmap/core/error.hpp"
+#include "gradmap/core/json.hpp"
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/text.hpp"
 #include "gradmap/io/h5.hpp"
@@ -105,7 +104,9 @@ std::pair<double, double> t_interval(const std::vector<double>& xs, double level
   return {mean - t * se, mean + t * se};
 }
 
-void aggregate(const AggregateOptions& o, MPI_Comm comm) {
+namespace {
+
+void check_options(const AggregateOptions& o) {
   if (o.stats.size() < 2)
     throw UsageError("--stats: at least two stats directories are needed");
   if (!o.labels.empty() && o.labels.size() != o.stats.size())
@@ -117,6 +118,10 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
     throw UsageError("--ci: must be in (0, 1)");
   if (!(o.alpha > 0 && o.alpha < 1))
     throw UsageError("--alpha: must be in (0, 1)");
+}
+
+// The --label values, or each directory's last path component.
+std::vector<std::string> input_labels(const AggregateOptions& o) {
   std::vector<std::string> labels = o.labels;
   for (size_t i = 0; labels.size() < o.stats.size(); ++i) {
     std::string d = o.stats[i];
@@ -124,175 +129,262 @@ void aggregate(const AggregateOptions& o, MPI_Comm comm) {
       d.pop_back();
     labels.push_back(d.substr(d.find_last_of('/') + 1));
   }
-  const size_t S = o.stats.size();
+  return labels;
+}
+
+// The inputs: their stats.h5 files, open on comm, and their labels.
+struct Inputs {
+  const AggregateOptions& o;
+  std::vector<std::string> labels;
   std::vector<io::File> files;
+  size_t size() const { return files.size(); }
+};
+
+const std::string kKinds[3] = {"activations", "gradients", "unique_gradients"};
+
+// One modality's group of aggregate.h5, entries of aggregate.json and rows of aggregate.csv.
+struct ModalityOut {
+  const io::File& f;
+  JsonWriter& js;
+  std::ostringstream& csv;
+};
+
+// A headline statistic across the inputs: its values, their mean and t interval and the
+// sign-flip p-value.
+struct Headline {
+  std::string name, path; // aggregate.json's name, the dataset in stats.h5
+  std::vector<double> values;
+  double mean = kNaN, lo = kNaN, hi = kNaN, p = kNaN;
+  size_t n = 0; // finite values
+};
+
+// The headline statistics every input's stats.h5 has (as the first input shows).
+std::vector<Headline> headline_entries(const io::File& first, const std::string& mod) {
+  const bool meg = mod == "meg";
+  const std::string rho = meg ? "rho_time" : "rho_space", d = meg ? "D_time" : "D_space";
+  std::vector<Headline> entries;
+  auto add = [&](const std::string& name, const std::string& path) {
+    if (first.exists(path)) {
+      entries.emplace_back();
+      entries.back().name = name;
+      entries.back().path = path;
+    }
+  };
+  for (const auto& k : kKinds)
+    add(rho + "_" + k, "/" + mod + "/" + k + "/" + rho);
+  for (const std::string& dd : {d, d + "_unique"})
+    add(dd, "/" + mod + "/" + dd);
+  add("peak_layer_agreement", "/" + mod + "/peak_agreement");
+  return entries;
+}
+
+// Collective (reads the inputs). Fills h's values (the first value of its dataset in each input)
+// and their summaries.
+void combine_headline(const Inputs& in, const std::string& mod, Headline& h) {
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!in.files[i].exists(h.path))
+      throw UsageError(in.o.stats[i] + "/stats.h5: " + h.path + " is missing");
+    h.values.push_back(in.files[i].dataset(h.path).read_all<double>().at(0));
+  }
+  const auto fin = finite(h.values);
+  h.n = fin.size();
+  if (!fin.empty()) {
+    h.mean = 0;
+    for (double x : fin)
+      h.mean += x / double(fin.size());
+  }
+  std::tie(h.lo, h.hi) = t_interval(h.values, in.o.ci);
+  // H0 of the rho entries: 0 (no hierarchy). D_space / D_time are descriptive here (their
+  // H0 is not 0): their group test is the combination of the per-input tests below; the
+  // agreement has no null of 0.
+  const std::string d = mod == "meg" ? "D_time" : "D_space";
+  const bool no_sign_test =
+      h.name == "peak_layer_agreement" || h.name == d || h.name == d + "_unique";
+  h.p = no_sign_test ? kNaN : sign_flip_p(h.values);
+}
+
+void write_headline(const ModalityOut& out, const Inputs& in, const std::string& mod,
+                    const Headline& h) {
+  for (size_t i = 0; i < in.size(); ++i)
+    out.csv << mod << "," << h.name << "," << in.labels[i] << "," << num(h.values[i]) << "\n";
+  out.f.write_small("/" + mod + "/" + h.name + "/values", h.values, {std::int64_t(in.size())});
+  out.f.write_small("/" + mod + "/" + h.name + "/summary",
+                    std::vector<double>{h.mean, h.lo, h.hi, h.p}, {4});
+  out.js.key(h.name).begin_object().member("mean", h.mean);
+  out.js.key("ci").begin_array().value(h.lo).value(h.hi).end_array();
+  out.js.member("p_sign_flip", h.p).member("n", h.n).member("values", h.values).end_object();
+}
+
+// Group inference on the divergence verdicts (docs/statistics.md, "Group level"): Fisher's
+// combination of the per-input p-values of "diverges" and of the signal tests (valid for
+// independent inputs whose p-values are uniform or conservative under H0: X = -2 sum ln p ~
+// chi2(2S)), and the intersection-union p of "consistent in every input" (max over inputs).
+// The same on the gradients' unique variance (encode --joint: D_*_unique) when every input
+// has it.
+struct GroupVerdict {
+  std::string name; // D_space, D_time, or either with _unique
+  Verdict v;
+  std::map<std::string, int> count{{"diverges", 0}, {"consistent", 0}, {"undetermined", 0}};
+};
+
+// Collective (reads the inputs). The group verdict of divergence dd (its dd_tests in every
+// input: p diverges, p consistent, p signal activations, p signal gradients).
+GroupVerdict group_verdict(const Inputs& in, const std::string& mod, const std::string& dd,
+                           double alpha) {
+  const std::string tests = "/" + mod + "/" + dd + "_tests";
+  const size_t S = in.size();
+  GroupVerdict gv;
+  gv.name = dd;
+  std::vector<double> pd, pc, psa, psg;
+  // Each input's p-values are floored at the resolution of its replicates, 1 / (B_b + 1)
+  // (B + 1 for the permutation signal tests): a Wald p in the far tail must not carry a
+  // Fisher combination alone.
+  for (size_t i = 0; i < S; ++i) {
+    const io::File& file = in.files[i];
+    if (!file.exists(tests))
+      throw UsageError(in.o.stats[i] + "/stats.h5: " + tests + " is missing");
+    const auto x = file.dataset(tests).read_all<double>();
+    if (x.size() != 4)
+      throw UsageError(in.o.stats[i] + "/stats.h5: " + tests + " must hold 4 values");
+    const auto floor_of = [&](const char* replicates) { // 0 when the count is not recorded
+      return file.has_attr("/" + mod, replicates)
+                 ? 1.0 / double(file.attr_int("/" + mod, replicates) + 1)
+                 : 0.0;
+    };
+    const double fb = floor_of("bootstraps"), fp = floor_of("permutations");
+    auto floored = [](double p, double lowest) {
+      return std::isfinite(p) ? std::max(p, lowest) : 1.0;
+    };
+    pd.push_back(floored(x[0], fb));
+    pc.push_back(floored(x[1], 0)); // non-finite: 1, never supports "consistent"
+    psa.push_back(floored(x[2], fp));
+    psg.push_back(floored(x[3], fp));
+    gv.count[file.attr_string("/" + mod + "/" + dd, "verdict")] += 1;
+  }
+  Verdict& v = gv.v;
+  v.p_diverges = fisher_combined_p(pd);
+  v.p_consistent = *std::max_element(pc.begin(), pc.end());
+  v.p_signal_activations = fisher_combined_p(psa);
+  v.p_signal_gradients = fisher_combined_p(psg);
+  decide(v, alpha);
+  if (v.verdict == "diverges")
+    v.reason = "the prediction fails in at least one of the " + std::to_string(S) + " inputs (" +
+               std::to_string(gv.count["diverges"]) + " diverge on their own)";
+  else if (v.verdict == "consistent")
+    v.reason =
+        "consistent with the prediction in every one of the " + std::to_string(S) + " inputs";
+  return gv;
+}
+
+void write_group_verdict(const ModalityOut& out, const std::string& mod, const GroupVerdict& gv,
+                         size_t S) {
+  const Verdict& v = gv.v;
+  out.f.write_small("/" + mod + "/" + gv.name + "/group_tests",
+                    std::vector<double>{v.p_diverges, v.p_consistent, v.p_signal_activations,
+                                        v.p_signal_gradients},
+                    {4});
+  out.f.set_attr("/" + mod + "/" + gv.name, "group_verdict", v.verdict);
+  out.js.key(gv.name + "_group")
+      .begin_object()
+      .member("verdict", v.verdict)
+      .member("p_diverges_fisher", v.p_diverges)
+      .member("p_consistent_all", v.p_consistent)
+      .member("p_signal_activations_fisher", v.p_signal_activations)
+      .member("p_signal_gradients_fisher", v.p_signal_gradients)
+      .member("inputs_diverges", gv.count.at("diverges"))
+      .member("inputs_consistent", gv.count.at("consistent"))
+      .member("inputs_undetermined", gv.count.at("undetermined"))
+      .member("inputs", S)
+      .member("reason", v.reason)
+      .end_object();
+}
+
+// Collective. Mean ROI x layer (fMRI) or latency-curve (MEG) tables across inputs.
+void write_mean_tables(const io::File& f, const Inputs& in, const std::string& mod) {
+  const size_t S = in.size();
+  for (const auto& k : kKinds) {
+    const std::string path = "/" + mod + "/" + k + "/group_r";
+    if (!in.files[0].exists(path))
+      continue;
+    const auto shape = in.files[0].dataset(path).shape();
+    std::vector<double> mean(static_cast<size_t>(shape[0] * shape[1]), 0.0);
+    for (size_t i = 0; i < S; ++i) {
+      auto ds = in.files[i].dataset(path);
+      if (ds.shape() != shape)
+        throw UsageError(in.o.stats[i] + "/stats.h5: " + path + " has another shape than in " +
+                         in.o.stats[0] + " (different ROIs or times?)");
+      const auto g = ds.read_all<double>();
+      for (size_t j = 0; j < g.size(); ++j)
+        mean[j] += g[j] / double(S);
+    }
+    f.write_small("/" + mod + "/" + k + "/group_r_mean", mean, shape);
+  }
+}
+
+// Collective. Whether every input has the first input's layers of modality mod.
+bool same_layers(const Inputs& in, const std::string& mod) {
+  const auto layers = in.files[0].attr_strings("/" + mod, "layers");
+  bool same = true;
+  for (size_t i = 1; i < in.size(); ++i)
+    same = same && in.files[i].attr_strings("/" + mod, "layers") == layers;
+  return same;
+}
+
+// Collective. One modality: the headline statistics, the group verdicts and the mean tables.
+void aggregate_modality(const Inputs& in, const std::string& mod, const ModalityOut& out) {
+  // Inputs from different models have different layers: their headline statistics still
+  // compare, their layer tables do not.
+  const bool same = same_layers(in, mod);
+  if (!same)
+    GM_WARN("aggregate: the inputs' " << mod << " layers differ (different models?): only the "
+                                      << "headline statistics are combined, not the layer tables");
+  out.js.key(mod).begin_object();
+  for (Headline& h : headline_entries(in.files[0], mod)) {
+    combine_headline(in, mod, h);
+    write_headline(out, in, mod, h);
+  }
+  const std::string d = mod == "meg" ? "D_time" : "D_space";
+  for (const std::string& dd : {d, d + "_unique"})
+    if (in.files[0].exists("/" + mod + "/" + dd + "_tests"))
+      write_group_verdict(out, mod, group_verdict(in, mod, dd, in.o.alpha), in.size());
+  if (same) {
+    write_mean_tables(out.f, in, mod);
+    out.f.set_attr("/" + mod, "layers", in.files[0].attr_strings("/" + mod, "layers"));
+  }
+  out.js.member("same_layers", same).end_object();
+}
+
+} // namespace
+
+void aggregate(const AggregateOptions& o, MPI_Comm comm) {
+  check_options(o);
+  Inputs in{o, input_labels(o), {}};
+  const size_t S = o.stats.size();
   for (const auto& d : o.stats)
-    files.push_back(io::File::open(d + "/stats.h5", comm));
+    in.files.push_back(io::File::open(d + "/stats.h5", comm));
 
   io::make_directories(o.out);
   io::OutputFile out(o.out + "/aggregate.h5", comm);
   const io::File& f = out.file();
   f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
   f.set_attr("/", "inputs", o.stats);
-  f.set_attr("/", "labels", labels);
-  std::ostringstream js, csv;
-  js << "{\n  \"inputs\": [";
-  for (size_t i = 0; i < S; ++i)
-    js << (i ? ", " : "") << "\"" << labels[i] << "\"";
-  js << "], \"ci_level\": " << num(o.ci);
+  f.set_attr("/", "labels", in.labels);
+  JsonWriter js;
+  std::ostringstream csv;
+  js.begin_object().member("inputs", in.labels).member("ci_level", o.ci);
   csv << "modality,statistic,input,value\n";
-  const std::string kinds[3] = {"activations", "gradients", "unique_gradients"};
   for (const std::string mod : {"fmri", "meg"}) {
     size_t have = 0;
-    for (const auto& file : files)
+    for (const auto& file : in.files)
       have += file.exists("/" + mod) ? 1 : 0;
     if (have == 0)
       continue;
     if (have != S)
       throw UsageError("aggregate: only " + std::to_string(have) + " of the " + std::to_string(S) +
                        " inputs have " + mod + " statistics");
-    // Inputs from different models have different layers: their headline statistics still
-    // compare, their layer tables do not.
-    const auto layers = files[0].attr_strings("/" + mod, "layers");
-    bool same_layers = true;
-    for (size_t i = 1; i < S; ++i)
-      same_layers = same_layers && files[i].attr_strings("/" + mod, "layers") == layers;
-    if (!same_layers)
-      GM_WARN("aggregate: the inputs' "
-              << mod << " layers differ (different models?): only the "
-              << "headline statistics are combined, not the layer tables");
-    const bool meg = mod == "meg";
-    const std::string rho = meg ? "rho_time" : "rho_space", d = meg ? "D_time" : "D_space";
-    std::vector<std::pair<std::string, std::string>> entries; // (name, dataset)
-    for (const auto& k : kinds)
-      if (files[0].exists("/" + mod + "/" + k + "/" + rho))
-        entries.push_back({rho + "_" + k, "/" + mod + "/" + k + "/" + rho});
-    for (const std::string& dd : {d, d + "_unique"})
-      if (files[0].exists("/" + mod + "/" + dd))
-        entries.push_back({dd, "/" + mod + "/" + dd});
-    if (files[0].exists("/" + mod + "/peak_agreement"))
-      entries.push_back({"peak_layer_agreement", "/" + mod + "/peak_agreement"});
-    js << ",\n  \"" << mod << "\": {";
-    bool first = true;
-    for (const auto& [name, path] : entries) {
-      std::vector<double> v;
-      for (size_t i = 0; i < S; ++i) {
-        if (!files[i].exists(path))
-          throw UsageError(o.stats[i] + "/stats.h5: " + path + " is missing");
-        v.push_back(files[i].dataset(path).read_all<double>().at(0));
-        csv << mod << "," << name << "," << labels[i] << "," << num(v.back()) << "\n";
-      }
-      const auto fin = finite(v);
-      double mean = kNaN;
-      if (!fin.empty()) {
-        mean = 0;
-        for (double x : fin)
-          mean += x / double(fin.size());
-      }
-      const auto [lo, hi] = t_interval(v, o.ci);
-      // H0 of the rho entries: 0 (no hierarchy). D_space / D_time are descriptive here (their
-      // H0 is not 0): their group test is the combination of the per-input tests below; the
-      // agreement has no null of 0.
-      const bool no_sign_test =
-          name == "peak_layer_agreement" || name == d || name == d + "_unique";
-      const double p = no_sign_test ? kNaN : sign_flip_p(v);
-      f.write_small("/" + mod + "/" + name + "/values", v, {std::int64_t(S)});
-      f.write_small("/" + mod + "/" + name + "/summary", std::vector<double>{mean, lo, hi, p}, {4});
-      js << (first ? "" : ",") << "\n    \"" << name << "\": {\"mean\": " << num(mean)
-         << ", \"ci\": [" << num(lo) << ", " << num(hi) << "], \"p_sign_flip\": " << num(p)
-         << ", \"n\": " << fin.size() << ", \"values\": [";
-      for (size_t i = 0; i < S; ++i)
-        js << (i ? ", " : "") << num(v[i]);
-      js << "]}";
-      first = false;
-    }
-    // Group inference on the divergence verdicts (docs/statistics.md, "Group level"): Fisher's
-    // combination of the per-input p-values of "diverges" and of the signal tests (valid for
-    // independent inputs whose p-values are uniform or conservative under H0: X = -2 sum ln p ~
-    // chi2(2S)), and the intersection-union p of "consistent in every input" (max over inputs).
-    // The same on the gradients' unique variance (encode --joint: D_*_unique) when every input
-    // has it.
-    for (const std::string& dd : {d, d + "_unique"}) {
-      const std::string tests = "/" + mod + "/" + dd + "_tests";
-      if (files[0].exists(tests)) {
-        std::vector<double> pd, pc, psa, psg;
-        // Each input's p-values are floored at the resolution of its replicates, 1 / (B_b + 1)
-        // (B + 1 for the permutation signal tests): a Wald p in the far tail must not carry a
-        // Fisher combination alone.
-        std::map<std::string, int> count{{"diverges", 0}, {"consistent", 0}, {"undetermined", 0}};
-        for (size_t i = 0; i < S; ++i) {
-          if (!files[i].exists(tests))
-            throw UsageError(o.stats[i] + "/stats.h5: " + tests + " is missing");
-          const auto x = files[i].dataset(tests).read_all<double>();
-          if (x.size() != 4)
-            throw UsageError(o.stats[i] + "/stats.h5: " + tests + " must hold 4 values");
-          const auto floor_of = [&](const char* replicates) { // 0 when the count is not recorded
-            return files[i].has_attr("/" + mod, replicates)
-                       ? 1.0 / double(files[i].attr_int("/" + mod, replicates) + 1)
-                       : 0.0;
-          };
-          const double fb = floor_of("bootstraps"), fp = floor_of("permutations");
-          auto floored = [](double p, double lowest) {
-            return std::isfinite(p) ? std::max(p, lowest) : 1.0;
-          };
-          pd.push_back(floored(x[0], fb));
-          pc.push_back(floored(x[1], 0)); // non-finite: 1, never supports "consistent"
-          psa.push_back(floored(x[2], fp));
-          psg.push_back(floored(x[3], fp));
-          count[files[i].attr_string("/" + mod + "/" + dd, "verdict")] += 1;
-        }
-        Verdict v;
-        v.p_diverges = fisher_combined_p(pd);
-        v.p_consistent = *std::max_element(pc.begin(), pc.end());
-        v.p_signal_activations = fisher_combined_p(psa);
-        v.p_signal_gradients = fisher_combined_p(psg);
-        decide(v, o.alpha);
-        if (v.verdict == "diverges")
-          v.reason = "the prediction fails in at least one of the " + std::to_string(S) +
-                     " inputs (" + std::to_string(count["diverges"]) + " diverge on their own)";
-        else if (v.verdict == "consistent")
-          v.reason =
-              "consistent with the prediction in every one of the " + std::to_string(S) + " inputs";
-        f.write_small("/" + mod + "/" + dd + "/group_tests",
-                      std::vector<double>{v.p_diverges, v.p_consistent, v.p_signal_activations,
-                                          v.p_signal_gradients},
-                      {4});
-        f.set_attr("/" + mod + "/" + dd, "group_verdict", v.verdict);
-        js << ",\n    \"" << dd << "_group\": {\"verdict\": \"" << v.verdict
-           << "\", \"p_diverges_fisher\": " << num(v.p_diverges)
-           << ", \"p_consistent_all\": " << num(v.p_consistent)
-           << ", \"p_signal_activations_fisher\": " << num(v.p_signal_activations)
-           << ", \"p_signal_gradients_fisher\": " << num(v.p_signal_gradients)
-           << ", \"inputs_diverges\": " << count["diverges"]
-           << ", \"inputs_consistent\": " << count["consistent"]
-           << ", \"inputs_undetermined\": " << count["undetermined"] << ", \"inputs\": " << S
-           << ", \"reason\": \"" << v.reason << "\"}";
-      }
-    }
-    // Mean ROI x layer (fMRI) or latency-curve (MEG) tables across inputs.
-    for (const auto& k :
-         same_layers ? std::vector<std::string>(kinds, kinds + 3) : std::vector<std::string>{}) {
-      const std::string path = "/" + mod + "/" + k + "/group_r";
-      if (!files[0].exists(path))
-        continue;
-      const auto shape = files[0].dataset(path).shape();
-      std::vector<double> mean(static_cast<size_t>(shape[0] * shape[1]), 0.0);
-      for (size_t i = 0; i < S; ++i) {
-        auto ds = files[i].dataset(path);
-        if (ds.shape() != shape)
-          throw UsageError(o.stats[i] + "/stats.h5: " + path + " has another shape than in " +
-                           o.stats[0] + " (different ROIs or times?)");
-        const auto g = ds.read_all<double>();
-        for (size_t j = 0; j < g.size(); ++j)
-          mean[j] += g[j] / double(S);
-      }
-      f.write_small("/" + mod + "/" + k + "/group_r_mean", mean, shape);
-    }
-    if (same_layers)
-      f.set_attr("/" + mod, "layers", layers);
-    js << ",\n    \"same_layers\": " << (same_layers ? "true" : "false") << "\n  }";
+    aggregate_modality(in, mod, ModalityOut{f, js, csv});
   }
-  js << "\n}\n";
+  js.end_object();
   out.commit();
   if (mpi::rank(comm) == 0) {
     write_file_atomically(o.out + "/aggregate.json", js.str());
