@@ -25,19 +25,19 @@ Command extract_command() {
         "built-in models: load weights from this file (default: the built-in initialisation)")(
         "save-weights", po::value<std::string>()->default_value(""),
         "built-in models: write the weights in use to this file")(
-        "objective", po::value<std::string>()->default_value(def.objective),
+        "objective", po::value<std::string>()->default_value(model::name(def.objective)),
         "objective whose gradients are extracted: cross-entropy (labels), cosine (view "
         "consistency with an augmented view), dino (self-distillation, fixed random prototypes), "
         "or torchscript:PATH (forward(output, teacher, labels) -> per-image losses [B])")(
         "seed", po::value<std::uint64_t>()->default_value(def.seed),
         "seed of the augmentations and of the DINO prototype head")(
-        "labels", po::value<std::string>()->default_value(def.labels),
+        "labels", po::value<std::string>()->default_value(model::name(def.labels)),
         "cross-entropy targets: 'stimuli' (/stimuli/labels), 'self' (the model's argmax), or "
         "'shuffled' (control: /stimuli/labels permuted across images with --seed)")(
         "randomize-weights", po::bool_switch(),
         "control: permute the elements of every parameter tensor of the model (after loading), "
         "keeping each tensor's weight distribution and none of its learned structure")(
-        "pooling", po::value<std::string>()->default_value(def.pooling),
+        "pooling", po::value<std::string>()->default_value(model::name(def.pooling)),
         "mean (all tokens / positions), cls (token 0), patch-mean (tokens 1..T-1), "
         "cls+patch-mean (both), grid:G (G x G average grid of a feature map)")(
         "device", po::value<std::string>()->default_value(def.device),
@@ -65,10 +65,10 @@ Command extract_command() {
     o.model = vm["model"].as<std::string>();
     o.weights = vm["weights"].as<std::string>();
     o.save_weights = vm["save-weights"].as<std::string>();
-    o.objective = vm["objective"].as<std::string>();
+    o.objective = model::parse_objective(vm["objective"].as<std::string>());
     o.seed = vm["seed"].as<std::uint64_t>();
-    o.labels = vm["labels"].as<std::string>();
-    o.pooling = vm["pooling"].as<std::string>();
+    o.labels = model::parse_labels(vm["labels"].as<std::string>());
+    o.pooling = model::parse_pooling(vm["pooling"].as<std::string>());
     o.device = vm["device"].as<std::string>();
     o.batch_size = vm["batch-size"].as<std::int64_t>();
     o.block = vm["block"].as<std::int64_t>();

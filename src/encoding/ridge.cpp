@@ -598,6 +598,8 @@ namespace {
 // fold_r [folds, alphas, t], sst [t] (summed held-out sum of squares about the fold intercept,
 // / n), and X^T Y [p, t] (float64, for the refit) when xty is given. The per-fold products
 // B_f = X_f^T Y_f are float64 GEMMs; V^T [A | E] and the triangular products run in T.
+// Longer than ~120 lines on purpose: a hot kernel whose fold loop reuses a dozen work buffers
+// across folds and alphas; split into steps it would pass them all or reallocate them per fold.
 template <class T>
 std::vector<double> gram_errors(const GramBasis& b, const std::vector<double>& y, std::int64_t t,
                                 const std::vector<double>& alphas, std::vector<double>& fold_r,

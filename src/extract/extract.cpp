@@ -55,11 +55,11 @@ std::vector<OptionField> option_fields(const ExtractOptions& o) {
       {"stimuli", o.stimuli, Affects::features},
       {"model", o.model, Affects::features},
       {"weights", o.weights, Affects::features},
-      {"objective", o.objective, Affects::features},
+      {"objective", model::name(o.objective), Affects::features},
       {"seed", to_string(o.seed), Affects::features},
-      {"labels", o.labels, Affects::features},
+      {"labels", model::name(o.labels), Affects::features},
       {"randomize_weights", to_string(o.randomize_weights), Affects::features},
-      {"pooling", o.pooling, Affects::features},
+      {"pooling", model::name(o.pooling), Affects::features},
       {"block", to_string(o.block), Affects::features}, // the layout of the progress record
       {"projection", to_string(o.projection), Affects::features},
       {"pca", to_string(o.pca), Affects::pca},
@@ -77,9 +77,10 @@ std::vector<OptionField> option_fields(const ExtractOptions& o) {
       {"resume", to_string(o.resume), Affects::nothing},
   };
 }
-// 21 members (10 strings, 6 64-bit integers, 3 ints, 2 bools) as laid out by libstdc++ on x86-64;
-// a tripwire, not an ABI promise: update it together with option_fields().
-static_assert(sizeof(std::string) != 32 || sizeof(ExtractOptions) == 392,
+// 21 members (7 strings, model::Objective, model::Labels, model::Pooling, 6 64-bit integers,
+// 3 ints, 2 bools) as laid out by libstdc++ on x86-64; a tripwire, not an ABI promise: update it
+// together with option_fields().
+static_assert(sizeof(std::string) != 32 || sizeof(ExtractOptions) == 360,
               "ExtractOptions changed: list the new option in option_fields()");
 
 // The key of the block-wise features: every option that changes them, and the stimuli's shape.
@@ -107,16 +108,10 @@ void validate(const ExtractOptions& o) {
     throw UsageError("--batch-size: must be at least 1");
   if (o.block < 1)
     throw UsageError("--block: must be at least 1");
-  if (o.labels != "stimuli" && o.labels != "self" && o.labels != "shuffled")
-    throw UsageError("--labels: must be 'stimuli', 'self' or 'shuffled', not '" + o.labels + "'");
-  if (o.labels == "shuffled" && (o.objective == "cosine" || o.objective == "dino"))
-    throw UsageError("--labels shuffled: objective " + o.objective +
+  if (o.labels == model::Labels::shuffled && !model::uses_labels(o.objective))
+    throw UsageError("--labels shuffled: objective " + model::name(o.objective) +
                      " uses no labels, so shuffling them controls nothing (the shuffled-labels "
                      "control is for cross-entropy and label-taking TorchScript objectives)");
-  if (o.pooling != "mean" && o.pooling != "cls" && o.pooling != "patch-mean" &&
-      o.pooling != "cls+patch-mean" && o.pooling.rfind("grid:", 0) != 0)
-    throw UsageError("--pooling: must be mean, cls, patch-mean, cls+patch-mean or grid:G, not '" +
-                     o.pooling + "'");
   if (o.projection < 0)
     throw UsageError("--projection: must be 0 (off) or a positive dimension");
   if (o.pca < 0)
@@ -132,84 +127,143 @@ void validate(const ExtractOptions& o) {
 
 namespace {
 
-// Stages 1-4 above, writing pooled (and projected) features to `path`.
-void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm comm) {
-  StageTimer total("extract.blocks");
-  const int me = mpi::rank(comm), p = mpi::size(comm);
-
-  // 1. Inputs and the model.
-  io::File stim = io::File::open(o.stimuli, comm);
-  const io::StimuliInfo si =
-      with_context("while checking stimuli " + o.stimuli, [&] { return io::check_stimuli(stim); });
-  // Cross-entropy needs labels; a user objective gets them when the file has them (else the
-  // model's own argmax).
-  // --labels shuffled: the stimuli's labels, permuted across images (the control).
-  const bool file_labels = o.labels == "stimuli" || o.labels == "shuffled";
-  const bool need_labels = o.objective == "cross-entropy" && file_labels;
-  const bool pass_labels =
-      need_labels || (o.objective.rfind("torchscript:", 0) == 0 && file_labels && si.has_labels);
-  if (o.labels == "shuffled" && !si.has_labels)
+// Stage 1 (inputs): which labels the model is given. Cross-entropy needs labels; a user
+// objective gets them when the file has them (else the model's own argmax).
+// --labels shuffled: the stimuli's labels, permuted across images (the control).
+struct LabelUse {
+  bool need = false; ///< the objective needs /stimuli/labels (cross-entropy)
+  bool pass = false; ///< the model is given them (or their permutation)
+};
+LabelUse label_use(const ExtractOptions& o, const io::StimuliInfo& si) {
+  using model::Labels;
+  using Kind = model::Objective::Kind;
+  const bool file_labels = o.labels == Labels::stimuli || o.labels == Labels::shuffled;
+  LabelUse u;
+  u.need = o.objective.kind == Kind::cross_entropy && file_labels;
+  u.pass = u.need || (o.objective.kind == Kind::torchscript && file_labels && si.has_labels);
+  if (o.labels == Labels::shuffled && !si.has_labels)
     throw UsageError(o.stimuli + ": --labels shuffled needs /stimuli/labels, which is missing");
-  if (need_labels && !si.has_labels)
-    throw UsageError(o.stimuli + ": objective " + o.objective +
+  if (u.need && !si.has_labels)
+    throw UsageError(o.stimuli + ": objective " + model::name(o.objective) +
                      " needs /stimuli/labels, which is missing (or use --labels self)");
+  return u;
+}
+
+model::ExtractorOptions model_options(const ExtractOptions& o) {
   model::ExtractorOptions mo;
   mo.model = o.model;
   mo.weights = o.weights;
   mo.objective = o.objective;
-  mo.labels = o.labels == "shuffled" ? "stimuli" : o.labels;
+  mo.labels = o.labels == model::Labels::shuffled ? model::Labels::stimuli : o.labels;
   mo.randomize_weights = o.randomize_weights;
   mo.pooling = o.pooling;
   mo.device = o.device;
   mo.threads = o.threads;
   mo.seed = o.seed;
   mo.local_rank = o.local_rank;
+  return mo;
+}
+
+// This rank's model copy, and the optional sparse random projection of layers wider than K
+// (the same matrix for both kinds).
+struct Model {
   std::unique_ptr<model::FeatureExtractor> fx;
-  mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(mo); });
+  std::vector<std::unique_ptr<linalg::SparseProjection>> proj; ///< [L]; null: not projected
+  std::vector<std::int64_t> dims;                              ///< [L] after projection
+  const std::vector<std::string>& layers() const { return fx->layer_names(); }
+  int size() const { return static_cast<int>(dims.size()); }
+};
+
+// Collective on comm (a model that fails to build on any rank fails on all).
+Model build_model(const ExtractOptions& o, MPI_Comm comm) {
+  Model m;
+  const model::ExtractorOptions mo = model_options(o);
+  mpi::collective_check(comm, [&] { m.fx = std::make_unique<model::FeatureExtractor>(mo); });
   if (!o.save_weights.empty()) {
     mpi::collective_check(comm, [&] {
-      if (me == 0)
-        fx->save_weights(o.save_weights);
+      if (mpi::rank(comm) == 0)
+        m.fx->save_weights(o.save_weights);
     });
     GM_INFO("extract: wrote the weights of " << o.model << " to " << o.save_weights);
   }
-  const auto& layers = fx->layer_names();
-  const int L = static_cast<int>(layers.size());
-  // Optional sparse random projection of layers wider than K; the same matrix for both kinds.
-  std::vector<std::unique_ptr<linalg::SparseProjection>> proj(L);
-  std::vector<std::int64_t> dims = fx->layer_dims();
-  for (int l = 0; l < L; ++l)
-    if (o.projection > 0 && dims[l] > o.projection) {
-      proj[l] = std::make_unique<linalg::SparseProjection>(dims[l], o.projection, o.seed,
-                                                           kProjectionStream + std::uint32_t(l));
-      dims[l] = o.projection;
+  m.dims = m.fx->layer_dims();
+  m.proj.resize(m.dims.size());
+  for (int l = 0; l < m.size(); ++l)
+    if (o.projection > 0 && m.dims[l] > o.projection) {
+      m.proj[l] = std::make_unique<linalg::SparseProjection>(m.dims[l], o.projection, o.seed,
+                                                             kProjectionStream + std::uint32_t(l));
+      m.dims[l] = o.projection;
     }
-  GM_INFO("extract: " << o.model << ", " << L << " layers, objective " << o.objective
-                      << ", pooling " << o.pooling << ", " << si.n << " images, " << p
-                      << " ranks, batch " << o.batch_size << ", device " << o.device);
-  if (need_labels) {
-    const auto labels = stim.dataset("/stimuli/labels").read_all<std::int64_t>();
-    const auto mx = *std::max_element(labels.begin(), labels.end());
-    if (mx >= fx->num_outputs())
-      throw UsageError(o.stimuli + ": /stimuli/labels has label " + std::to_string(mx) +
-                       " but model " + o.model + " has " + std::to_string(fx->num_outputs()) +
-                       " outputs (use --labels self for labels the model does not know)");
-  }
+  return m;
+}
 
-  // --labels shuffled: one permutation of all images' labels (Fisher-Yates, Philox(seed,
-  // labels)), the same on every rank.
-  std::vector<std::int64_t> shuffled;
-  if (o.labels == "shuffled" && pass_labels) {
-    shuffled = stim.dataset("/stimuli/labels").read_all<std::int64_t>();
-    sim::Philox rng(o.seed, sim::Stream::labels);
-    for (std::int64_t i = std::int64_t(shuffled.size()) - 1; i > 0; --i)
-      std::swap(shuffled[i], shuffled[rng.below(std::uint32_t(i + 1))]);
-  }
+// The stimuli's labels must be outputs of the model (cross-entropy against them).
+void check_label_range(const ExtractOptions& o, io::File& stim, const Model& m) {
+  const auto labels = stim.dataset("/stimuli/labels").read_all<std::int64_t>();
+  const auto mx = *std::max_element(labels.begin(), labels.end());
+  if (mx >= m.fx->num_outputs())
+    throw UsageError(o.stimuli + ": /stimuli/labels has label " + std::to_string(mx) +
+                     " but model " + o.model + " has " + std::to_string(m.fx->num_outputs()) +
+                     " outputs (use --labels self for labels the model does not know)");
+}
 
-  // 2. The output, new or resumed.
+// --labels shuffled: one permutation of all images' labels (Fisher-Yates, Philox(seed,
+// labels)), the same on every rank.
+std::vector<std::int64_t> shuffled_labels(const ExtractOptions& o, io::File& stim) {
+  auto shuffled = stim.dataset("/stimuli/labels").read_all<std::int64_t>();
+  sim::Philox rng(o.seed, sim::Stream::labels);
+  for (std::int64_t i = std::int64_t(shuffled.size()) - 1; i > 0; --i)
+    std::swap(shuffled[i], shuffled[rng.below(std::uint32_t(i + 1))]);
+  return shuffled;
+}
+
+// Stage 2 (a new output): one dataset per (kind, layer), the nuisance features, the attributes
+// and the progress record (every block not done).
+std::unique_ptr<io::OutputFile> create_output(const ExtractOptions& o, const std::string& path,
+                                              const io::StimuliInfo& si, const Model& m,
+                                              std::int64_t nblocks, const std::string& fp,
+                                              MPI_Comm comm) {
+  auto out = std::make_unique<io::OutputFile>(path, comm);
+  const io::File& f = out->file();
+  const auto& layers = m.layers();
+  const std::int64_t L = m.size();
+  f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
+  f.create_group("/features");
+  for (int k = 0; k < 2; ++k)
+    for (int l = 0; l < L; ++l)
+      f.create_dataset(dataset_name(k, layers[l]), io::DType::f32, {si.n, m.dims[l]},
+                       {std::min<std::int64_t>(o.block, si.n), m.dims[l]});
+  // Nuisance features (docs/statistics.md, "Unique variance"): each image's loss and the L2
+  // norm of every layer's (unpooled) gradient.
+  f.create_dataset("/nuisance/loss", io::DType::f32, {si.n},
+                   {std::min<std::int64_t>(o.block, si.n)});
+  f.create_dataset("/nuisance/grad_norm", io::DType::f32, {si.n, L},
+                   {std::min<std::int64_t>(o.block, si.n), L});
+  f.set_attr("/features", "layers", layers);
+  f.set_attr("/features", "model", o.model);
+  f.set_attr("/features", "objective", model::name(o.objective));
+  f.set_attr("/features", "labels", std::string(model::name(o.labels)));
+  f.set_attr("/features", "randomize_weights", std::int64_t{o.randomize_weights ? 1 : 0});
+  f.set_attr("/features", "pooling", model::name(o.pooling));
+  f.set_attr("/features", "reduction",
+             o.projection > 0 ? "projection:" + std::to_string(o.projection) : std::string("none"));
+  f.set_attr("/features", "stimuli", o.stimuli);
+  f.set_attr("/features", "seed", static_cast<std::int64_t>(o.seed));
+  f.write_small("/progress/blocks_done", std::vector<std::uint8_t>(nblocks, 0), {nblocks});
+  f.set_attr("/progress", "fingerprint", fp);
+  f.set_attr("/progress", "block", std::int64_t{o.block});
+  f.flush();
+  return out;
+}
+
+// Collective on comm. Stage 2: the partial output resumed when every rank can open it and its
+// fingerprint matches (resumed = true), else a new one.
+std::unique_ptr<io::OutputFile> open_output(const ExtractOptions& o, const std::string& path,
+                                            const io::StimuliInfo& si, const Model& m,
+                                            bool& resumed, MPI_Comm comm) {
   const std::int64_t nblocks = (si.n + o.block - 1) / o.block;
   const std::string fp = fingerprint(o, si);
-  bool resumed = false;
+  resumed = false;
   std::unique_ptr<io::OutputFile> out;
   if (o.resume && io::OutputFile::has_partial(path)) {
     try {
@@ -227,36 +281,95 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
   }
   if (!resumed) {
     out.reset();
-    out = std::make_unique<io::OutputFile>(path, comm);
-    const io::File& f = out->file();
-    f.set_attr("/", "gradmap_schema", std::int64_t{io::kSchemaVersion});
-    f.create_group("/features");
-    for (int k = 0; k < 2; ++k)
-      for (int l = 0; l < L; ++l)
-        f.create_dataset(dataset_name(k, layers[l]), io::DType::f32, {si.n, dims[l]},
-                         {std::min<std::int64_t>(o.block, si.n), dims[l]});
-    // Nuisance features (docs/statistics.md, "Unique variance"): each image's loss and the L2
-    // norm of every layer's (unpooled) gradient.
-    f.create_dataset("/nuisance/loss", io::DType::f32, {si.n},
-                     {std::min<std::int64_t>(o.block, si.n)});
-    f.create_dataset("/nuisance/grad_norm", io::DType::f32, {si.n, std::int64_t(L)},
-                     {std::min<std::int64_t>(o.block, si.n), std::int64_t(L)});
-    f.set_attr("/features", "layers", layers);
-    f.set_attr("/features", "model", o.model);
-    f.set_attr("/features", "objective", o.objective);
-    f.set_attr("/features", "labels", o.labels);
-    f.set_attr("/features", "randomize_weights", std::int64_t{o.randomize_weights ? 1 : 0});
-    f.set_attr("/features", "pooling", o.pooling);
-    f.set_attr("/features", "reduction",
-               o.projection > 0 ? "projection:" + std::to_string(o.projection)
-                                : std::string("none"));
-    f.set_attr("/features", "stimuli", o.stimuli);
-    f.set_attr("/features", "seed", static_cast<std::int64_t>(o.seed));
-    f.write_small("/progress/blocks_done", std::vector<std::uint8_t>(nblocks, 0), {nblocks});
-    f.set_attr("/progress", "fingerprint", fp);
-    f.set_attr("/progress", "block", std::int64_t{o.block});
-    f.flush();
+    out = create_output(o, path, si, m, nblocks, fp, comm);
   }
+  return out;
+}
+
+// The features of one block's images, [L] rows of [n, dims[l]] per kind, and its nuisance
+// features: loss [n] and gradient norms [n, L].
+struct BlockFeatures {
+  std::vector<std::vector<float>> feats[2];
+  std::vector<float> loss, gnorm;
+};
+
+// Stage 3 (one block): the model run over images [i0, i0 + n) in batches of batch_size.
+// Collective on comm (a failure on any rank fails all); images: [n, height, width, 3];
+// labels: empty or n values.
+BlockFeatures run_block(const ExtractOptions& o, const io::StimuliInfo& si, const Model& m,
+                        const std::vector<std::uint8_t>& images,
+                        const std::vector<std::int64_t>& labels, std::int64_t i0, std::int64_t n,
+                        Progress& progress, MPI_Comm comm) {
+  const int L = m.size();
+  const std::int64_t px = si.height * si.width * 3;
+  std::vector<std::int64_t> indices(static_cast<size_t>(n));
+  std::iota(indices.begin(), indices.end(), i0);
+  BlockFeatures out;
+  out.feats[0].resize(L);
+  out.feats[1].resize(L);
+  out.gnorm.resize(static_cast<size_t>(n * L));
+  mpi::collective_check(comm, [&] {
+    for (std::int64_t s = 0; s < n; s += o.batch_size) {
+      const std::int64_t nb = std::min(o.batch_size, n - s);
+      ProfileEvent ev("gm.extract.batch");
+      model::BatchFeatures bf = m.fx->run(&images[s * px], nb, si.height, si.width,
+                                          labels.empty() ? nullptr : &labels[s], &indices[s]);
+      for (int l = 0; l < L; ++l) {
+        if (m.proj[l]) {
+          bf.activations[l] = m.proj[l]->apply(bf.activations[l].data(), nb);
+          bf.gradients[l] = m.proj[l]->apply(bf.gradients[l].data(), nb);
+        }
+        auto& act = out.feats[0][l];
+        auto& grad = out.feats[1][l];
+        act.insert(act.end(), bf.activations[l].begin(), bf.activations[l].end());
+        grad.insert(grad.end(), bf.gradients[l].begin(), bf.gradients[l].end());
+        for (std::int64_t i = 0; i < nb; ++i)
+          out.gnorm[(s + i) * L + l] = bf.grad_norm[l][i];
+      }
+      out.loss.insert(out.loss.end(), bf.loss.begin(), bf.loss.end());
+      progress.advance(nb);
+    }
+  });
+  return out;
+}
+
+// Collective on comm (the writes are): rows [i0, i0 + n) of every dataset.
+void write_block(const io::File& f, const Model& m, const BlockFeatures& bf, std::int64_t i0,
+                 std::int64_t n) {
+  const int L = m.size();
+  for (int k = 0; k < 2; ++k)
+    for (int l = 0; l < L; ++l)
+      f.dataset(dataset_name(k, m.layers()[l]))
+          .write(bf.feats[k][l].data(), {i0, 0}, {n, n ? m.dims[l] : 0});
+  f.dataset("/nuisance/loss").write(bf.loss.data(), {i0}, {n});
+  f.dataset("/nuisance/grad_norm").write(bf.gnorm.data(), {i0, 0}, {n, n ? std::int64_t(L) : 0});
+}
+
+// Stages 1-4 above, writing pooled (and projected) features to `path`.
+void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm comm) {
+  StageTimer total("extract.blocks");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+
+  // 1. Inputs and the model.
+  io::File stim = io::File::open(o.stimuli, comm);
+  const io::StimuliInfo si =
+      with_context("while checking stimuli " + o.stimuli, [&] { return io::check_stimuli(stim); });
+  const LabelUse lab = label_use(o, si);
+  const Model m = build_model(o, comm);
+  GM_INFO("extract: " << o.model << ", " << m.size() << " layers, objective "
+                      << model::name(o.objective) << ", pooling " << model::name(o.pooling) << ", "
+                      << si.n << " images, " << p << " ranks, batch " << o.batch_size << ", device "
+                      << o.device);
+  if (lab.need)
+    check_label_range(o, stim, m);
+  std::vector<std::int64_t> shuffled;
+  if (o.labels == model::Labels::shuffled && lab.pass)
+    shuffled = shuffled_labels(o, stim);
+
+  // 2. The output, new or resumed.
+  const std::int64_t nblocks = (si.n + o.block - 1) / o.block;
+  bool resumed = false;
+  const std::unique_ptr<io::OutputFile> out = open_output(o, path, si, m, resumed, comm);
   const io::File& f = out->file();
   auto done_ds = f.dataset("/progress/blocks_done");
   const auto done = done_ds.read_all<std::uint8_t>();
@@ -275,51 +388,19 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
   Progress progress("extract", remaining, "images",
                     remaining > 0 ? double(global_remaining) / double(remaining) : 1.0);
   auto images_ds = stim.dataset("/stimuli/images");
-  const std::int64_t px = si.height * si.width * 3;
   for (std::int64_t r = 0; r < rounds; ++r) {
     const std::int64_t b = mine.begin + r;
     const bool work = b < mine.end && !done[b];
     const std::int64_t i0 = work ? b * o.block : 0;
     const std::int64_t i1 = work ? std::min(si.n, i0 + o.block) : 0;
-    const std::int64_t n = i1 - i0;
     const auto images = images_ds.read_rows<std::uint8_t>(i0, i1);
-    std::vector<std::int64_t> indices(static_cast<size_t>(n));
-    std::iota(indices.begin(), indices.end(), i0);
     std::vector<std::int64_t> labels;
-    if (pass_labels)
-      labels = o.labels == "shuffled"
+    if (lab.pass)
+      labels = o.labels == model::Labels::shuffled
                    ? std::vector<std::int64_t>(shuffled.begin() + i0, shuffled.begin() + i1)
                    : stim.dataset("/stimuli/labels").read_rows<std::int64_t>(i0, i1);
-    std::vector<std::vector<float>> feats[2];
-    feats[0].resize(L);
-    feats[1].resize(L);
-    std::vector<float> loss, gnorm(static_cast<size_t>(n * L)); // [n], [n, L]
-    mpi::collective_check(comm, [&] {
-      for (std::int64_t s = 0; s < n; s += o.batch_size) {
-        const std::int64_t nb = std::min(o.batch_size, n - s);
-        ProfileEvent ev("gm.extract.batch");
-        model::BatchFeatures bf = fx->run(&images[s * px], nb, si.height, si.width,
-                                          labels.empty() ? nullptr : &labels[s], &indices[s]);
-        for (int l = 0; l < L; ++l) {
-          if (proj[l]) {
-            bf.activations[l] = proj[l]->apply(bf.activations[l].data(), nb);
-            bf.gradients[l] = proj[l]->apply(bf.gradients[l].data(), nb);
-          }
-          feats[0][l].insert(feats[0][l].end(), bf.activations[l].begin(), bf.activations[l].end());
-          feats[1][l].insert(feats[1][l].end(), bf.gradients[l].begin(), bf.gradients[l].end());
-          for (std::int64_t i = 0; i < nb; ++i)
-            gnorm[(s + i) * L + l] = bf.grad_norm[l][i];
-        }
-        loss.insert(loss.end(), bf.loss.begin(), bf.loss.end());
-        progress.advance(nb);
-      }
-    });
-    for (int k = 0; k < 2; ++k)
-      for (int l = 0; l < L; ++l)
-        f.dataset(dataset_name(k, layers[l]))
-            .write(feats[k][l].data(), {i0, 0}, {n, n ? dims[l] : 0});
-    f.dataset("/nuisance/loss").write(loss.data(), {i0}, {n});
-    f.dataset("/nuisance/grad_norm").write(gnorm.data(), {i0, 0}, {n, n ? std::int64_t(L) : 0});
+    const BlockFeatures bf = run_block(o, si, m, images, labels, i0, i1 - i0, progress, comm);
+    write_block(f, m, bf, i0, i1 - i0);
     f.flush(); // the rows reach the file before their block is marked done
     const std::uint8_t one = 1;
     done_ds.write(&one, {work ? b : 0}, {work ? 1 : 0});

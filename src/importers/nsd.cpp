@@ -130,9 +130,8 @@ std::string grid_str(const std::vector<std::int64_t>& d) {
   return s;
 }
 
-// Design, stimulus list, voxel selection and ROI labels (identical on every rank).
-Plan make_plan(const NsdOptions& o) {
-  Plan p;
+// Step 1 of make_plan: the sessions to import (all of the subject's by default), checked.
+void plan_sessions(const NsdOptions& o, Plan& p) {
   const int nsess = nsd_sessions(o.subject);
   if (nsess == 0)
     throw UsageError("--subject: " + std::to_string(o.subject) + " is not an NSD subject (1..8)");
@@ -146,12 +145,11 @@ Plan make_plan(const NsdOptions& o) {
                        std::to_string(nsess) + ", not " + std::to_string(s));
   if (o.format != "auto" && o.format != "hdf5" && o.format != "nifti")
     throw UsageError("--betas-format: '" + o.format + "' is not auto, hdf5 or nifti");
-  const fs::path root(o.root);
-  if (!fs::is_directory(root))
-    throw UsageError("--nsd-root: " + o.root + " is not a directory");
-  const std::string subj = "subj" + two(o.subject);
+}
 
-  // Session files (all must exist before any work starts).
+// Step 2: the session files (all must exist before any work starts), one format for all.
+void plan_session_files(const NsdOptions& o, const fs::path& root, const std::string& subj,
+                        Plan& p) {
   const fs::path bdir = root / "nsddata_betas/ppdata" / subj / o.space / o.betas;
   for (int s : p.sessions) {
     const fs::path h5 = bdir / ("betas_session" + two(s) + ".hdf5");
@@ -167,8 +165,11 @@ Plan make_plan(const NsdOptions& o) {
     p.hdf5 = use_h5;
     p.session_files.push_back(f.string());
   }
+}
 
-  // Experimental design: trial -> 73k id.
+// Step 3: the experimental design: trial -> 73k id, the stimulus list and the shared (test)
+// images.
+void plan_design(const NsdOptions& o, const fs::path& root, Plan& p) {
   const std::string design = (root / "nsddata/experiments/nsd/nsd_expdesign.mat").string();
   const auto mat = io::read_mat(design, {"masterordering", "subjectim", "sharedix"});
   const auto& mo = mat.at("masterordering");
@@ -211,19 +212,23 @@ Plan make_plan(const NsdOptions& o) {
       p.test.push_back(std::int64_t(i));
   if (p.test.empty())
     throw Error(design + ": none of the subject's images in these sessions is a shared image");
+}
 
-  // Mask and ROI atlases on the betas' grid.
-  const fs::path rdir = root / "nsddata/ppdata" / subj / o.space / "roi";
-  auto roi_file = [&](const std::string& name) {
-    const auto ends = [&](const std::string& suffix) {
-      return name.size() > suffix.size() &&
-             name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
-    };
-    const bool is_path = name.find('/') != std::string::npos || ends(".nii") || ends(".nii.gz");
-    return is_path ? name : (rdir / (name + ".nii.gz")).string();
+// An atlas or mask given by name (in the subject's roi directory) or as a path.
+std::string roi_file(const fs::path& rdir, const std::string& name) {
+  const auto ends = [&](const std::string& suffix) {
+    return name.size() > suffix.size() &&
+           name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
+  const bool is_path = name.find('/') != std::string::npos || ends(".nii") || ends(".nii.gz");
+  return is_path ? name : (rdir / (name + ".nii.gz")).string();
+}
+
+// Step 4: the mask on the betas' grid: the voxels (value > 0), the grid and affine, checked
+// against the first session's betas. Returns the mask's header (the atlases must match it).
+io::NiftiHeader plan_mask(const NsdOptions& o, const fs::path& rdir, Plan& p) {
   io::NiftiHeader mh;
-  const std::string mask_path = roi_file(o.mask);
+  const std::string mask_path = roi_file(rdir, o.mask);
   const auto mask = io::read_nifti_volume(mask_path, &mh);
   p.grid = {mh.dims[0], mh.dims.size() > 1 ? mh.dims[1] : 1, mh.dims.size() > 2 ? mh.dims[2] : 1};
   p.affine = mh.affine;
@@ -252,7 +257,13 @@ Plan make_plan(const NsdOptions& o) {
     if (!same_affine(r.header().affine, mh.affine))
       throw Error(first + ": affine differs from the mask's (" + mask_path + ")");
   }
+  return mh;
+}
 
+// Step 5: the ROI label of every voxel, from the atlases in order (the first that labels a
+// voxel wins); -1: none.
+void plan_rois(const NsdOptions& o, const fs::path& rdir, const io::NiftiHeader& mh, Plan& p) {
+  const std::string mask_path = roi_file(rdir, o.mask);
   std::map<std::string, int> name_index;
   p.roi.assign(p.voxels.size(), -1);
   for (const auto& atlas : o.rois) {
@@ -266,7 +277,7 @@ Plan make_plan(const NsdOptions& o) {
         p.roi_level.push_back(rn.level);
       }
     io::NiftiHeader ah;
-    const std::string apath = roi_file(atlas);
+    const std::string apath = roi_file(rdir, atlas);
     const auto lab = io::read_nifti_volume(apath, &ah);
     if (ah.dims != mh.dims)
       throw Error(apath + ": grid " + grid_str(ah.dims) + " differs from the mask's (" + mask_path +
@@ -281,8 +292,10 @@ Plan make_plan(const NsdOptions& o) {
         p.roi[k] = name_index.at(l->second.name);
     }
   }
+}
 
-  // The stimulus brick.
+// Step 6: the stimulus brick holds every planned image.
+void plan_brick(const fs::path& root, Plan& p) {
   const std::string stim = (root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5").string();
   {
     io::File sf = io::File::open(stim, MPI_COMM_SELF);
@@ -298,6 +311,24 @@ Plan make_plan(const NsdOptions& o) {
     p.image_h = shape[1];
     p.image_w = shape[2];
   }
+}
+
+// Design, stimulus list, voxel selection and ROI labels (identical on every rank).
+Plan make_plan(const NsdOptions& o) {
+  Plan p;
+  plan_sessions(o, p);
+  const fs::path root(o.root);
+  if (!fs::is_directory(root))
+    throw UsageError("--nsd-root: " + o.root + " is not a directory");
+  const std::string subj = "subj" + two(o.subject);
+
+  plan_session_files(o, root, subj, p);
+  plan_design(o, root, p);
+  // Mask and ROI atlases on the betas' grid.
+  const fs::path rdir = root / "nsddata/ppdata" / subj / o.space / "roi";
+  const io::NiftiHeader mh = plan_mask(o, rdir, p);
+  plan_rois(o, rdir, mh, p);
+  plan_brick(root, p);
   return p;
 }
 

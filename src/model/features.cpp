@@ -264,35 +264,37 @@ struct FeatureExtractor::Impl {
   // channel-major to [B, C G G]; tokens [B, T, D]: `mean` over all tokens, `cls` (token 0),
   // `patch-mean` (tokens 1..T-1) or `cls+patch-mean` (both, concatenated: [B, 2D]).
   torch::Tensor pool(const torch::Tensor& h, size_t layer) const {
-    const std::string& p = opt.pooling;
+    using K = Pooling::Kind;
+    const K p = opt.pooling.kind;
     if (h.dim() == 4) {
-      if (p == "mean")
+      if (p == K::mean)
         return h.mean({2, 3});
-      if (p.rfind("grid:", 0) == 0)
-        return torch::adaptive_avg_pool2d(h, {grid_, grid_}).flatten(1);
-      throw Error("pooling '" + p + "' needs token outputs [B, T, D], but layer " + names[layer] +
-                  " is a feature map [B, C, H, W]; use --pooling mean or grid:G");
+      if (p == K::grid)
+        return torch::adaptive_avg_pool2d(h, {opt.pooling.grid, opt.pooling.grid}).flatten(1);
+      throw Error("pooling '" + name(opt.pooling) + "' needs token outputs [B, T, D], but layer " +
+                  names[layer] + " is a feature map [B, C, H, W]; use --pooling mean or grid:G");
     }
     if (h.dim() == 3) {
-      if (p == "mean")
+      if (p == K::mean)
         return h.mean({1});
-      if (p == "cls")
+      if (p == K::cls)
         return h.select(1, 0);
-      if (p == "patch-mean" || p == "cls+patch-mean") {
+      if (p == K::patch_mean || p == K::cls_patch_mean) {
         if (h.size(1) < 2)
-          throw Error("pooling " + p + " needs at least 2 tokens at layer " + names[layer]);
+          throw Error("pooling " + name(opt.pooling) + " needs at least 2 tokens at layer " +
+                      names[layer]);
         auto patches = h.slice(1, 1).mean({1});
-        return p == "patch-mean" ? patches : torch::cat({h.select(1, 0), patches}, 1);
+        return p == K::patch_mean ? patches : torch::cat({h.select(1, 0), patches}, 1);
       }
-      throw Error("pooling '" + p + "' does not apply to token outputs [B, T, D] (layer " +
-                  names[layer] + "); use mean, cls, patch-mean or cls+patch-mean");
+      throw Error("pooling '" + name(opt.pooling) +
+                  "' does not apply to token outputs [B, T, D] (layer " + names[layer] +
+                  "); use mean, cls, patch-mean or cls+patch-mean");
     }
     if (h.dim() == 2)
       return h;
     throw Error("layer " + names[layer] + " has an output of " + std::to_string(h.dim()) +
                 " dimensions; expected [B, D], [B, T, D] or [B, C, H, W]");
   }
-  int64_t grid_ = 1;
 
   static torch::Tensor resize(const torch::Tensor& x, int64_t h, int64_t w) {
     namespace F = torch::nn::functional;
@@ -419,30 +421,22 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
   } else {
     throw Error("--model must be builtin:NAME or torchscript:PATH, not '" + m + "'");
   }
-  if (options.objective.rfind("torchscript:", 0) == 0) {
-    const std::string path = options.objective.substr(12);
+  // The option values were parsed (model/options.hpp); what remains is what parsing cannot
+  // know: the user objective loads, and a caller that built the options by hand.
+  if (options.objective.kind == Objective::Kind::torchscript) {
+    const std::string& path = options.objective.script;
     try {
       I.objective = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, I.device));
     } catch (const c10::Error& e) {
       throw Error("cannot load TorchScript objective " + path + ": " + e.what_without_backtrace());
     }
     I.objective->eval();
-  } else if (options.objective != "cross-entropy" && options.objective != "cosine" &&
-             options.objective != "dino") {
-    throw Error("unknown objective '" + options.objective +
-                "' (cross-entropy, cosine, dino, torchscript:PATH)");
   }
-  if (options.pooling.rfind("grid:", 0) == 0) {
-    try {
-      I.grid_ = std::stoll(options.pooling.substr(5));
-    } catch (const std::exception&) {
-      I.grid_ = 0;
-    }
-    if (I.grid_ < 1)
-      throw Error("--pooling " + options.pooling + ": G in grid:G must be a positive integer");
-  }
-  if (options.labels != "stimuli" && options.labels != "self")
-    throw Error("--labels must be 'stimuli' or 'self', not '" + options.labels + "'");
+  if (options.pooling.kind == Pooling::Kind::grid && options.pooling.grid < 1)
+    throw Error("--pooling " + name(options.pooling) + ": G in grid:G must be a positive integer");
+  if (options.labels == Labels::shuffled) // extract passes the permuted labels as stimuli labels
+    throw Error("--labels must be 'stimuli' or 'self', not '" + std::string(name(options.labels)) +
+                "'");
 
   // Probe pass: layer count, names and pooled dimensions.
   const int64_t probe = I.input_size > 0 ? I.input_size : 32;
@@ -531,11 +525,11 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
                 std::to_string(I.names.size()));
   namespace F = torch::nn::functional;
   torch::Tensor per_image; // [n]: L = sum_i per_image_i
-  if (I.opt.objective == "cross-entropy") {
+  if (I.opt.objective.kind == Objective::Kind::cross_entropy) {
     // L = sum_i CE(out_i, y_i): a sum of per-image losses, so dL/dh_l for image i depends on
     // image i only and per-image results do not depend on the batch size.
     torch::Tensor target;
-    if (I.opt.labels == "self") {
+    if (I.opt.labels == Labels::self) {
       target = out.detach().argmax(1);
     } else {
       if (!labels)
@@ -549,7 +543,7 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
     per_image = F::cross_entropy(out, target, F::CrossEntropyFuncOptions().reduction(torch::kNone));
   } else {
     if (!indices)
-      throw Error("objective " + I.opt.objective + " needs the images' indices");
+      throw Error("objective " + name(I.opt.objective) + " needs the images' indices");
     torch::Tensor teacher;
     {
       torch::NoGradGuard ng;
@@ -565,15 +559,15 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
                  : out.detach().argmax(-1);
       auto r = I.objective->forward({out, teacher, lab});
       if (!r.isTensor() || r.toTensor().dim() != 1 || r.toTensor().size(0) != n)
-        throw Error("TorchScript objective " + I.opt.objective.substr(12) +
+        throw Error("TorchScript objective " + I.opt.objective.script +
                     " must return per-image losses, a Tensor of shape [B]");
       per_image = r.toTensor();
     } else {
       if (out.dim() != 2)
-        throw Error("objective " + I.opt.objective + " needs a final output [B, D]");
+        throw Error("objective " + name(I.opt.objective) + " needs a final output [B, D]");
       // The heads are computed in float64 (the sharp teacher softmax amplifies rounding).
       const auto z = out.to(torch::kFloat64), zt = teacher.to(torch::kFloat64);
-      if (I.opt.objective == "cosine") {
+      if (I.opt.objective.kind == Objective::Kind::cosine) {
         per_image = 1.0 - F::cosine_similarity(z, zt, F::CosineSimilarityFuncOptions().dim(1));
       } else { // dino
         const auto W = I.prototype_head(out.size(1)).to(torch::kFloat64);

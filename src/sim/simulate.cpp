@@ -324,19 +324,28 @@ std::vector<std::int32_t> assign_rois(std::int64_t v) {
   return roi;
 }
 
-void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design& d,
-                   MPI_Comm comm) {
-  StageTimer timer("simulate.fmri");
-  const int me = mpi::rank(comm), p = mpi::size(comm);
-  const std::int64_t V = o.voxels, T = static_cast<std::int64_t>(d.trial_stimulus.size());
-  const int L = static_cast<int>(feats.layers.size());
-  const int top_level = 5;
+// The planted answer of the fMRI brain (cheap metadata, identical on all ranks): each voxel's
+// ROI, its activation and gradient layers (-1: none) and whether it is pure noise.
+struct FmriTruth {
+  std::vector<std::int32_t> roi, layer_act, layer_grad;
+  std::vector<std::uint8_t> noise;
+  std::vector<std::int32_t> roi_layer_act, roi_layer_grad; ///< [kNumRois]
+};
 
-  // Planted answer for every voxel (cheap metadata, identical on all ranks).
-  const auto roi = assign_rois(V);
-  std::vector<std::int32_t> layer_act(V, -1), layer_grad(V, -1);
-  std::vector<std::uint8_t> noise(V, 0);
-  std::vector<std::int32_t> roi_layer_act(kNumRois), roi_layer_grad(kNumRois, -1);
+FmriTruth plant_fmri(const SimulateOptions& o, int L) {
+  const std::int64_t V = o.voxels;
+  const int top_level = 5;
+  FmriTruth tr;
+  tr.roi = assign_rois(V);
+  tr.layer_act.assign(V, -1);
+  tr.layer_grad.assign(V, -1);
+  tr.noise.assign(V, 0);
+  tr.roi_layer_act.assign(kNumRois, 0);
+  tr.roi_layer_grad.assign(kNumRois, -1);
+  auto& roi = tr.roi;
+  auto &layer_act = tr.layer_act, &layer_grad = tr.layer_grad;
+  auto& noise = tr.noise;
+  auto &roi_layer_act = tr.roi_layer_act, &roi_layer_grad = tr.roi_layer_grad;
   for (int r = 0; r < kNumRois; ++r) {
     // Activations follow the hierarchy: level 1 -> first layer ... top level -> last layer.
     roi_layer_act[r] = static_cast<std::int32_t>(
@@ -364,6 +373,22 @@ void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design
       layer_grad[v] = o.scenario != "aligned" ? roi_layer_grad[roi[v]] : a + k < L ? a + k : a - k;
     }
   }
+
+  return tr;
+}
+
+void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design& d,
+                   MPI_Comm comm) {
+  StageTimer timer("simulate.fmri");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+  const std::int64_t V = o.voxels, T = static_cast<std::int64_t>(d.trial_stimulus.size());
+  const int L = static_cast<int>(feats.layers.size());
+
+  // Planted answer for every voxel (cheap metadata, identical on all ranks).
+  const FmriTruth tr = plant_fmri(o, L);
+  const auto& roi = tr.roi;
+  const auto &layer_act = tr.layer_act, &layer_grad = tr.layer_grad;
+  const auto& noise = tr.noise;
 
   // Voxel grid: ROIs are slabs along j (posterior -> anterior), 1.8 mm isotropic.
   const std::int64_t nx = 16, nz = 8, ny = (V + nx * nz - 1) / (nx * nz);
@@ -395,8 +420,8 @@ void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design
   f.write_small("/truth/layer_activations", layer_act, {V});
   f.write_small("/truth/layer_gradients", layer_grad, {V});
   f.write_small("/truth/noise_target", noise, {V});
-  f.write_small("/truth/roi_layer_activations", roi_layer_act, {kNumRois});
-  f.write_small("/truth/roi_layer_gradients", roi_layer_grad, {kNumRois});
+  f.write_small("/truth/roi_layer_activations", tr.roi_layer_act, {kNumRois});
+  f.write_small("/truth/roi_layer_gradients", tr.roi_layer_grad, {kNumRois});
 
   // Responses [trials, voxels]: this rank's voxel block, in rounds of voxel_chunk columns.
   auto ds = f.create_dataset("/brain/responses", io::DType::f32, {T, V}, {256, 256});
@@ -440,28 +465,32 @@ void simulate_fmri(const SimulateOptions& o, const Features& feats, const Design
 
 // ----------------------------------------------------------------------------------- MEG
 
-void simulate_meg(const SimulateOptions& o, const Features& feats, const Design& d, MPI_Comm comm) {
-  StageTimer timer("simulate.meg");
-  const int me = mpi::rank(comm), p = mpi::size(comm);
-  const std::int64_t S = o.sensors, NT = o.times,
-                     T = static_cast<std::int64_t>(d.trial_stimulus.size());
-  const int L = static_cast<int>(feats.layers.size());
-  std::vector<double> times(static_cast<size_t>(NT));
-  for (std::int64_t k = 0; k < NT; ++k)
-    times[k] = o.tmin + double(k) / o.sfreq;
+// The planted MEG model (identical on all ranks): latencies per (kind, layer) (NaN: no signal),
+// the latent image signal of each (kind, layer), its Gaussian time course (bump) and each
+// sensor's mixing weights; c = kind * L + layer indexes the 2 L components.
+struct MegModel {
+  std::vector<double> lat[2];              ///< [L] latencies (s) of activations, gradients
+  std::vector<std::vector<double>> latent; ///< [2 L][images]; empty: no signal
+  std::vector<double> bump;                ///< [2 L, times]
+  std::vector<double> weights;             ///< [sensors, 2 L]
+  std::vector<std::uint8_t> noise;         ///< [sensors] pure-noise sensors
+};
 
-  // Planted latencies (s), spread over the post-stimulus part of the epoch [t0, t1] =
-  // [0.05, tmax - 0.05] (the whole epoch if that is under 4 samples): the forward sweep for
-  // activations on its first 45%; for gradients the last 45%, either in the forward order
-  // (misaligned) or top-down (aligned). The time courses are Gaussians of width sigma = 0.35 x the
-  // latency spacing (at most 25 ms), so that each layer's latent dominates the response at its own
-  // latency.
+// Planted latencies (s), spread over the post-stimulus part of the epoch [t0, t1] =
+// [0.05, tmax - 0.05] (the whole epoch if that is under 4 samples): the forward sweep for
+// activations on its first 45%; for gradients the last 45%, either in the forward order
+// (misaligned) or top-down (aligned). The time courses are Gaussians of width sigma = 0.35 x the
+// latency spacing (at most 25 ms), so that each layer's latent dominates the response at its own
+// latency.
+// Returns sigma.
+double plant_latencies(const SimulateOptions& o, int L, const std::vector<double>& times,
+                       MegModel& m) {
+  auto& lat = m.lat;
   const bool short_epoch = times.back() - 0.05 - 0.05 < 4.0 / o.sfreq; // then: the whole epoch
   const double first = short_epoch ? times.front() : 0.05,
                t1 = short_epoch ? times.back() : times.back() - 0.05;
   const double span = 0.45 * (t1 - first), step = L > 1 ? span / (L - 1) : span;
   const double sigma = std::min(kLatencySigma, 0.35 * step);
-  std::vector<double> lat[2];
   lat[0].assign(L, NAN);
   lat[1].assign(L, NAN);
   if (o.scenario != "null")
@@ -475,8 +504,20 @@ void simulate_meg(const SimulateOptions& o, const Features& feats, const Design&
       else if (o.scenario == "aligned" && o.gradient_timing == "gap0")
         lat[1][l] = first + step * (L - 1) + step * (L - 1 - l); // gap 0, top-down below it
     }
-  // Latent image signal of each (kind, layer) and each sensor's mixing weights (unit norm).
-  std::vector<std::vector<double>> latent(static_cast<size_t>(2 * L));
+  return sigma;
+}
+
+// Latent image signal of each (kind, layer) and its time course, then each sensor's mixing
+// weights (unit norm).
+MegModel plant_meg(const SimulateOptions& o, const Features& feats,
+                   const std::vector<double>& times) {
+  const std::int64_t S = o.sensors, NT = o.times;
+  const int L = static_cast<int>(feats.layers.size());
+  MegModel m;
+  const double sigma = plant_latencies(o, L, times, m);
+  const auto& lat = m.lat;
+  auto& latent = m.latent;
+  latent.resize(static_cast<size_t>(2 * L));
   for (int k = 0; k < 2; ++k)
     for (int l = 0; l < L; ++l)
       if (!std::isnan(lat[k][l]))
@@ -484,7 +525,8 @@ void simulate_meg(const SimulateOptions& o, const Features& feats, const Design&
             layer_specific(project(feats.kind[k][l], Philox(o.seed, Stream::sensor, 1u << 20,
                                                             std::uint32_t(k * L + l))),
                            feats.kind[k], static_cast<size_t>(l));
-  std::vector<double> bump(static_cast<size_t>(2 * L * NT), 0.0);
+  auto& bump = m.bump;
+  bump.assign(static_cast<size_t>(2 * L * NT), 0.0);
   for (int c = 0; c < 2 * L; ++c)
     for (std::int64_t k = 0; k < NT && !latent[c].empty(); ++k) {
       const double z = (times[k] - lat[c / L][c % L]) / sigma;
@@ -493,8 +535,10 @@ void simulate_meg(const SimulateOptions& o, const Features& feats, const Design&
   // Sensor mixing weights, scaled per sensor so that its signal variance at its peak time,
   // max_t sum_c (w_c bump_c(t))^2 (latents treated as independent), is 1: meg_snr is then the
   // signal-to-noise variance ratio at the response peak.
-  std::vector<double> weights(static_cast<size_t>(S * 2 * L), 0.0);
-  std::vector<std::uint8_t> noise(static_cast<size_t>(S), 0);
+  auto& weights = m.weights;
+  weights.assign(static_cast<size_t>(S * 2 * L), 0.0);
+  auto& noise = m.noise;
+  noise.assign(static_cast<size_t>(S), 0);
   for (std::int64_t s = 0; s < S; ++s) {
     Philox rng(o.seed, Stream::sensor, std::uint32_t(s), 0);
     noise[s] = (o.scenario == "null" || rng.uniform() < o.noise_fraction) ? 1 : 0;
@@ -513,6 +557,23 @@ void simulate_meg(const SimulateOptions& o, const Features& feats, const Design&
     for (int c = 0; c < 2 * L && peak > 0; ++c)
       w[c] /= std::sqrt(peak);
   }
+  return m;
+}
+
+void simulate_meg(const SimulateOptions& o, const Features& feats, const Design& d, MPI_Comm comm) {
+  StageTimer timer("simulate.meg");
+  const int me = mpi::rank(comm), p = mpi::size(comm);
+  const std::int64_t S = o.sensors, NT = o.times,
+                     T = static_cast<std::int64_t>(d.trial_stimulus.size());
+  const int L = static_cast<int>(feats.layers.size());
+  std::vector<double> times(static_cast<size_t>(NT));
+  for (std::int64_t k = 0; k < NT; ++k)
+    times[k] = o.tmin + double(k) / o.sfreq;
+  const MegModel m = plant_meg(o, feats, times);
+  const auto& lat = m.lat;
+  const auto& latent = m.latent;
+  const auto &bump = m.bump, &weights = m.weights;
+  const auto& noise = m.noise;
 
   const std::string path = path_join(o.out_dir, "brain_meg.h5");
   io::OutputFile out(path, comm);

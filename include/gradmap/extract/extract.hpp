@@ -8,18 +8,20 @@
 #include <cstdint>
 #include <string>
 
+#include "gradmap/model/options.hpp"
+
 namespace gradmap::extract {
 
 struct ExtractOptions {
   std::string stimuli;                   ///< stimuli.h5
   std::string out;                       ///< features.h5
   std::string model = "builtin:tinycnn"; ///< builtin:NAME | torchscript:PATH
-  std::string weights;      ///< built-in models: weights file to load (default: built-in init)
-  std::string save_weights; ///< built-in models: write the weights used here (rank 0)
-  std::string objective = "cross-entropy"; ///< cross-entropy | cosine | dino
-  std::uint64_t seed = 0;                  ///< augmentations and the DINO prototype head
-  std::string labels = "stimuli";          ///< stimuli | self | shuffled (control)
-  std::string pooling = "mean";            ///< mean | cls | patch-mean
+  std::string weights;        ///< built-in models: weights file to load (default: built-in init)
+  std::string save_weights;   ///< built-in models: write the weights used here (rank 0)
+  model::Objective objective; ///< cross-entropy | cosine | dino | torchscript:PATH
+  std::uint64_t seed = 0;     ///< augmentations and the DINO prototype head
+  model::Labels labels = model::Labels::stimuli; ///< stimuli | self | shuffled (control)
+  model::Pooling pooling;     ///< mean | cls | patch-mean | cls+patch-mean | grid:G
   std::string device = "cpu"; ///< cpu | cuda (rank r uses cuda:<node-local rank mod devices>)
   std::int64_t batch_size = 16;
   std::int64_t block = 256; ///< images per resumable block

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "gradmap/model/options.hpp"
+
 namespace gradmap::model {
 
 /// What to extract and how (docs/design.md's conventions).
@@ -17,14 +19,14 @@ struct ExtractorOptions {
   /// gradient): cosine: L = sum_i 1 - cos(z_i, z'_i); dino: L = sum_i H(softmax((p'_i - c) /
   /// tau_t), softmax(p_i / tau_s)) with p = normalize(z) W, W a fixed random prototype head
   /// [D, K] (N(0, 1/D) from the seed), c = 0, tau_s = 0.1, tau_t = 0.04.
-  std::string objective = "cross-entropy";
-  std::uint64_t seed = 0;         ///< augmentations and prototype head
-  std::int64_t prototypes = 256;  ///< K of the DINO head
-  std::string labels = "stimuli"; ///< "stimuli" (from /stimuli/labels) or "self" (argmax)
-  std::string pooling = "mean";   ///< mean | cls | patch-mean
-  std::string device = "cpu";     ///< cpu | cuda | cuda:N ("cuda": cuda:<local_rank mod devices>)
-  int threads = 1;                ///< intra-op threads of this rank
-  int local_rank = 0;             ///< this rank's index on its node (picks the GPU)
+  Objective objective;
+  std::uint64_t seed = 0;          ///< augmentations and prototype head
+  std::int64_t prototypes = 256;   ///< K of the DINO head
+  Labels labels = Labels::stimuli; ///< stimuli (from /stimuli/labels) or self (argmax)
+  Pooling pooling;                 ///< mean | cls | patch-mean | cls+patch-mean | grid:G
+  std::string device = "cpu";      ///< cpu | cuda | cuda:N ("cuda": cuda:<local_rank mod devices>)
+  int threads = 1;                 ///< intra-op threads of this rank
+  int local_rank = 0;              ///< this rank's index on its node (picks the GPU)
   /// Control "random weights": every parameter tensor's elements permuted at random
   /// (Philox(seed, weights, 0x40000 + tensor index)), after loading: the same per-tensor weight
   /// distribution, none of the learned structure. Buffers (BatchNorm statistics) are kept.
