@@ -15,6 +15,9 @@ Usage (run with /usr/bin/python3, Debian's python3-torch):
     export_torchscript.py torchvision NAME OUT.pt [--weights W] [--layers a,b,c] [--input-size N]
     export_torchscript.py timm NAME OUT.pt [--layers ...] [--input-size N]
     export_torchscript.py hf NAME_OR_DIR OUT.pt [--input-size N]   # ViT / DINOv2 / DINOv3 hidden states
+    export_torchscript.py wrap IN.pt OUT.pt --input-size N [--layers a,b,c]
+                                                     # add the contract's attributes to a module you
+                                                     # traced yourself (trace keeps no attributes)
 
 torchvision / timm models are wrapped with forward hooks on the named submodules (default: the
 top-level children) and traced; Hugging Face vision transformers with output_hidden_states=True
@@ -193,9 +196,25 @@ def check(path: str, module: nn.Module, example):
     print(f"exported {path}: {len(layers)} layers, final output {tuple(out.shape)}; check passed")
 
 
+def wrap(src: str, path: str, input_size, layer_names=None):
+    """A TorchScript module already in the contract's forward (e.g. a user's own torch.jit.trace,
+    which keeps no Python attributes), saved with input_size and layer_names."""
+    if not input_size:
+        raise SystemExit("wrap: give --input-size, the image size the module was traced at")
+    inner = torch.jit.load(src).eval()
+    example = torch.randn(2, 3, input_size, input_size)
+    with torch.no_grad():
+        n_layers = len(inner(example)[0])
+    names = layer_names or [f"layer_{i:02d}" for i in range(n_layers)]
+    if len(names) != n_layers:
+        raise SystemExit(f"wrap: {len(names)} layer names for {n_layers} layer outputs")
+    torch.jit.save(torch.jit.script(Contract(inner, names, input_size)), path)
+    check(path, inner, example)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("source", choices=["demo-vit", "demo-cnn", "torchvision", "timm", "hf"])
+    ap.add_argument("source", choices=["demo-vit", "demo-cnn", "torchvision", "timm", "hf", "wrap"])
     ap.add_argument("args", nargs="+", help="[NAME] OUT.pt")
     ap.add_argument("--layers", default=None, help="comma-separated submodule names to tap")
     ap.add_argument("--input-size", type=int, default=None)
@@ -208,6 +227,8 @@ def main(argv=None):
     if len(a.args) != 2:
         ap.error("give NAME and OUT.pt")
     name, out = a.args
+    if a.source == "wrap":
+        return wrap(name, out, a.input_size, a.layers.split(",") if a.layers else None)
     size = a.input_size or 224
     if a.source == "torchvision":
         import torchvision

@@ -175,9 +175,11 @@ struct Model {
 };
 
 // Collective on comm (a model that fails to build on any rank fails on all).
-Model build_model(const ExtractOptions& o, MPI_Comm comm) {
+Model build_model(const ExtractOptions& o, const io::StimuliInfo& si, MPI_Comm comm) {
   Model m;
-  const model::ExtractorOptions mo = model_options(o);
+  model::ExtractorOptions mo = model_options(o);
+  mo.probe_height = si.height;
+  mo.probe_width = si.width;
   mpi::collective_check(comm, [&] { m.fx = std::make_unique<model::FeatureExtractor>(mo); });
   if (!o.save_weights.empty()) {
     mpi::collective_check(comm, [&] {
@@ -355,7 +357,7 @@ void extract_blocks(const ExtractOptions& o, const std::string& path, MPI_Comm c
   const io::StimuliInfo si =
       with_context("while checking stimuli " + o.stimuli, [&] { return io::check_stimuli(stim); });
   const LabelUse lab = label_use(o, si);
-  const Model m = build_model(o, comm);
+  const Model m = build_model(o, si, comm);
   GM_INFO("extract: " << o.model << ", " << m.size() << " layers, objective "
                       << model::name(o.objective) << ", pooling " << model::name(o.pooling) << ", "
                       << si.n << " images, " << p << " ranks, batch " << o.batch_size << ", device "

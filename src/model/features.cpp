@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "gradmap/core/error.hpp"
 #include "gradmap/sim/philox.hpp"
@@ -439,10 +440,37 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
                 "'");
 
   // Probe pass: layer count, names and pooled dimensions.
-  const int64_t probe = I.input_size > 0 ? I.input_size : 32;
-  std::vector<std::uint8_t> img(static_cast<size_t>(probe * probe * 3), 128);
+  // It runs at the size the images will have: the model's input_size, else the stimuli's size.
+  const int64_t ph = I.input_size > 0           ? I.input_size
+                     : options.probe_height > 0 ? options.probe_height
+                                                : 32;
+  const int64_t pw = I.input_size > 0          ? I.input_size
+                     : options.probe_width > 0 ? options.probe_width
+                                               : 32;
+  std::vector<std::uint8_t> img(static_cast<size_t>(ph * pw * 3), 128);
   torch::NoGradGuard ng;
-  auto [hs, out] = I.forward(I.preprocess(img.data(), 1, probe, probe));
+  std::vector<torch::Tensor> hs;
+  torch::Tensor out;
+  auto probe_error = [&](const std::string& what) {
+    const std::string size = std::to_string(ph) + " x " + std::to_string(pw);
+    return Error("model " + m + " fails on a " + size + " image (" +
+                 (I.input_size > 0 ? "its input_size" : "the stimuli's size") + "). " +
+                 (I.input_size > 0
+                      ? ""
+                      : "A model traced with torch.jit.trace accepts only the size it was traced "
+                        "at and keeps no input_size attribute: add it with "
+                        "`tools/export_torchscript.py wrap MODEL.pt OUT.pt --input-size N` "
+                        "(gradmap then resizes every image to N), or store the stimuli at that "
+                        "size. ") +
+                 "PyTorch says: " + what);
+  };
+  try {
+    std::tie(hs, out) = I.forward(I.preprocess(img.data(), 1, ph, pw));
+  } catch (const c10::Error& e) {
+    throw probe_error(e.what_without_backtrace());
+  } catch (const std::runtime_error& e) {
+    throw probe_error(e.what());
+  }
   if (I.names.empty())
     for (size_t l = 0; l < hs.size(); ++l) {
       char buf[32];

@@ -229,6 +229,7 @@ Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
   model::ExtractorOptions xo;
   xo.model = o.model;
   xo.threads = o.threads;
+  xo.probe_height = xo.probe_width = s;
   std::unique_ptr<model::FeatureExtractor> fx;
   mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(xo); });
   const auto& dims = fx->layer_dims();

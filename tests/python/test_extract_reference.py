@@ -215,6 +215,39 @@ def test_traced_export_of_a_hooked_model():
     compare(f"{BASE}/seq.h5", wrapped, img, labels, "mean")
 
 
+
+def test_traced_model_without_input_size_is_probed_at_the_stimuli_size():
+    # A user's own torch.jit.trace keeps no Python attributes (no input_size, no layer_names); a
+    # model that accepts only its traced size (here a Linear on the flattened feature map) must be
+    # probed at the stimuli's size (it was probed at 32 px and died), and a mismatched size must
+    # say which size failed and how to declare the model's own.
+    torch.manual_seed(7)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 12 * 12, 10))
+    wrapped = ex.HookWrapper(seq.eval(), ["1", "3"]).eval()
+    traced = torch.jit.trace(wrapped, torch.randn(2, 3, 24, 24), check_trace=False, strict=False)
+    assert not hasattr(traced, "input_size")
+    torch.jit.save(traced, f"{BASE}/traced24.pt")
+    img = write_stimuli(f"{BASE}/s24.h5", 10, 24, seed=8)
+    with h5py.File(f"{BASE}/s24.h5") as f:
+        labels = f["/stimuli/labels"][()]
+    gradmap(["extract", "--stimuli", f"{BASE}/s24.h5", "--model", f"torchscript:{BASE}/traced24.pt",
+             "--batch-size", 4, "--out", f"{BASE}/traced24.h5"], ranks=2)
+    wrapped.layer_names = ["layer_00", "layer_01"]
+    compare(f"{BASE}/traced24.h5", wrapped, img, labels, "mean")
+    img32 = write_stimuli(f"{BASE}/s32t.h5", 4, 32, seed=9)
+    expect_failure(["extract", "--stimuli", f"{BASE}/s32t.h5", "--model",
+                    f"torchscript:{BASE}/traced24.pt", "--out", f"{BASE}/bad32.h5"],
+                   "traced24.pt", "32 x 32", "export_torchscript.py wrap", ranks=2)
+    # the remedy the message names: the contract's attributes added to the traced module
+    ex.main(["wrap", f"{BASE}/traced24.pt", f"{BASE}/wrapped24.pt", "--input-size", "24"])
+    with h5py.File(f"{BASE}/s32t.h5") as f:
+        labels32 = f["/stimuli/labels"][()]
+    gradmap(["extract", "--stimuli", f"{BASE}/s32t.h5", "--model", f"torchscript:{BASE}/wrapped24.pt",
+             "--out", f"{BASE}/wrapped24.h5"], ranks=1)
+    compare(f"{BASE}/wrapped24.h5", wrapped, img32, labels32, "mean", input_size=24)
+
 # Rounding of float32 conv kernels depends on the BLAS kernel (OPENBLAS_CORETYPE), the batch size
 # and the thread split: measured max |z32 - z64| / S = 3.7e-7 for tinycnn's pre-activations z,
 # with S = |W| * |h| + |b| the sum of the absolute terms of each output. A ReLU mask can therefore
@@ -650,6 +683,7 @@ run_tests([test_vit_matches_pytorch_for_each_pooling, test_vit_resizes_with_anti
            test_batchnorm_cnn_matches_pytorch_with_self_labels, test_self_supervised_objectives_match_pytorch,
            test_controls_and_nuisance_match_pytorch,
            test_poolings_and_a_user_objective_match_pytorch, test_traced_export_of_a_hooked_model,
+           test_traced_model_without_input_size_is_probed_at_the_stimuli_size,
            test_builtin_features_independent_of_ranks_and_batch_size,
            test_smooth_model_features_independent_of_ranks_and_batch_size_for_every_image,
            test_resume_skips_completed_blocks, test_every_option_that_changes_features_is_in_the_resume_key,

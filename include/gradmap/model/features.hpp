@@ -31,6 +31,10 @@ struct ExtractorOptions {
   /// (Philox(seed, weights, 0x40000 + tensor index)), after loading: the same per-tensor weight
   /// distribution, none of the learned structure. Buffers (BatchNorm statistics) are kept.
   bool randomize_weights = false;
+  /// The stimuli's stored size: the probe pass that finds the layers' shapes runs at it when the
+  /// model declares no input_size (a traced TorchScript model often accepts only the size it was
+  /// traced at). 0: 32 x 32.
+  std::int64_t probe_height = 0, probe_width = 0;
 };
 
 /// Features of a batch: for each layer, activations and gradients, row-major [n, dims[l]].
