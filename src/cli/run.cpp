@@ -34,7 +34,8 @@ run::PipelineOptions pipeline_options(const po::variables_map& vm) {
         parse(*find_command("import-things-meg"), {"--config", o.config, "--out", data_dir});
     o.epochs = (*imp)["epochs"].as<std::string>();
   }
-  // Placeholders satisfy the required options; only the defaulted flags are wanted here.
+  // Which extract options the config leaves at their defaults; extract's parser requires
+  // --stimuli and --out, which '-' fills (their values are not read).
   const auto configured =
       parse(*find_command("extract"), {"--config", o.config, "--stimuli", "-", "--out", "-"});
   for (const char* key : {"model", "objective", "labels", "pooling"})

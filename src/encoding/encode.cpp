@@ -738,7 +738,7 @@ void Encoder::warn_excluded() {
 }
 
 void Encoder::run() {
-  sides_ = std::make_unique<TrainingSides>(opt_, ff_, fi_, split_, lay_, mp_.cache, comm_);
+  sides_ = std::make_unique<TrainingSides>(opt_, ff_, fi_, split_, lay_, jw_, mp_.cache, comm_);
   io::OutputFile out(opt_.out, comm_);
   const io::File& f = out.file();
   write_attributes(f);

@@ -83,11 +83,10 @@ void JobQueue::run_all() {
 
 TrainingSides::TrainingSides(const EncodeOptions& opt, const io::File& features,
                              const io::FeaturesInfo& fi, const ImageSplit& split, const Layout& lay,
-                             bool cache, MPI_Comm comm)
+                             const std::vector<double>& joint_weights, bool cache, MPI_Comm comm)
     : opt_(opt), ff_(features), fi_(fi), split_(split), lay_(lay), cache_(cache), comm_(comm),
       n_(split.n()), m_(split.m()), nf_(opt.alpha_cv == AlphaCV::kfold ? opt.folds : 0),
-      jw_(opt.joint_weights.empty() ? default_joint_weights() : opt.joint_weights), jobs_(comm),
-      joint_built_(static_cast<size_t>(lay.L + 1), 0) {
+      jw_(joint_weights), jobs_(comm), joint_built_(static_cast<size_t>(lay.L + 1), 0) {
   const std::int64_t K = lay.K, L = lay.L;
   if (lay.joint) {
     read_activation_block();

@@ -53,8 +53,10 @@ class TrainingSides {
 public:
   /// Collective: with --joint reads the activation block (every rank) and, when cached, builds
   /// every (kind, layer) side and the activation models R_0..R_L.
+  /// `joint_weights`: the band weights w (Layout::W of them).
   TrainingSides(const EncodeOptions& opt, const io::File& features, const io::FeaturesInfo& fi,
-                const ImageSplit& split, const Layout& lay, bool cache, MPI_Comm comm);
+                const ImageSplit& split, const Layout& lay,
+                const std::vector<double>& joint_weights, bool cache, MPI_Comm comm);
   /// The side of (kind k, layer l): cached, or built into `fresh` (on this rank alone).
   const Side& kind(std::int64_t k, std::int64_t l, Side& fresh);
   /// The activation model R_k (k = 0: all layers; k >= 1: layer k - 1 with the nuisance block).
@@ -95,8 +97,8 @@ private:
   const bool cache_;
   MPI_Comm comm_;
   const std::int64_t n_, m_;
-  const int nf_;           // folds (0: LOO)
-  std::vector<double> jw_; // band weights
+  const int nf_;                  // folds (0: LOO)
+  const std::vector<double>& jw_; // band weights (the Encoder's)
   JobQueue jobs_;
   std::vector<Side> cached_; // (kind, layer), then R_0..R_L, then (k, l, w)
   std::vector<std::uint8_t> joint_built_;
