@@ -15,12 +15,25 @@ Usage (run with /usr/bin/python3, Debian's python3-torch):
     export_torchscript.py torchvision NAME OUT.pt [--weights W] [--layers a,b,c] [--input-size N]
     export_torchscript.py timm NAME OUT.pt [--layers ...] [--input-size N]
     export_torchscript.py hf NAME_OR_DIR OUT.pt [--input-size N]   # ViT / DINOv2 / DINOv3 hidden states
+    export_torchscript.py python MODULE:FUNCTION OUT.pt --layers a,b,c [--input-size N]
+                                                     # any model: FUNCTION() returns the nn.Module
+                                                     # (MODULE: an importable name or a .py path)
     export_torchscript.py wrap IN.pt OUT.pt --input-size N [--layers a,b,c]
                                                      # add the contract's attributes to a module you
                                                      # traced yourself (trace keeps no attributes)
+    export_torchscript.py layers NAME                # print the default layers of a torchvision model
 
-torchvision / timm models are wrapped with forward hooks on the named submodules (default: the
-top-level children) and traced; Hugging Face vision transformers with output_hidden_states=True
+torchvision / timm / python models are wrapped with forward hooks on the named submodules and
+traced. The layers taken by default from torchvision (--layers overrides; names as in the output):
+    vit_*                  every encoder block: encoder.layers.encoder_layer_i -> block01..blockNN
+                           ([B, 197, D] tokens at 224 px; token 0 is CLS)
+    resnet*, resnext*, wide_resnet*
+                           the stem and the four stages: maxpool -> stem, layer1..layer4 -> stage1..4
+    convnext_*             the stem and the four stages: features.0 -> stem, features.1/3/5/7 -> stage1..4
+    swin_*                 the four stages: features.1/3/5/7 -> stage1..4 (Swin's feature maps are
+                           channels-last [B, H, W, C]; the export returns them as [B, C, H, W])
+    any other              the top-level children except the last (the head)
+timm models default to the top-level children except the last; Hugging Face vision transformers with output_hidden_states=True
 (each block's hidden states [B, T, D]; token 0 is CLS, so gradmap's --pooling cls and patch-mean
 apply). After saving, the export is reloaded and its outputs compared with the original module.
 """
@@ -116,9 +129,10 @@ def demo_model(kind: str, seed: int = 0) -> nn.Module:
 
 # ---------------------------------------------------------------------- wrapped models
 class HookWrapper(nn.Module):
-    """Runs `model`, returns the outputs of the named submodules (captured by forward hooks)."""
+    """Runs `model`, returns the outputs of the named submodules (captured by forward hooks).
+    Submodules listed in `channels_last` return [B, H, W, C] maps, returned as [B, C, H, W]."""
 
-    def __init__(self, model: nn.Module, layers: List[str]):
+    def __init__(self, model: nn.Module, layers: List[str], channels_last=()):
         super().__init__()
         self.model = model
         self.names = layers
@@ -127,8 +141,17 @@ class HookWrapper(nn.Module):
         for name in layers:
             if name not in mods:
                 raise SystemExit(f"no submodule {name!r}; choose from: {', '.join(list(mods)[1:40])} ...")
-            mods[name].register_forward_hook(lambda _m, _i, out: self._captured.append(
-                out[0] if isinstance(out, (tuple, list)) else out))
+            mods[name].register_forward_hook(self._hook(name in channels_last))
+
+    def _hook(self, permute: bool):
+        def hook(_m, _i, out):
+            if permute:  # the captured [B, C, H, W] view is what the rest of the network reads
+                nchw = out.permute(0, 3, 1, 2)
+                self._captured.append(nchw)
+                return nchw.permute(0, 2, 3, 1)
+            self._captured.append(out[0] if isinstance(out, (tuple, list)) else out)
+            return None
+        return hook
 
     def forward(self, x):
         self._captured = []
@@ -164,6 +187,70 @@ class Contract(nn.Module):
     def forward(self, x) -> Tuple[List[torch.Tensor], torch.Tensor]:
         layers, out = self.inner(x)
         return layers, out
+
+
+# ------------------------------------------------------------- default layers per family
+def torchvision_layers(name: str, model: nn.Module):
+    """(submodules, names, channels-last submodules) taken from a torchvision model by default."""
+    if name.startswith("vit_"):
+        blocks = [n for n, _ in model.encoder.layers.named_children()]
+        return ([f"encoder.layers.{b}" for b in blocks],
+                [f"block{i + 1:02d}" for i in range(len(blocks))], ())
+    if name.startswith(("resnet", "resnext", "wide_resnet")):
+        return (["maxpool", "layer1", "layer2", "layer3", "layer4"],
+                ["stem", "stage1", "stage2", "stage3", "stage4"], ())
+    if name.startswith("convnext"):
+        return (["features.0", "features.1", "features.3", "features.5", "features.7"],
+                ["stem", "stage1", "stage2", "stage3", "stage4"], ())
+    if name.startswith("swin"):
+        mods = ["features.1", "features.3", "features.5", "features.7"]
+        return mods, ["stage1", "stage2", "stage3", "stage4"], tuple(mods)
+    children = [n for n, _ in model.named_children()][:-1]
+    return children, children, ()
+
+
+def torchvision_model(name: str, weights=None, layers=None, seed=0):
+    """A torchvision model wrapped in forward hooks: (HookWrapper, layer names). weights=None
+    keeps torchvision's random initialisation (seeded); a weights name needs its local cache."""
+    import torchvision
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=weights).eval()
+    if weights is None:
+        # torchvision initialises some heads to zero (ViT's): every gradient would be exactly zero
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, nn.Linear) and not mod.weight.any():
+                    nn.init.normal_(mod.weight, std=0.02)
+    mods, names, channels_last = torchvision_layers(name, model)
+    if layers:
+        mods, names = layers, layers
+        if name.startswith("swin"):  # every Swin feature map is channels-last
+            channels_last = tuple(m for m in layers if m.startswith("features"))
+    return HookWrapper(model, mods, channels_last).eval(), names
+
+
+def python_model(spec: str):
+    """MODULE:FUNCTION -> FUNCTION(); MODULE is an importable name or a path to a .py file."""
+    import importlib
+    import importlib.util
+    import os
+    if ":" not in spec:
+        raise SystemExit(f"python: give MODULE:FUNCTION, not {spec!r}")
+    mod_name, fn = spec.rsplit(":", 1)
+    if mod_name.endswith(".py"):
+        if not os.path.exists(mod_name):
+            raise SystemExit(f"python: no file {mod_name}")
+        loader = importlib.util.spec_from_file_location("user_model", mod_name)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    if not hasattr(module, fn):
+        raise SystemExit(f"python: {mod_name} has no {fn}")
+    model = getattr(module, fn)()
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"python: {spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
 
 
 def export(module: nn.Module, path: str, input_size: int, layer_names=None, script=False):
@@ -214,7 +301,8 @@ def wrap(src: str, path: str, input_size, layer_names=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("source", choices=["demo-vit", "demo-cnn", "torchvision", "timm", "hf", "wrap"])
+    ap.add_argument("source", choices=["demo-vit", "demo-cnn", "torchvision", "timm", "hf", "python",
+                                       "wrap", "layers"])
     ap.add_argument("args", nargs="+", help="[NAME] OUT.pt")
     ap.add_argument("--layers", default=None, help="comma-separated submodule names to tap")
     ap.add_argument("--input-size", type=int, default=None)
@@ -224,23 +312,34 @@ def main(argv=None):
     if a.source.startswith("demo"):
         m = demo_model(a.source, a.seed)
         return export(m, a.args[0], a.input_size or 32, script=True)
+    if a.source == "layers":
+        import torchvision
+        model = torchvision.models.get_model(a.args[0], weights=None)
+        for mod, name in zip(*torchvision_layers(a.args[0], model)[:2]):
+            print(f"{name}\t{mod}")
+        return 0
     if len(a.args) != 2:
         ap.error("give NAME and OUT.pt")
     name, out = a.args
     if a.source == "wrap":
         return wrap(name, out, a.input_size, a.layers.split(",") if a.layers else None)
     size = a.input_size or 224
+    layers = a.layers.split(",") if a.layers else None
     if a.source == "torchvision":
-        import torchvision
-        model = torchvision.models.get_model(name, weights=a.weights)
-    elif a.source == "timm":
+        wrapped, names = torchvision_model(name, a.weights, layers, a.seed)
+        return export(wrapped, out, size, names)
+    if a.source == "python":
+        if not layers:
+            ap.error("python: give --layers (the submodules to tap, in network order)")
+        return export(HookWrapper(python_model(name), layers), out, size, layers)
+    if a.source == "timm":
         import timm
         model = timm.create_model(name, pretrained=False)
     else:
         from transformers import AutoModel
         model = AutoModel.from_pretrained(name)
         return export(HFWrapper(model), out, size, None)
-    layers = a.layers.split(",") if a.layers else [n for n, _ in model.named_children()][:-1]
+    layers = layers or [n for n, _ in model.named_children()][:-1]
     return export(HookWrapper(model.eval(), layers), out, size, layers)
 
 

@@ -7,7 +7,7 @@ pkgs=(
   libopenmpi-dev openmpi-bin
   libpetsc-real-dev libscalapack-openmpi-dev libhdf5-openmpi-dev hdf5-tools
   libboost-program-options-dev libtorch-dev libgtest-dev libopenblas-dev
-  python3-numpy python3-h5py python3-torch python3-sklearn python3-scipy
+  python3-numpy python3-h5py python3-torch python3-torchvision python3-sklearn python3-scipy
   python3-statsmodels python3-matplotlib python3-nibabel python3-pandas python3-mne python3-pil
   zlib1g-dev libjpeg-dev
   chromium

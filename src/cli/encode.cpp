@@ -23,7 +23,9 @@ Command encode_command() {
       "the group means for confidence intervals (docs/statistics.md).\n"
       "Writes /<kind>/{r,r2,alpha,exceed} [layers, targets] and the replicates to scores.h5.\n"
       "--joint adds the banded ridge of all layers' activations with each layer's gradients\n"
-      "and the gradients' unique variance beyond the activations (/unique_gradients).";
+      "and the gradients' unique variance beyond the activations (/unique_gradients).\n"
+      "Targets go in rounds (at least 8 per rank where they fit); after each, OUT.partial and\n"
+      "one checkpoint per rank are saved, so a killed run resumes from its last round.";
   c.options = [](po::options_description& d) {
     d.add_options()("features", po::value<std::string>()->required(), "features.h5")(
         "brain", po::value<std::string>()->required(), "brain_fmri.h5 or brain_meg.h5")(
@@ -69,7 +71,9 @@ Command encode_command() {
         "--joint: keep this many principal components of the activation block (0: all)")(
         "joint-nuisance", po::value<bool>()->default_value(true),
         "--joint: add the features file's nuisance features (each image's loss and per-layer "
-        "gradient norms, written by extract) to the activation model (true/false)");
+        "gradient norms, written by extract) to the activation model (true/false)")(
+        "no-resume", po::bool_switch(),
+        "start over even if a killed run's OUT.partial (same options, inputs and ranks) exists");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     encoding::EncodeOptions o;
@@ -91,6 +95,7 @@ Command encode_command() {
     o.joint = vm["joint"].as<bool>();
     o.joint_activation_dims = vm["joint-activation-dims"].as<std::int64_t>();
     o.joint_nuisance = vm["joint-nuisance"].as<bool>();
+    o.resume = !vm["no-resume"].as<bool>();
     auto numbers = [&](const char* option, std::vector<double>& out) {
       std::stringstream ss(vm[option].as<std::string>());
       for (std::string item; std::getline(ss, item, ',');) {

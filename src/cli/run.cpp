@@ -41,6 +41,8 @@ run::PipelineOptions pipeline_options(const po::variables_map& vm) {
   for (const char* key : {"model", "objective", "labels", "pooling"})
     if ((*configured)[key].defaulted())
       o.extract_defaulted.push_back(key);
+  o.extract_needs_split =
+      (*configured)["pca"].as<std::int64_t>() > 0 && (*configured)["split-from"].defaulted();
   return o;
 }
 

@@ -31,8 +31,10 @@ Command simulate_command() {
                            "held-out test images")(
         "image-size", po::value<std::int64_t>()->default_value(def.image_size), "pixels (square)")(
         "repetitions", po::value<std::int64_t>()->default_value(def.repetitions),
-        "trials per image")("voxels", po::value<std::int64_t>()->default_value(def.voxels),
-                            "fMRI voxels")(
+        "trials per image")("test-repetitions",
+                            po::value<std::int64_t>()->default_value(def.test_repetitions),
+                            "trials per test image (0: --repetitions)")(
+        "voxels", po::value<std::int64_t>()->default_value(def.voxels), "fMRI voxels")(
         "sensors", po::value<std::int64_t>()->default_value(def.sensors), "MEG sensors")(
         "times", po::value<std::int64_t>()->default_value(def.times), "MEG samples per epoch")(
         "tmin", po::value<double>()->default_value(def.tmin), "MEG epoch start (s)")(
@@ -66,6 +68,7 @@ Command simulate_command() {
     o.test_images = vm["test-images"].as<std::int64_t>();
     o.image_size = vm["image-size"].as<std::int64_t>();
     o.repetitions = vm["repetitions"].as<std::int64_t>();
+    o.test_repetitions = vm["test-repetitions"].as<std::int64_t>();
     o.voxels = vm["voxels"].as<std::int64_t>();
     o.sensors = vm["sensors"].as<std::int64_t>();
     o.times = vm["times"].as<std::int64_t>();

@@ -18,10 +18,13 @@
 // residual-permutation null, treated as a third kind "unique_gradients" (docs/statistics.md).
 #include "gradmap/encoding/encode.hpp"
 
+#include <sys/stat.h>
+
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <functional>
 #include <initializer_list>
 #include <limits>
@@ -30,6 +33,7 @@
 #include <optional>
 #include <set>
 
+#include "checkpoint.hpp"
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/profile.hpp"
@@ -226,6 +230,27 @@ struct Outputs {
   std::optional<io::Dataset> ju_ci, ju_exceed, ju_peak, ja_layer, nc, split_half;
 };
 
+// Creates an output dataset, or opens it in a resumed output, which has them all.
+struct OutputMaker {
+  const io::File& f;
+  bool resumed;
+  io::Dataset operator()(const std::string& name, io::DType type,
+                         const std::vector<std::int64_t>& dims,
+                         const std::vector<std::int64_t>& chunks = {}) const {
+    return resumed ? f.dataset(name) : f.create_dataset(name, type, dims, chunks);
+  }
+};
+
+// Not collective. Size and modification time of a file: a changed input invalidates a partial
+// output.
+std::string file_stamp(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0)
+    return path + ":missing";
+  return path + ":" + std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+         std::to_string(st.st_mtim.tv_nsec);
+}
+
 // One round's targets: columns t0 .. t0 + t of the responses, repetitions averaged and centred
 // with the training means (ytr [n, t], yte [m, t]), and their noise ceilings.
 struct Chunk {
@@ -252,8 +277,11 @@ private:
   void make_groups();
   void plan();
   void write_attributes(const io::File& f) const;
-  void create_outputs(const io::File& f);
-  void create_joint_outputs(const io::File& f);
+  std::string resume_key() const;
+  std::unique_ptr<io::OutputFile> open_output(std::int64_t& rounds_done);
+  void create_outputs(const io::File& f, bool resumed);
+  void create_joint_outputs(const io::File& f, bool resumed);
+  void checkpoint(io::File& f, std::int64_t rounds_done);
   Chunk read_chunk(std::int64_t u0, std::int64_t u1);
   void fit_chunk(const Chunk& ch);
   void fit_kind(std::int64_t k, const Chunk& ch, std::vector<double>& r2_grad);
@@ -299,6 +327,7 @@ private:
   std::optional<io::Dataset> resp_; // /brain/responses
   std::int64_t constant_ = 0, nonfinite_ = 0;
   std::vector<std::int64_t> nonfinite_examples_;
+  Progress* progress_ = nullptr; // counts target fits
 };
 
 Encoder::Encoder(const EncodeOptions& opt, MPI_Comm comm)
@@ -367,6 +396,11 @@ void Encoder::plan() {
   }
   const double budget = memory_gb * double(1 << 30);
   mp_ = plan_memory(lay_, split_, opt_, bi_.trials, G_, per_unit_, meg_, fi_.n, budget);
+  // At least kMinRounds rounds per rank where the targets allow: each ends in a checkpoint, so a
+  // killed run loses at most one round's work.
+  constexpr std::int64_t kMinRounds = 8;
+  mp_.chunk_units = std::max<std::int64_t>(
+      1, std::min(mp_.chunk_units, (ub_.size() + kMinRounds - 1) / kMinRounds));
   rounds_ = (ub_.size() + mp_.chunk_units - 1) / mp_.chunk_units;
   GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &rounds_, 1, MPI_INT64_T, MPI_MAX, comm_));
   GM_INFO("encode: " << lay_.K << " kinds x " << lay_.L << " layers, " << bi_.targets
@@ -406,25 +440,24 @@ void Encoder::write_attributes(const io::File& f) const {
 }
 
 // 4. Outputs (collective creation).
-void Encoder::create_outputs(const io::File& f) {
+void Encoder::create_outputs(const io::File& f, bool resumed) {
   const std::int64_t L = lay_.L, T = bi_.targets, K = lay_.K;
+  const OutputMaker make{f, resumed};
   const std::vector<std::int64_t> chunk{L, std::min<std::int64_t>(T, 4096)};
   for (const auto& kind : fi_.kinds) {
     for (const char* name : {"r", "r_normalised", "r2", "alpha"})
-      o_.kind.push_back(f.create_dataset("/" + kind + "/" + name, io::DType::f32, {L, T}, chunk));
+      o_.kind.push_back(make("/" + kind + "/" + name, io::DType::f32, {L, T}, chunk));
     if (opt_.store_predictions)
       for (const auto& layer : fi_.layers)
-        o_.kind.push_back(
-            f.create_dataset("/" + kind + "/prediction/" + layer, io::DType::f32, {m_, T}));
+        o_.kind.push_back(make("/" + kind + "/prediction/" + layer, io::DType::f32, {m_, T}));
   }
   for (std::int64_t k = 0; voxel_peaks_ && k < K; ++k)
-    o_.peak.push_back(
-        f.create_dataset("/" + fi_.kinds[k] + "/voxel_peak_p", io::DType::f32, {L, T}, chunk));
+    o_.peak.push_back(make("/" + fi_.kinds[k] + "/voxel_peak_p", io::DType::f32, {L, T}, chunk));
   if (opt_.permutations > 0)
     for (const auto& kind : fi_.kinds)
-      o_.exceed.push_back(f.create_dataset("/" + kind + "/exceed", io::DType::i32, {L, T}, chunk));
+      o_.exceed.push_back(make("/" + kind + "/exceed", io::DType::i32, {L, T}, chunk));
   if (lay_.joint)
-    create_joint_outputs(f);
+    create_joint_outputs(f, resumed);
   const bool clusters = meg_ && opt_.permutations > 0 && opt_.cluster_p > 0;
   const double cluster_r = clusters ? cluster_threshold(m_, opt_.cluster_p) : 0.0;
   for (std::int64_t kl = 0; nulls_ && kl < (K + (lay_.joint ? 1 : 0)) * L; ++kl) {
@@ -435,35 +468,33 @@ void Encoder::create_outputs(const io::File& f) {
     null_counts_ = null_bootstrap_counts(m_, opt_.permutations, opt_.seed);
   // K-fold: the held-out Pearson r of every fold at the target's chosen alpha.
   for (std::int64_t k = 0; nf_ > 0 && k < K; ++k)
-    o_.fold.push_back(f.create_dataset("/" + fi_.kinds[k] + "/fold_r", io::DType::f32, {nf_, L, T},
-                                       {nf_, L, std::min<std::int64_t>(T, 4096)}));
-  o_.nc = f.create_dataset("/noise_ceiling/nc", io::DType::f32, {T});
-  o_.split_half = f.create_dataset("/noise_ceiling/split_half", io::DType::f32, {T});
+    o_.fold.push_back(make("/" + fi_.kinds[k] + "/fold_r", io::DType::f32, {nf_, L, T},
+                           {nf_, L, std::min<std::int64_t>(T, 4096)}));
+  o_.nc = make("/noise_ceiling/nc", io::DType::f32, {T});
+  o_.split_half = make("/noise_ceiling/split_half", io::DType::f32, {T});
 }
 
 // --joint: the activation model's scores [T], and the unique kind [L, T] (docs/statistics.md,
 // "Unique variance"): t, the bootstrap-t statistic of the null; dR^2, the joint R^2, the shared
 // part, the chosen band weight and alpha; the 95% bootstrap interval of dR^2 [2, L, T].
-void Encoder::create_joint_outputs(const io::File& f) {
+void Encoder::create_joint_outputs(const io::File& f, bool resumed) {
   const std::int64_t L = lay_.L, T = bi_.targets;
+  const OutputMaker make{f, resumed};
   const std::vector<std::int64_t> chunk{L, std::min<std::int64_t>(T, 4096)};
   for (const char* name : {"r", "r2", "alpha"})
-    o_.ja.push_back(
-        f.create_dataset(std::string("/joint/activations/") + name, io::DType::f32, {T}));
-  o_.ja_layer = f.create_dataset("/joint/activations/layer", io::DType::i32, {T});
+    o_.ja.push_back(make(std::string("/joint/activations/") + name, io::DType::f32, {T}));
+  o_.ja_layer = make("/joint/activations/layer", io::DType::i32, {T});
   for (const char* name : {"t", "dr2", "r2_joint", "shared", "weight", "alpha"})
-    o_.ju.push_back(
-        f.create_dataset(std::string("/unique_gradients/") + name, io::DType::f32, {L, T}, chunk));
+    o_.ju.push_back(make(std::string("/unique_gradients/") + name, io::DType::f32, {L, T}, chunk));
   if (opt_.bootstraps > 0)
-    o_.ju_ci = f.create_dataset("/unique_gradients/dr2_ci", io::DType::f32, {2, L, T});
+    o_.ju_ci = make("/unique_gradients/dr2_ci", io::DType::f32, {2, L, T});
   if (opt_.permutations > 0)
-    o_.ju_exceed = f.create_dataset("/unique_gradients/exceed", io::DType::i32, {L, T}, chunk);
+    o_.ju_exceed = make("/unique_gradients/exceed", io::DType::i32, {L, T}, chunk);
   if (voxel_peaks_)
-    o_.ju_peak = f.create_dataset("/unique_gradients/voxel_peak_p", io::DType::f32, {L, T}, chunk);
+    o_.ju_peak = make("/unique_gradients/voxel_peak_p", io::DType::f32, {L, T}, chunk);
   for (const auto& layer : fi_.layers)
     if (opt_.store_predictions)
-      o_.ju_pred.push_back(
-          f.create_dataset("/unique_gradients/prediction/" + layer, io::DType::f32, {m_, T}));
+      o_.ju_pred.push_back(make("/unique_gradients/prediction/" + layer, io::DType::f32, {m_, T}));
 }
 
 // Reads the responses of units u0 .. u1 (as stored: no HDF5 conversion, half the bytes of
@@ -530,10 +561,13 @@ RidgeScores Encoder::fit(const Side& side, const std::vector<double>& y_tr,
                          const std::vector<double>& y_te, std::int64_t tt,
                          const std::vector<double>& grid) const {
   const Precision prec = opt_.precision;
-  return side.gram ? fit_kfold_gram(side.gb, y_tr, y_te, tt, grid, prec)
-         : opt_.alpha_cv == AlphaCV::kfold
-             ? fit_kfold(side.basis, side.folds, y_tr, y_te, tt, grid, prec)
-             : fit_loo(side.basis, y_tr, y_te, tt, grid, prec);
+  RidgeScores sc = side.gram ? fit_kfold_gram(side.gb, y_tr, y_te, tt, grid, prec)
+                   : opt_.alpha_cv == AlphaCV::kfold
+                       ? fit_kfold(side.basis, side.folds, y_tr, y_te, tt, grid, prec)
+                       : fit_loo(side.basis, y_tr, y_te, tt, grid, prec);
+  if (progress_)
+    progress_->advance(tt);
+  return sc;
 }
 
 // 5. Fits every layer of kind k on this chunk and writes the chunk's columns; keeps the
@@ -737,24 +771,117 @@ void Encoder::warn_excluded() {
                        << "scores are NaN");
 }
 
+// Every option and input that changes the numbers, and the layout of the rounds: a partial
+// output is resumed only under the same key.
+std::string Encoder::resume_key() const {
+  static_assert(sizeof(std::string) != 32 || sizeof(EncodeOptions) == 240,
+                "EncodeOptions changed: decide whether the new option belongs in resume_key()");
+  std::string k = "features=" + file_stamp(opt_.features) + ";brain=" + file_stamp(opt_.brain);
+  for (double a : alphas_)
+    k += ";alpha=" + std::to_string(a);
+  for (double w : jw_)
+    k += ";joint_weight=" + std::to_string(w);
+  k += ";alpha_cv=" + std::string(name(opt_.alpha_cv)) + ";folds=" + std::to_string(opt_.folds) +
+       ";seed=" + std::to_string(opt_.seed) +
+       ";store_predictions=" + std::to_string(opt_.store_predictions) +
+       ";precision=" + name(opt_.precision) + ";solver=" + name(opt_.solver) +
+       ";permutations=" + std::to_string(opt_.permutations) +
+       ";bootstraps=" + std::to_string(opt_.bootstraps) +
+       ";store_resamples=" + std::to_string(opt_.store_resamples) +
+       ";cluster_p=" + std::to_string(opt_.cluster_p) + ";joint=" + std::to_string(opt_.joint) +
+       ";joint_activation_dims=" + std::to_string(opt_.joint_activation_dims) +
+       ";joint_nuisance=" + std::to_string(opt_.joint_nuisance);
+  // not in the key: out, memory_gb and max_chunk (they act through the round layout below)
+  return k + ";ranks=" + std::to_string(p_) + ";chunk_units=" + std::to_string(mp_.chunk_units) +
+         ";rounds=" + std::to_string(rounds_);
+}
+
+// Collective. OUT.partial resumed when its key matches and every rank has its checkpoint of the
+// rounds it records as done (rounds_done > 0); else a new one (rounds_done = 0).
+std::unique_ptr<io::OutputFile> Encoder::open_output(std::int64_t& rounds_done) {
+  const std::string key = resume_key();
+  rounds_done = 0;
+  std::unique_ptr<io::OutputFile> out;
+  if (opt_.resume && io::OutputFile::has_partial(opt_.out)) {
+    bool ok = false;
+    try {
+      out = std::make_unique<io::OutputFile>(io::OutputFile::resume(opt_.out, comm_));
+      const io::File& f = out->file();
+      if (f.has_attr("/progress", "key") && f.attr_string("/progress", "key") == key) {
+        rounds_done = f.attr_int("/progress", "rounds_done");
+        create_outputs(f, true);
+        RankState st{&acc_, &constant_, &nonfinite_, &nonfinite_examples_};
+        ok = rounds_done > 0 && load_checkpoint(opt_.out, me_, rounds_done, key, st);
+      }
+    } catch (const Error& e) {
+      GM_WARN("encode: cannot resume " << io::OutputFile::partial_name(opt_.out) << " (" << e.what()
+                                       << "); starting over");
+    }
+    if (mpi::all_of(comm_, ok)) {
+      GM_INFO("encode: resuming " << io::OutputFile::partial_name(opt_.out) << ": " << rounds_done
+                                  << "/" << rounds_ << " rounds already done");
+      return out;
+    }
+    out.reset();
+    rounds_done = 0;
+    acc_.clear();
+    constant_ = nonfinite_ = 0;
+    nonfinite_examples_.clear();
+    o_ = Outputs{};
+  }
+  remove_checkpoints(opt_.out, me_);
+  out = std::make_unique<io::OutputFile>(opt_.out, comm_);
+  const io::File& f = out->file();
+  write_attributes(f);
+  create_outputs(f, false);
+  f.create_group("/progress");
+  f.set_attr("/progress", "key", key);
+  f.set_attr("/progress", "rounds_done", std::int64_t{0});
+  f.flush();
+  return out;
+}
+
+// Collective. After a round: its rows reach the file, each rank saves its accumulators, then
+// the file records the round as done (a kill in between leaves the older record, whose
+// checkpoints are still there: they are removed only after the new record).
+void Encoder::checkpoint(io::File& f, std::int64_t rounds_done) {
+  f.flush();
+  save_checkpoint(opt_.out, me_, rounds_done, f.attr_string("/progress", "key"),
+                  RankState{&acc_, &constant_, &nonfinite_, &nonfinite_examples_});
+  GM_CHECK_MPI(MPI_Barrier(comm_));
+  f.set_attr("/progress", "rounds_done", rounds_done);
+  f.flush();
+  std::error_code ec;
+  std::filesystem::remove(checkpoint_path(opt_.out, me_, rounds_done - 1), ec);
+}
+
 void Encoder::run() {
   sides_ = std::make_unique<TrainingSides>(opt_, ff_, fi_, split_, lay_, jw_, mp_.cache, comm_);
-  io::OutputFile out(opt_.out, comm_);
-  const io::File& f = out.file();
-  write_attributes(f);
-  create_outputs(f);
+  std::int64_t rounds_done = 0;
+  const std::unique_ptr<io::OutputFile> out = open_output(rounds_done);
+  io::File& f = out->file();
   resp_ = bf_.dataset("/brain/responses");
-  Progress progress("encode", ub_.size(), meg_ ? "sensors" : "voxels",
-                    ub_.size() > 0 ? double(units_) / double(ub_.size()) : 1.0);
-  for (std::int64_t round = 0; round < rounds_; ++round) {
+  // Progress in target fits: every kind and layer, and with --joint the activation candidates
+  // (all layers, each layer) and each layer's band weights.
+  const std::int64_t fits_per_target =
+      lay_.K * lay_.L + (lay_.joint ? lay_.L + 1 + lay_.L * lay_.W : 0);
+  const std::int64_t first = std::min(ub_.end, ub_.begin + rounds_done * mp_.chunk_units);
+  const std::int64_t todo = (ub_.end - first) * per_unit_ * fits_per_target;
+  const std::int64_t all_todo = mpi::sum(comm_, todo);
+  Progress progress("encode", todo, "target fits",
+                    todo > 0 ? double(all_todo) / double(todo) : 1.0);
+  progress_ = &progress;
+  for (std::int64_t round = rounds_done; round < rounds_; ++round) {
     const std::int64_t u0 = std::min(ub_.end, ub_.begin + round * mp_.chunk_units);
     const std::int64_t u1 = std::min(ub_.end, u0 + mp_.chunk_units);
     fit_chunk(read_chunk(u0, u1));
-    progress.advance(u1 - u0);
-    signals::check(comm_, "during encode (the partial " + opt_.out +
-                              " is not resumable: the stage restarts)");
+    checkpoint(f, round + 1);
+    signals::check(comm_, "during encode (" + opt_.out + ".partial holds " +
+                              std::to_string(round + 1) + "/" + std::to_string(rounds_) +
+                              " rounds: a rerun resumes)");
   }
   progress.finish();
+  progress_ = nullptr;
   warn_excluded();
   if (nulls_) {
     std::vector<std::string> names = fi_.kinds;
@@ -771,7 +898,8 @@ void Encoder::run() {
     f.write_small("/split/fold", split_.fold, {n_});
     f.set_attr("/", "folds", std::int64_t{opt_.folds});
   }
-  out.commit();
+  out->commit();
+  remove_checkpoints(opt_.out, me_);
   GM_INFO("encode: wrote " << opt_.out);
 }
 

@@ -278,7 +278,10 @@ void File::write_small(const std::string& name, const std::vector<T>& values,
                        const std::vector<std::int64_t>& dims) const {
   GM_REQUIRE(static_cast<std::int64_t>(values.size()) == product(dims),
              "write_small: size mismatch for " + name);
-  Dataset ds = create_dataset(name, DTypeOf<T>::value, dims);
+  // An existing dataset of this shape is rewritten (a resumed encode redoing its last stage).
+  Dataset ds = exists(name) && dataset(name).shape() == dims
+                   ? dataset(name)
+                   : create_dataset(name, DTypeOf<T>::value, dims);
   if (product(dims) == 0) // nothing to write (e.g. no clusters): H5Dwrite of unallocated storage
     return;               // fails; every rank has the same dims and skips alike
   const bool root = mpi::rank(comm_) == 0;

@@ -108,8 +108,15 @@ struct Planner {
   void analyse_one(const std::string& dir, const std::vector<std::string>& extra,
                    const std::vector<std::string>& report_inputs, bool with_report) {
     const std::string features = dir + "/features.h5";
-    plan.stages.push_back(
-        {"extract", extract_args(extract_base, extra, dir), {data_files(o.out)[0]}, {features}});
+    auto args = extract_args(extract_base, extra, dir);
+    std::vector<std::string> inputs{data_files(o.out)[0]};
+    // --pca is fitted on the training images: the brain's test images are left out of the fit
+    // (the first brain file; a simulated fMRI and MEG brain share one split).
+    if (o.extract_needs_split && !brains.empty()) {
+      args.insert(args.end(), {"--split-from", brains.front()});
+      inputs.push_back(brains.front());
+    }
+    plan.stages.push_back({"extract", args, inputs, {features}});
     std::vector<std::string> scores;
     for (const std::string modality : {"fmri", "meg"}) {
       const std::string brain = o.out + "/data/brain_" + modality + ".h5";

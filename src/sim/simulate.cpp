@@ -199,16 +199,33 @@ struct Design {
   std::vector<std::int64_t> test_stimuli;   // sorted
 };
 
+std::int64_t trial_count(const SimulateOptions& o) {
+  return (o.images - o.test_images) * o.repetitions +
+         o.test_images * o.test_repetitions_or_repetitions();
+}
+
+// Every image shown `repetitions` times (test images `test_repetitions` times), in random order.
+// The pool lists repetition r of every image that has one, r = 0, 1, ...; with equal counts its
+// element k is image k mod images.
 Design make_design(const SimulateOptions& o) {
   Design d;
-  const std::int64_t trials = o.images * o.repetitions;
-  const auto order = permutation(trials, Philox(o.seed, Stream::design, 0));
-  d.trial_stimulus.resize(static_cast<size_t>(trials));
-  for (std::int64_t t = 0; t < trials; ++t)
-    d.trial_stimulus[t] = order[t] % o.images;
   auto pick = permutation(o.images, Philox(o.seed, Stream::design, 1));
   d.test_stimuli.assign(pick.begin(), pick.begin() + o.test_images);
   std::sort(d.test_stimuli.begin(), d.test_stimuli.end());
+  std::vector<std::int64_t> shown(static_cast<size_t>(o.images), o.repetitions);
+  for (std::int64_t i : d.test_stimuli)
+    shown[i] = o.test_repetitions_or_repetitions();
+  const std::int64_t most = *std::max_element(shown.begin(), shown.end());
+  std::vector<std::int64_t> pool;
+  pool.reserve(static_cast<size_t>(trial_count(o)));
+  for (std::int64_t r = 0; r < most; ++r)
+    for (std::int64_t i = 0; i < o.images; ++i)
+      if (r < shown[i])
+        pool.push_back(i);
+  const auto order = permutation(std::int64_t(pool.size()), Philox(o.seed, Stream::design, 0));
+  d.trial_stimulus.resize(pool.size());
+  for (size_t t = 0; t < pool.size(); ++t)
+    d.trial_stimulus[t] = pool[order[t]];
   return d;
 }
 
@@ -655,7 +672,9 @@ void validate(const SimulateOptions& o) {
     bad("image-size", "must be between 8 and 1024 pixels");
   if (o.repetitions < 1 || o.repetitions > 100)
     bad("repetitions", "must be between 1 and 100");
-  if (o.images * o.repetitions > (std::int64_t(1) << 31))
+  if (o.test_repetitions < 0 || o.test_repetitions > 100)
+    bad("test-repetitions", "must be between 1 and 100 (0: --repetitions)");
+  if (trial_count(o) > (std::int64_t(1) << 31))
     bad("repetitions", "images x repetitions exceeds 2^31 trials");
   if (o.voxels < 1)
     bad("voxels", "must be positive");

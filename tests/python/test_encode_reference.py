@@ -6,6 +6,7 @@ predictions then differ by the constant training mean, which r and centred R^2 d
 independence from the number of ranks; recovery of the planted answer on simulated data; bad
 inputs."""
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -212,8 +213,12 @@ def test_chunked_targets_give_identical_results_and_budget_is_enforced():
     one, many = f"{BASE}/chunk1.h5", f"{BASE}/chunk4.h5"
     gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", one], ranks=2)
     p = gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out", many,
-                 "--max-chunk", 4], ranks=2)
-    assert "4 round(s) of up to 4 units" in p.stderr, p.stderr  # 13 voxels on rank 0 -> 4 rounds
+                 "--max-chunk", 4], ranks=1)
+    assert "7 round(s) of up to 4 units" in p.stderr, p.stderr  # 25 voxels on one rank -> 7 rounds
+    p = gradmap(["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5", "--out",
+                 f"{BASE}/chunk8.h5"], ranks=2)
+    # at least 8 rounds per rank (a checkpoint after each): 13 voxels on rank 0 -> rounds of 2
+    assert "7 round(s) of up to 2 units" in p.stderr, p.stderr
     with h5py.File(one) as a, h5py.File(many) as b:
         for d in ("/activations/r", "/activations/alpha", "/noise_ceiling/nc"):
             assert np.array_equal(a[d][()], b[d][()], equal_nan=True), d
@@ -315,8 +320,51 @@ def test_nan_targets_are_excluded_and_reported():
         assert np.array_equal(ra[:, keep], rb[:, keep], equal_nan=True)
 
 
+def test_a_killed_encode_resumes_to_the_same_output():
+    # SIGKILL once a checkpoint exists; the rerun resumes from the recorded rounds and writes what
+    # an uninterrupted run writes, bit for bit.
+    import signal
+    import subprocess
+    import time
+    from gmtest import GRADMAP, MPIEXEC, MPIEXEC_FLAGS
+    args = ["encode", "--features", f"{BASE}/features.h5", "--brain", f"{BASE}/brain.h5",
+            "--permutations", 2000, "--bootstraps", 200]
+    ref, out = f"{BASE}/resume-ref.h5", f"{BASE}/resume.h5"
+    gradmap([*args, "--out", ref], ranks=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", *MPIEXEC_FLAGS, GRADMAP, *map(str, args), "--out", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not os.path.exists(f"{out}.partial.rank1.round2") and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out), "the run finished before the kill: the test would be vacuous"
+    p = gradmap([*args, "--out", out], ranks=2)
+    assert "rounds already done" in p.stderr, p.stderr
+    done = int(p.stderr.split("rounds already done")[0].split("resuming")[-1].split(":")[-1].split("/")[0])
+    assert done >= 2, p.stderr
+    assert not [f for f in os.listdir(BASE) if f.startswith("resume.h5.")], os.listdir(BASE)
+    with h5py.File(ref) as a, h5py.File(out) as b:
+        names = []
+        a.visit(lambda n: names.append(n) if isinstance(a[n], h5py.Dataset) else None)
+        assert len(names) > 15, names
+        for n in names:
+            x, y = a[n][()], b[n][()]
+            same = np.array_equal(x, y, equal_nan=True) if x.dtype.kind == "f" else np.array_equal(x, y)
+            assert same, f"{n} differs after resuming"
+    # another option, or --no-resume: a partial output is not resumed
+    for extra in (["--seed", 5], ["--no-resume"]):
+        shutil.copy(out, out + ".partial")
+        p = gradmap([*args, *extra, "--out", out], ranks=2)
+        assert "already done" not in p.stderr, (extra, p.stderr)
+
+
 run_tests([test_matches_sklearn_ridgecv_and_ridge, test_primal_and_dual_paths_agree_for_any_rank_count, test_float32_selection_chooses_float64_alphas, test_fixed_alpha_equals_sklearn_ridge,
            test_noise_ceiling_matches_numpy, test_kfold_matches_a_loop_over_the_same_folds,
            test_chunked_targets_give_identical_results_and_budget_is_enforced,
            test_independent_of_the_number_of_ranks, test_recovers_the_planted_layers_on_simulated_data,
-           test_bad_inputs, test_nan_targets_are_excluded_and_reported])
+           test_bad_inputs, test_nan_targets_are_excluded_and_reported,
+           test_a_killed_encode_resumes_to_the_same_output])

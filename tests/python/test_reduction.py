@@ -108,6 +108,29 @@ def test_reduction_bad_options():
     assert not os.path.exists(f"{BASE}/x.h5")
 
 
+def test_run_fits_the_pca_on_the_training_images_of_its_brain():
+    # `gradmap run` with [extract] pca: the pipeline gives extract the brain file's split (the
+    # shipped NSD / THINGS-MEG configs set pca = 1024; without it the extract stage refused).
+    cfg = f"{BASE}/pca.ini"
+    with open(cfg, "w") as f:
+        f.write("[simulate]\nimages = 120\ntest-images = 20\nvoxels = 30\nmodality = fmri\n"
+                "image-size = 24\n[extract]\npca = 4\n[encode]\npermutations = 20\n"
+                "bootstraps = 20\n")
+    p = gradmap(["run", "--config", cfg, "--out", f"{BASE}/pca-run"], ranks=2)
+    assert "PCA fitted on 100 training images" in p.stderr, p.stderr
+    with h5py.File(f"{BASE}/pca-run/features.h5") as f, \
+            h5py.File(f"{BASE}/pca-run/data/brain_fmri.h5") as b:
+        assert f["/features"].attrs["reduction"] == "pca:4"
+        test = b["/brain/test_stimuli"][()]
+        pooled = h5py.File(f"{BASE}/pca-run/features.pooled.h5")
+        for kind in ("activations", "gradients"):
+            for n in f[f"/features/{kind}"]:
+                x = pooled[f"/features/{kind}/{n}"][()].astype(np.float64)
+                mu = np.delete(x, test, 0).mean(0)  # the mean of the training rows only
+                assert np.allclose(f[f"/reduction/{kind}/{n}/mean"][()], mu, rtol=1e-6, atol=1e-9)
+
+
 run_tests([test_pca_matches_lapack_svd_of_the_training_rows,
            test_pca_independent_of_ranks_and_reuses_pooled_features,
-           test_sparse_random_projection_reproduced_in_python, test_reduction_bad_options])
+           test_sparse_random_projection_reproduced_in_python, test_reduction_bad_options,
+           test_run_fits_the_pca_on_the_training_images_of_its_brain])

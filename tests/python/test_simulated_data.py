@@ -9,6 +9,8 @@ the schema of docs/design.md, and the planted answer visible in the data themsel
   the planted latencies run forward for activations; gradients run forward (misaligned) or
   top-down (aligned) after the forward sweep.
 """
+import os
+
 import h5py
 import numpy as np
 from sklearn.linear_model import RidgeCV
@@ -194,7 +196,36 @@ def test_meg_reliability_time_course():
         assert abs(rel[noise].mean()) < 0.02
 
 
+def test_things_meg_design_and_a_torchscript_reference_network():
+    """--test-repetitions: THINGS-MEG's design (training images once, test images 12 times), the
+    same for any rank count; --model torchscript:PATH as the reference network (its layers in
+    /truth), here a torchvision ResNet-18 at 64 px."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    import export_torchscript as ex
+    import torch
+    torch.manual_seed(0)
+    model = f"{BASE}/resnet18.pt"
+    ex.main(["torchvision", "resnet18", model, "--input-size", "64"])
+    args = ["--images", 80, "--test-images", 10, "--repetitions", 1, "--test-repetitions", 12,
+            "--modality", "meg", "--sensors", 5, "--times", 30, "--sfreq", 200, "--image-size", 64,
+            "--model", f"torchscript:{model}"]
+    for n in (1, 2):
+        gradmap(["simulate", "--out", f"{BASE}/things{n}", *args], ranks=n)
+    with h5py.File(f"{BASE}/things1/brain_meg.h5") as f, h5py.File(f"{BASE}/things2/brain_meg.h5") as g:
+        ts, test = f["/brain/trial_stimulus"][()], f["/brain/test_stimuli"][()]
+        shown = np.bincount(ts, minlength=80)
+        assert len(ts) == 70 + 120 and (shown[test] == 12).all() and (np.delete(shown, test) == 1).all()
+        assert np.array_equal(ts, g["/brain/trial_stimulus"][()])
+        assert np.array_equal(f["/brain/responses"][()], g["/brain/responses"][()])
+        layers = [x.decode() if isinstance(x, bytes) else x for x in f["/truth"].attrs["layers"]]
+        assert layers == ["stem", "stage1", "stage2", "stage3", "stage4"], layers
+        assert f["/truth"].attrs["model"] == f"torchscript:{model}"
+    p = gradmap(["simulate", "--out", f"{BASE}/bad", "--test-repetitions", -1], check=False)
+    assert p.returncode != 0 and "test-repetitions" in p.stdout + p.stderr, p.stderr
+
+
 run_tests([test_schema_of_every_file, test_truth_is_consistent_with_the_scenario,
            test_boundary_brains_for_the_verdicts,
            test_fmri_reliability_matches_the_snr, test_fmri_hierarchy_visible_from_pixel_statistics,
-           test_meg_reliability_time_course])
+           test_meg_reliability_time_course, test_things_meg_design_and_a_torchscript_reference_network])

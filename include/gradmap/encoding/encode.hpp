@@ -59,6 +59,7 @@ struct EncodeOptions {
   /// image's loss and per-layer gradient norms), when present, join the activation block as one
   /// more part: the reference model is then activations + nuisance.
   bool joint_nuisance = true;
+  bool resume = true; ///< continue a killed run's OUT.partial when its key matches
 };
 
 /// The default band weights of the joint model: 0.2, 0.5, 0.8.

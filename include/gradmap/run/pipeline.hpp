@@ -66,6 +66,9 @@ struct PipelineOptions {
   /// The extract options (of model, objective, labels, pooling) that the config leaves at their
   /// defaults: those are taken from the simulated brain's /truth when it records them.
   std::vector<std::string> extract_defaulted;
+  /// The config asks extract for a PCA (--pca K > 0) without --split-from: the pipeline gives it
+  /// the brain file, whose test images are left out of the fit.
+  bool extract_needs_split = false;
 };
 
 /// Not collective. The text of the config that a stage reads: its top-level keys and its own

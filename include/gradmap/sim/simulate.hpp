@@ -23,15 +23,21 @@ struct SimulateOptions {
   std::int64_t test_images = 100; ///< held out (/brain/test_stimuli)
   std::int64_t image_size = 32;   ///< pixels (square)
   std::int64_t repetitions = 2;   ///< trials per image
-  std::int64_t voxels = 1400;     ///< fMRI targets
-  std::int64_t sensors = 32;      ///< MEG sensors
-  std::int64_t times = 36;        ///< MEG samples per epoch
-  double tmin = -0.1;             ///< s, first MEG sample
-  double sfreq = 50.0;            ///< Hz, MEG sampling rate
-  double snr = 0.5;               ///< fMRI single-trial signal/noise variance ratio
-  double meg_snr = 0.5;           ///< MEG single-trial signal/noise variance ratio at the peak
-  double noise_fraction = 0.2;    ///< share of targets that are pure noise
-  double gradient_share = 0.5;    ///< variance share of the gradient component where both drive
+  /// Trials per test image (0: repetitions). THINGS-MEG shows its 200 test images 12 times and
+  /// its 22,248 training images once.
+  std::int64_t test_repetitions = 0;
+  std::int64_t test_repetitions_or_repetitions() const {
+    return test_repetitions ? test_repetitions : repetitions;
+  }
+  std::int64_t voxels = 1400;  ///< fMRI targets
+  std::int64_t sensors = 32;   ///< MEG sensors
+  std::int64_t times = 36;     ///< MEG samples per epoch
+  double tmin = -0.1;          ///< s, first MEG sample
+  double sfreq = 50.0;         ///< Hz, MEG sampling rate
+  double snr = 0.5;            ///< fMRI single-trial signal/noise variance ratio
+  double meg_snr = 0.5;        ///< MEG single-trial signal/noise variance ratio at the peak
+  double noise_fraction = 0.2; ///< share of targets that are pure noise
+  double gradient_share = 0.5; ///< variance share of the gradient component where both drive
   /// Boundary brains for the calibration of the verdicts (scenario aligned only): the gradient
   /// layer of every voxel K layers from its activation layer (up where it can, else down), and
   /// the gradients' timing: top-down (the prediction), flat (every layer at one latency: slope 0)
