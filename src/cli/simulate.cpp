@@ -55,7 +55,10 @@ Command simulate_command() {
         "every layer) or gap0 (top-down, the top layer's gradient at its activation's latency)")(
         "model", po::value<std::string>()->default_value(def.model), "reference network")(
         "voxel-chunk", po::value<std::int64_t>()->default_value(def.voxel_chunk),
-        "voxels generated per round (bounds memory)");
+        "voxels generated per round (bounds memory)")(
+        "memory-gb", po::value<double>()->default_value(def.memory_gb),
+        "memory budget per rank in GiB; a configuration that needs more is refused before any "
+        "work (default: 80% of the node's memory divided by its ranks)");
   };
   c.run = [](const po::variables_map& vm, Context& ctx) {
     sim::SimulateOptions o;
@@ -82,6 +85,7 @@ Command simulate_command() {
     o.gradient_timing = vm["gradient-timing"].as<std::string>();
     o.model = vm["model"].as<std::string>();
     o.voxel_chunk = vm["voxel-chunk"].as<std::int64_t>();
+    o.memory_gb = vm["memory-gb"].as<double>();
     o.threads = threads_of(vm, ctx);
     sim::simulate(o, ctx.comm);
   };

@@ -390,10 +390,8 @@ void Encoder::plan() {
   lay_ = make_layout(fi_, opt_, std::int64_t(alphas_.size()), std::int64_t(jw_.size()), n_,
                      ff_.exists("/nuisance/loss") && ff_.exists("/nuisance/grad_norm"));
   double memory_gb = opt_.memory_gb;
-  if (memory_gb == 0) { // the default: 80% of the node's memory shared by its ranks
-    const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
-    memory_gb = 0.8 * phys / double(mpi::node_size(comm_)) / double(1 << 30);
-  }
+  if (memory_gb == 0) // the default: 80% of the node's memory shared by its ranks
+    memory_gb = default_memory_budget(mpi::node_size(comm_)) / double(1 << 30);
   const double budget = memory_gb * double(1 << 30);
   mp_ = plan_memory(lay_, split_, opt_, bi_.trials, G_, per_unit_, meg_, fi_.n, budget);
   // At least kMinRounds rounds per rank where the targets allow: each ends in a checkpoint, so a

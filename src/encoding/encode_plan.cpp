@@ -230,16 +230,6 @@ bool use_gram(const EncodeOptions& opt, const ImageSplit& s, std::int64_t dim) {
           (opt.solver == Solver::automatic && dim <= s.min_fold_train));
 }
 
-std::string format_bytes(double bytes) {
-  const double gib = bytes / double(1 << 30);
-  char buf[64];
-  if (gib < 0.1)
-    std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / double(1 << 20));
-  else
-    std::snprintf(buf, sizeof buf, "%.2f GiB", gib);
-  return buf;
-}
-
 MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptions& opt,
                        std::int64_t trials, std::int64_t groups, std::int64_t per_unit, bool meg,
                        std::int64_t images, double budget) {

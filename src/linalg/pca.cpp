@@ -12,14 +12,20 @@
 namespace gradmap::linalg {
 namespace {
 
-// Sum over ranks, computed on rank 0 and broadcast: identical bits on every rank.
+// Sum over ranks, computed on rank 0 and broadcast: identical bits on every rank. In pieces of
+// 2^27 values (MPI counts are int).
 void sum_to_all(MPI_Comm comm, std::vector<double>& v) {
   const int me = mpi::rank(comm);
-  std::vector<double> out(v.size());
-  GM_CHECK_MPI(MPI_Reduce(v.data(), out.data(), int(v.size()), MPI_DOUBLE, MPI_SUM, 0, comm));
-  if (me == 0)
-    v.swap(out);
-  GM_CHECK_MPI(MPI_Bcast(v.data(), int(v.size()), MPI_DOUBLE, 0, comm));
+  constexpr size_t piece = size_t(1) << 27;
+  std::vector<double> out(me == 0 ? std::min(v.size(), piece) : 0);
+  for (size_t o = 0; o < v.size(); o += piece) {
+    const int n = int(std::min(piece, v.size() - o));
+    GM_CHECK_MPI(
+        MPI_Reduce(v.data() + o, me == 0 ? out.data() : nullptr, n, MPI_DOUBLE, MPI_SUM, 0, comm));
+    if (me == 0)
+      std::copy(out.begin(), out.begin() + n, v.begin() + std::ptrdiff_t(o));
+    GM_CHECK_MPI(MPI_Bcast(v.data() + o, n, MPI_DOUBLE, 0, comm));
+  }
 }
 
 // Orthonormalises the columns of the tall matrix Y (n_local x l rows distributed over comm) by

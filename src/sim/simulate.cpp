@@ -20,6 +20,7 @@
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/progress.hpp"
+#include "gradmap/core/text.hpp"
 #include "gradmap/core/timer.hpp"
 #include "gradmap/io/h5.hpp"
 #include "gradmap/io/schema.hpp"
@@ -231,6 +232,50 @@ Design make_design(const SimulateOptions& o) {
 
 // ------------------------------------------------------------------------- stimuli+features
 
+// Collective (the same verdict on every rank). Refuses, before the feature pass, a configuration
+// whose per-rank peak exceeds the budget, naming the option that drives it: the features of
+// every image (2 kinds, float64, on every rank, plus the float32 gather of the widest layer),
+// this rank's images, and the larger of the fMRI round (trials x voxel-chunk float32) and the
+// MEG block (1024 trials x this rank's sensors x times float32).
+void preflight(const SimulateOptions& o, const std::vector<std::int64_t>& dims, MPI_Comm comm) {
+  const int p = mpi::size(comm);
+  const double n = double(o.images), trials = double(trial_count(o));
+  double sum_d = 0, max_d = 0;
+  for (auto d : dims) {
+    sum_d += double(d);
+    max_d = std::max(max_d, double(d));
+  }
+  const double features = n * sum_d * 2 * 8 + n * max_d * 12;
+  const double images = std::ceil(n / p) * double(o.image_size * o.image_size * 3);
+  const bool fmri = o.modality != "meg", meg = o.modality != "fmri";
+  const double voxels_here =
+      std::min<double>(double(o.voxel_chunk), std::ceil(double(o.voxels) / p));
+  const double fmri_round = fmri ? trials * voxels_here * 4 : 0;
+  const double meg_block =
+      meg ? std::min(trials, 1024.0) * std::ceil(double(o.sensors) / p) * double(o.times) * 4 : 0;
+  const double need = features + images + std::max(fmri_round, meg_block);
+  const double budget =
+      o.memory_gb > 0 ? o.memory_gb * double(1 << 30) : default_memory_budget(mpi::node_size(comm));
+  if (mpi::all_of(comm, need <= budget))
+    return;
+  std::string remedy;
+  if (fmri_round >= features && fmri_round >= meg_block)
+    remedy = "lower --voxel-chunk (now " + std::to_string(o.voxel_chunk) + ")";
+  else if (meg_block > features)
+    remedy =
+        "run more ranks (each generates a block of the " + std::to_string(o.sensors) + " sensors)";
+  else
+    remedy = "lower --images, or use a reference network (--model) with fewer or narrower "
+             "layers, or fewer ranks per node";
+  throw UsageError("simulate needs about " + format_bytes(need) + " per rank (features of " +
+                   std::to_string(o.images) + " images x " + std::to_string(std::int64_t(sum_d)) +
+                   " dimensions x 2 kinds: " + format_bytes(features) + "; fMRI round: " +
+                   format_bytes(fmri_round) + "; MEG block: " + format_bytes(meg_block) +
+                   ") but the budget is " + format_bytes(budget) +
+                   " (--memory-gb; default 80% of the node's memory over its ranks): " + remedy +
+                   ", or raise --memory-gb");
+}
+
 Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
   StageTimer timer("simulate.stimuli");
   const int me = mpi::rank(comm), p = mpi::size(comm);
@@ -251,6 +296,7 @@ Features make_stimuli(const SimulateOptions& o, MPI_Comm comm) {
   mpi::collective_check(comm, [&] { fx = std::make_unique<model::FeatureExtractor>(xo); });
   const auto& dims = fx->layer_dims();
   const size_t L = dims.size();
+  preflight(o, dims, comm);
   std::vector<std::vector<float>> local[2];
   local[0].resize(L);
   local[1].resize(L);
@@ -694,6 +740,8 @@ void validate(const SimulateOptions& o) {
     bad("gradient-share", "must be in [0, 1]");
   if (o.voxel_chunk < 1)
     bad("voxel-chunk", "must be positive");
+  if (!(o.memory_gb >= 0))
+    bad("memory-gb", "must be >= 0 (0: the default budget)");
 }
 
 void simulate(const SimulateOptions& o, MPI_Comm comm) {

@@ -192,6 +192,6 @@ TEST(EncodePlan, MemoryPlanCachesWhenItFitsAndRefusesBelowOneUnit) {
 }
 
 TEST(EncodePlan, FormatBytes) {
-  EXPECT_EQ(format_bytes(0.05 * double(1 << 30)), "51.2 MiB");
-  EXPECT_EQ(format_bytes(2.5 * double(1 << 30)), "2.50 GiB");
+  EXPECT_EQ(gradmap::format_bytes(0.05 * double(1 << 30)), "51.2 MiB");
+  EXPECT_EQ(gradmap::format_bytes(2.5 * double(1 << 30)), "2.50 GiB");
 }

@@ -225,7 +225,22 @@ def test_things_meg_design_and_a_torchscript_reference_network():
     assert p.returncode != 0 and "test-repetitions" in p.stdout + p.stderr, p.stderr
 
 
+def test_memory_preflight_refuses_naming_the_option():
+    # before any image is rendered through the network, on every rank, with the sizes
+    from gmtest import expect_failure
+    out = expect_failure(["simulate", "--out", f"{BASE}/pf", "--images", 4000, "--voxels", 100000,
+                          "--voxel-chunk", 100000, "--memory-gb", 1, "--modality", "fmri"],
+                         "lower --voxel-chunk (now 100000)", "1.49 GiB", "--memory-gb", ranks=2)
+    assert "features: 0/" not in out and not os.path.exists(f"{BASE}/pf/brain_fmri.h5")
+    expect_failure(["simulate", "--out", f"{BASE}/pf", "--images", 3000, "--memory-gb", 0.001],
+                   "features of 3000 images x 336 dimensions", "lower --images", ranks=2)
+    # the same brain fits once the option is lowered
+    gradmap(["simulate", "--out", f"{BASE}/pf", "--images", 300, "--voxels", 3000, "--voxel-chunk",
+             100, "--memory-gb", 0.05, "--modality", "fmri"], ranks=2)
+
+
 run_tests([test_schema_of_every_file, test_truth_is_consistent_with_the_scenario,
            test_boundary_brains_for_the_verdicts,
            test_fmri_reliability_matches_the_snr, test_fmri_hierarchy_visible_from_pixel_statistics,
-           test_meg_reliability_time_course, test_things_meg_design_and_a_torchscript_reference_network])
+           test_meg_reliability_time_course, test_things_meg_design_and_a_torchscript_reference_network,
+           test_memory_preflight_refuses_naming_the_option])

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "gradmap/core/text.hpp" // format_bytes
+
 #include "gradmap/encoding/encode.hpp"
 
 namespace gradmap::io {
@@ -110,8 +112,5 @@ struct MemoryPlan {
 MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptions& opt,
                        std::int64_t trials, std::int64_t groups, std::int64_t per_unit, bool meg,
                        std::int64_t images, double budget);
-
-/// Bytes as GiB with two decimals ("0.05 GiB"), or MiB below 0.1 GiB.
-std::string format_bytes(double bytes);
 
 } // namespace gradmap::encoding

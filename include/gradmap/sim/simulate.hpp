@@ -47,6 +47,7 @@ struct SimulateOptions {
   std::string model = "builtin:tinycnn";
   int threads = 1;
   std::int64_t voxel_chunk = 512; ///< voxels generated per round (bounds memory)
+  double memory_gb = 0; ///< per-rank budget of the preflight (0: 80% of the node's memory / ranks)
 };
 
 /// Not collective. Throws UsageError naming the option when a value is out of range.
