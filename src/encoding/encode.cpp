@@ -393,12 +393,9 @@ void Encoder::plan() {
   if (memory_gb == 0) // the default: 80% of the node's memory shared by its ranks
     memory_gb = default_memory_budget(mpi::node_size(comm_)) / double(1 << 30);
   const double budget = memory_gb * double(1 << 30);
-  mp_ = plan_memory(lay_, split_, opt_, bi_.trials, G_, per_unit_, meg_, fi_.n, budget);
-  // At least kMinRounds rounds per rank where the targets allow: each ends in a checkpoint, so a
-  // killed run loses at most one round's work.
-  constexpr std::int64_t kMinRounds = 8;
-  mp_.chunk_units = std::max<std::int64_t>(
-      1, std::min(mp_.chunk_units, (ub_.size() + kMinRounds - 1) / kMinRounds));
+  // the largest rank's share, so that every rank makes the same plan (caching is collective)
+  mp_ = plan_memory(lay_, split_, opt_, bi_.trials, G_, per_unit_, meg_, fi_.n, budget,
+                    (units_ + p_ - 1) / p_);
   rounds_ = (ub_.size() + mp_.chunk_units - 1) / mp_.chunk_units;
   GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &rounds_, 1, MPI_INT64_T, MPI_MAX, comm_));
   GM_INFO("encode: " << lay_.K << " kinds x " << lay_.L << " layers, " << bi_.targets

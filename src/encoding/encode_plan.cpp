@@ -232,7 +232,7 @@ bool use_gram(const EncodeOptions& opt, const ImageSplit& s, std::int64_t dim) {
 
 MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptions& opt,
                        std::int64_t trials, std::int64_t groups, std::int64_t per_unit, bool meg,
-                       std::int64_t images, double budget) {
+                       std::int64_t images, double budget, std::int64_t units_here) {
   const std::int64_t n = s.n(), m = s.m(), K = lay.K, L = lay.L, W = lay.W;
   const bool kfold = opt.alpha_cv == AlphaCV::kfold;
   MemoryPlan mp;
@@ -263,12 +263,18 @@ MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptio
       (lay.joint ? 8 * (W + L + 5) * (m + 8 + opt.folds) + 4 * std::int64_t(opt.bootstraps) : 0);
   // Working set of one basis computation: the features, their standardised copies, the SVD.
   const std::int64_t one_basis = 8 * (images * pmax + (n + m) * pmax + 2 * (n + pmax) * rmax);
-  mp.cache = double(mp.basis_bytes) <= budget / 2;
   const std::int64_t null_bytes = 4 * m * (opt.permutations + opt.bootstraps) +
                                   8 * K * L * groups * (opt.permutations + opt.bootstraps);
   const double joint_bytes = lay.joint ? 8.0 * double(n + m) * double(lay.pa_all + lay.pa) : 0.0;
-  mp.fixed = (mp.cache ? double(mp.basis_bytes) : 0.0) + double(one_basis) +
-             double(null_bytes) * (lay.joint ? double(K + 1) / double(K) : 1.0) + joint_bytes;
+  const double uncached = double(one_basis) +
+                          double(null_bytes) * (lay.joint ? double(K + 1) / double(K) : 1.0) +
+                          joint_bytes;
+  const std::int64_t round_units = (units_here + kMinRounds - 1) / kMinRounds;
+  mp.cache = double(mp.basis_bytes) <= budget / 2 ||
+             (round_units > 0 &&
+              uncached + double(mp.basis_bytes) + double(mp.per_target * per_unit * round_units) <=
+                  budget);
+  mp.fixed = (mp.cache ? double(mp.basis_bytes) : 0.0) + uncached;
   mp.chunk_units = std::int64_t((budget - mp.fixed) / double(mp.per_target * per_unit));
   if (mp.chunk_units < 1)
     throw UsageError("encode needs about " +
@@ -276,6 +282,8 @@ MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptio
                      std::to_string(n) + " training images x " + std::to_string(pmax) +
                      " features, but --memory-gb allows " + format_bytes(budget) +
                      "; raise --memory-gb, reduce the features (extract --pca), or use more nodes");
+  if (mp.cache && round_units > 0)
+    mp.chunk_units = std::min(mp.chunk_units, round_units);
   if (opt.max_chunk > 0)
     mp.chunk_units = std::min(mp.chunk_units, opt.max_chunk);
   return mp;

@@ -176,6 +176,18 @@ TEST(EncodePlan, MemoryPlanCachesWhenItFitsAndRefusesBelowOneUnit) {
   EXPECT_FALSE(small.cache);
   EXPECT_LT(small.chunk_units, big.chunk_units);
   EXPECT_GE(small.chunk_units, 1);
+  // ... unless the sides and a round of a kMinRounds-th of this rank's units fit together:
+  // cached, at least kMinRounds rounds
+  const double per_round_of_16 = double(small.per_target) * 2;
+  const MemoryPlan fits =
+      plan_memory(y, s, o, 400, 7, 1, false, 400,
+                  small.fixed + double(big.basis_bytes) + per_round_of_16 + 1, 16);
+  EXPECT_TRUE(fits.cache);
+  EXPECT_EQ(fits.chunk_units, 2); // 16 units in kMinRounds = 8 rounds
+  const double tight_budget = small.fixed + double(big.basis_bytes) + per_round_of_16 - 1;
+  const MemoryPlan tight = plan_memory(y, s, o, 400, 7, 1, false, 400, tight_budget, 16);
+  EXPECT_EQ(tight.cache, double(big.basis_bytes) <= tight_budget / 2); // only the first rule
+  EXPECT_EQ(plan_memory(y, s, o, 400, 7, 1, false, 400, 4 * gib, 1000).chunk_units, 125);
   o.max_chunk = 3;
   EXPECT_EQ(plan_memory(y, s, o, 400, 7, 1, false, 400, 4 * gib).chunk_units, 3);
   try {

@@ -102,15 +102,23 @@ struct MemoryPlan {
   std::int64_t per_target = 0;  ///< per target (MEG: per (sensor, time))
   std::int64_t pmax = 0;        ///< widest side
   double fixed = 0;             ///< bytes that do not scale with the targets of a round
-  bool cache = false;           ///< training sides kept for all rounds (<= half the budget)
+  bool cache = false;           ///< training sides kept for all rounds
   std::int64_t chunk_units = 0; ///< target units (voxels, sensors) per round, >= 1
 };
 
+/// Encode's rounds: at least this many per rank where the targets allow when the training sides
+/// are cached (each round ends in a checkpoint: a kill loses at most one round).
+constexpr std::int64_t kMinRounds = 8;
+
 /// `trials`: trials in the brain file; `groups`: ROIs or time points; `per_unit`: targets per
-/// unit (MEG: times); `meg`: no voxel-level peaks. Throws UsageError, with the sizes, when not
-/// even one unit fits in `budget` bytes.
+/// unit (MEG: times); `meg`: no voxel-level peaks; `units_here`: this rank's target units (0:
+/// unknown). The training sides are cached when they take at most half the budget, or when with
+/// them a round of ceil(units_here / kMinRounds) units still fits; cached, a round holds at most
+/// that many units (at least kMinRounds rounds); recomputed per round, as many as fit (every
+/// round recomputes them). Throws UsageError, with the sizes, when not even one unit fits in
+/// `budget` bytes.
 MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptions& opt,
                        std::int64_t trials, std::int64_t groups, std::int64_t per_unit, bool meg,
-                       std::int64_t images, double budget);
+                       std::int64_t images, double budget, std::int64_t units_here = 0);
 
 } // namespace gradmap::encoding
