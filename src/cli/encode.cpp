@@ -24,8 +24,9 @@ Command encode_command() {
       "Writes /<kind>/{r,r2,alpha,exceed} [layers, targets] and the replicates to scores.h5.\n"
       "--joint adds the banded ridge of all layers' activations with each layer's gradients\n"
       "and the gradients' unique variance beyond the activations (/unique_gradients).\n"
-      "Targets go in rounds (at least 8 per rank where they fit); after each, OUT.partial and\n"
-      "one checkpoint per rank are saved, so a killed run resumes from its last round.";
+      "Targets go in rounds (at least 8 per rank when the training sides are cached); after\n"
+      "each, OUT.partial and one checkpoint per rank are saved, so a killed run resumes from\n"
+      "its last round.";
   c.options = [](po::options_description& d) {
     d.add_options()("features", po::value<std::string>()->required(), "features.h5")(
         "brain", po::value<std::string>()->required(), "brain_fmri.h5 or brain_meg.h5")(
