@@ -893,6 +893,7 @@ void Encoder::run() {
     f.write_small("/split/fold", split_.fold, {n_});
     f.set_attr("/", "folds", std::int64_t{opt_.folds});
   }
+  f.remove("/progress"); // the resume record: not part of the scores
   out->commit();
   remove_checkpoints(opt_.out, me_);
   GM_INFO("encode: wrote " << opt_.out);

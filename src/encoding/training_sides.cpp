@@ -66,16 +66,19 @@ void broadcast_gram_fold(GramFold& f, std::int64_t p, int root, MPI_Comm comm) {
 JobQueue::JobQueue(MPI_Comm comm) : comm_(comm), me_(mpi::rank(comm)), size_(mpi::size(comm)) {}
 
 void JobQueue::add(bool distribute, std::function<void()> run, std::function<void(int)> share) {
-  if (!distribute)
+  if (!distribute) {
     run();
-  else
-    jobs_.push_back({int(count_++ % size_), std::move(run), std::move(share)});
+    return;
+  }
+  // This rank's jobs run at once and the others' are dropped: either way the job's inputs are
+  // freed here, so a batch of sides never holds all its inputs at the same time.
+  const int owner = int(count_++ % size_);
+  if (owner == me_)
+    run();
+  jobs_.push_back({owner, std::move(share)});
 }
 
 void JobQueue::run_all() {
-  for (auto& j : jobs_)
-    if (j.owner == me_)
-      j.run();
   for (auto& j : jobs_)
     j.share(j.owner);
   jobs_.clear();
@@ -246,12 +249,7 @@ void TrainingSides::svd_job(RidgeBasis& out, std::vector<double> xa, std::int64_
   auto xs = std::make_shared<std::pair<std::vector<double>, std::vector<double>>>(std::move(xa),
                                                                                   std::move(xb));
   jobs_.add(
-      distribute,
-      [&out, xs, na, dim, nb] {
-        out = make_basis(xs->first, na, dim, xs->second, nb);
-        xs->first.clear();
-        xs->second.clear();
-      },
+      distribute, [&out, xs, na, dim, nb] { out = make_basis(xs->first, na, dim, xs->second, nb); },
       [&out, this_comm = comm_](int owner) { broadcast_basis(out, owner, this_comm); });
 }
 

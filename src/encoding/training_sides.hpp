@@ -27,20 +27,20 @@ struct Side {
   GramBasis gb;
 };
 
-/// Decompositions dealt to ranks: each rank first runs the jobs it owns, then every job is
-/// broadcast from its owner, so the ranks work at the same time. A job that is not distributed
-/// runs at once on the calling rank.
+/// Decompositions dealt to ranks: each rank runs the jobs it owns as they are added (and drops
+/// the others' inputs), then run_all broadcasts every job from its owner, so the ranks work at
+/// the same time and hold one job's inputs at a time. A job that is not distributed runs at once
+/// on the calling rank.
 class JobQueue {
 public:
   explicit JobQueue(MPI_Comm comm);
   void add(bool distribute, std::function<void()> run, std::function<void(int)> share);
-  /// Collective: runs this rank's jobs, then shares every job from its owner.
+  /// Collective: shares every job from its owner (this rank's ran when added).
   void run_all();
 
 private:
   struct Job {
     int owner;
-    std::function<void()> run;
     std::function<void(int)> share;
   };
   MPI_Comm comm_;

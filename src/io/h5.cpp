@@ -208,6 +208,10 @@ void File::create_group(const std::string& name) const {
   Handle g(GM_CHECK_H5(H5Gcreate2(id(), name.c_str(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT)));
 }
 
+void File::remove(const std::string& name) const {
+  GM_CHECK_H5(H5Ldelete(id(), name.c_str(), H5P_DEFAULT));
+}
+
 std::vector<std::string> File::members(const std::string& group) const {
   Handle g(H5Gopen2(id(), group.c_str(), H5P_DEFAULT));
   if (g.get() < 0) {

@@ -150,6 +150,8 @@ public:
   bool exists(const std::string& name) const;
   /// Collective. Creates a group and any missing parents.
   void create_group(const std::string& name) const;
+  /// Collective. Unlinks an object (a group with all it holds); the space is not reclaimed.
+  void remove(const std::string& name) const;
   /// Collective. Names of the members of a group (sorted by name).
   std::vector<std::string> members(const std::string& group) const;
 
