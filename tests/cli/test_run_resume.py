@@ -96,20 +96,14 @@ def test_sigkill_at_several_points_then_resume():
         for k in want:
             assert np.array_equal(got[k], want[k], equal_nan=True), f"kill at {frac}: {k} differs"
         assert got_summary == want_summary, f"kill at {frac}: summary differs"
-    # killed inside encode, after its second checkpoint: the rerun resumes that stage's rounds
+    # killed inside encode (SIGKILL on every rank right after its round 2 is recorded): the rerun
+    # resumes that stage's rounds
     out = f"{BASE}/kenc"
-    cmd = [MPIEXEC, "-n", "2", *MPIEXEC_FLAGS, GRADMAP, "run", "--config", cfg, "--out", out]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                         start_new_session=True)
-    deadline = time.time() + 300
-    while not os.path.exists(f"{out}/scores_fmri.h5.partial.rank1.round2") and p.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not os.path.exists(f"{out}/scores_fmri.h5"), "encode finished before the kill"
+    p = gradmap(["run", "--config", cfg, "--out", out], ranks=2, timeout=600, check=False,
+                env={"GRADMAP_TEST_KILL_AFTER_ROUND": "2"})
+    assert p.returncode != 0 and not os.path.exists(f"{out}/scores_fmri.h5"), p.stderr
     r = gradmap(["run", "--config", cfg, "--out", out], ranks=2, timeout=600)
-    assert re.search(r"resuming \S*scores_fmri.h5.partial: [2-8]/8 rounds already done", r.stderr), r.stderr
+    assert re.search(r"resuming \S*scores_fmri.h5.partial: 2/\d+ rounds already done", r.stderr), r.stderr
     got, got_summary = stats_of(out)
     for k in want:
         assert np.array_equal(got[k], want[k], equal_nan=True), f"kill in encode: {k} differs"
