@@ -62,6 +62,19 @@ def encode_flops(dims, n, m, t, joint=True):
     return total + replicates
 
 
+def sides_bytes(dims, n, m, joint=True):
+    """Encode's cached training sides per rank (every rank holds all of them): per design of
+    width p, U in float64 and float32 and X_test V (12 n r + 8 m r bytes, r = min(n, p)), as
+    encode's memory plan counts them (src/encoding/encode_plan.cpp)."""
+    dims = [min(d, PCA) for d in dims]
+    nq = 1 + len(dims) * NQ_PER_LAYER
+    widths = 2 * dims
+    if joint:
+        refs = [sum(dims) + nq] + [d + nq for d in dims]
+        widths += refs + [p + d for p in refs for d in dims for _ in range(W)]
+    return sum(12 * n * min(n, p) + 8 * m * min(n, p) for p in widths)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encode-gflops", type=float, required=True, help="measured, per core")
@@ -70,25 +83,30 @@ def main():
     ap.add_argument("--nodes", type=int, default=16)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--gpu-tflops", type=float, default=20.0, help="assumed, per GPU")
+    ap.add_argument("--study", default="resnet50,convnext_tiny,swin_t" + ",vit_b_16" * 6,
+                    help="the study's models (9: three CNNs and six ViT-B-sized backbones)")
     a = ap.parse_args()
     cores = a.cores_per_node * a.nodes
     print(f"| model | dataset | encode Tflop per subject | encode, 1 core (h) | encode per subject on "
-          f"{a.nodes} x {a.cores_per_node} cores (min) | extract per subject, 1 GPU (min) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"{a.nodes} x {a.cores_per_node} cores (min) | cached sides per rank (GiB) | "
+          f"extract per subject, 1 GPU (min) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     totals = {"encode_core_h": 0.0, "extract_gpu_h": 0.0}
+    study = a.study.split(",")
     for name, (dims, gf) in MODELS.items():
         for ds, (n, m, t, _trials, subjects) in DATASETS.items():
             f = encode_flops(dims, n, m, t)
             core_h = f / (a.encode_gflops * 1e9) / 3600
             images = n + m
             ext_gpu_min = images * 3 * gf * 1e9 / (a.gpu_tflops * 1e12) / 60
+            sides = sides_bytes(dims, n, m) / 2**30
             print(f"| {name} | {ds} | {f / 1e12:.0f} | {core_h:.0f} | {core_h * 60 / cores:.1f} | "
-                  f"{ext_gpu_min:.1f} |")
-            if "rehearsal" not in name:
-                totals["encode_core_h"] += core_h * subjects
-                totals["extract_gpu_h"] += ext_gpu_min / 60 * subjects
+                  f"{sides:.0f} | {ext_gpu_min:.1f} |")
+            copies = study.count(name)
+            totals["encode_core_h"] += copies * core_h * subjects
+            totals["extract_gpu_h"] += copies * ext_gpu_min / 60 * subjects
     print()
-    print(f"The four real models over both datasets (8 + 4 subjects): encode "
+    print(f"The study ({len(study)} models: {a.study}) over both datasets (8 + 4 subjects): encode "
           f"{totals['encode_core_h']:.0f} core-hours ({totals['encode_core_h'] / cores:.1f} h on "
           f"{cores} cores), extract {totals['extract_gpu_h']:.1f} GPU-hours "
           f"({totals['extract_gpu_h'] / a.gpus:.2f} h on {a.gpus} GPUs, assumed "

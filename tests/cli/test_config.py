@@ -83,5 +83,26 @@ times = 8
             assert f["/activations/r"].shape[0] == 6 and f["/gradients/r"].shape[0] == 6
 
 
+def test_shipped_configs_use_existing_options():
+    # every key of every section of config/*.ini is an option of the command the section names
+    # (a misspelt key in a shipped config would only fail when a user runs it)
+    import configparser
+    import re
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "config")
+    names = sorted(n for n in os.listdir(root) if n.endswith(".ini"))
+    assert {"demo.ini", "rehearsal-nsd.ini", "rehearsal-things-meg.ini"} <= set(names), names
+    checked = 0
+    for name in names:
+        cfg = configparser.ConfigParser(inline_comment_prefixes=("#", ";"))
+        cfg.read(os.path.join(root, name))
+        for section in cfg.sections():
+            h = gradmap([section, "--help"]).stdout
+            known = set(re.findall(r"^\s+--([a-z][a-z-]*)", h, re.M))
+            for key in cfg[section]:
+                assert key in known, f"{name} [{section}]: gradmap {section} has no option --{key}"
+                checked += 1
+    assert checked > 60, checked
+
+
 run_tests([test_help_for_every_command, test_version, test_config_sections_and_command_line_override,
-           test_run_on_a_config_simulates_and_validates])
+           test_run_on_a_config_simulates_and_validates, test_shipped_configs_use_existing_options])
