@@ -22,7 +22,7 @@ import export_torchscript as ex  # noqa: E402
 
 BASE = tmpdir("torchvision")
 N_IMAGES = 3
-FACTOR = 4  # x PyTorch's thread-count variation
+FACTOR = 8  # x PyTorch's thread-count variation (ResNet-50 early stages: up to 1.7x seen, Haswell kernels)
 
 
 class UserWrapper(torch.nn.Module):
