@@ -330,6 +330,7 @@ private:
   std::int64_t constant_ = 0, nonfinite_ = 0;
   std::vector<std::int64_t> nonfinite_examples_;
   Progress* progress_ = nullptr; // counts target fits
+  std::string key_;              // the resume key of this run (open_output)
 };
 
 Encoder::Encoder(const EncodeOptions& opt, MPI_Comm comm)
@@ -796,7 +797,8 @@ std::string Encoder::resume_key() const {
 // Collective. OUT.partial resumed when its key matches and every rank has its checkpoint of the
 // rounds it records as done (rounds_done > 0); else a new one (rounds_done = 0).
 std::unique_ptr<io::OutputFile> Encoder::open_output(std::int64_t& rounds_done) {
-  const std::string key = resume_key();
+  key_ = resume_key();
+  const std::string& key = key_;
   rounds_done = 0;
   std::unique_ptr<io::OutputFile> out;
   if (opt_.resume && io::OutputFile::has_partial(opt_.out)) {
@@ -843,7 +845,7 @@ std::unique_ptr<io::OutputFile> Encoder::open_output(std::int64_t& rounds_done) 
 // checkpoints are still there: they are removed only after the new record).
 void Encoder::checkpoint(io::File& f, std::int64_t rounds_done) {
   f.flush();
-  save_checkpoint(opt_.out, me_, rounds_done, f.attr_string("/progress", "key"),
+  save_checkpoint(opt_.out, me_, rounds_done, key_,
                   RankState{&acc_, &constant_, &nonfinite_, &nonfinite_examples_});
   GM_CHECK_MPI(MPI_Barrier(comm_));
   f.set_attr("/progress", "rounds_done", rounds_done);
@@ -863,10 +865,10 @@ void Encoder::run() {
   const std::int64_t fits_per_target =
       lay_.K * lay_.L + (lay_.joint ? lay_.L + 1 + lay_.L * lay_.W : 0);
   const std::int64_t first = std::min(ub_.end, ub_.begin + rounds_done * mp_.chunk_units);
-  const std::int64_t todo = (ub_.end - first) * per_unit_ * fits_per_target;
-  const std::int64_t all_todo = mpi::sum(comm_, todo);
-  Progress progress("encode", todo, "target fits",
-                    todo > 0 ? double(all_todo) / double(todo) : 1.0);
+  const std::int64_t remaining = (ub_.end - first) * per_unit_ * fits_per_target;
+  const std::int64_t all_remaining = mpi::sum(comm_, remaining);
+  Progress progress("encode", remaining, "target fits",
+                    remaining > 0 ? double(all_remaining) / double(remaining) : 1.0);
   progress_ = &progress;
   for (std::int64_t round = rounds_done; round < rounds_; ++round) {
     const std::int64_t u0 = std::min(ub_.end, ub_.begin + round * mp_.chunk_units);
