@@ -330,7 +330,10 @@ private:
   std::int64_t constant_ = 0, nonfinite_ = 0;
   std::vector<std::int64_t> nonfinite_examples_;
   Progress* progress_ = nullptr; // counts target fits
-  std::string key_;              // the resume key of this run (open_output)
+  // float32 selection: target fits of this run, and those rechecked in float64 (a diagnostic:
+  // not checkpointed, so a resumed run counts its own rounds)
+  mutable std::int64_t fits_ = 0, rechecked_ = 0;
+  std::string key_; // the resume key of this run (open_output)
 };
 
 Encoder::Encoder(const EncodeOptions& opt, MPI_Comm comm)
@@ -565,6 +568,8 @@ RidgeScores Encoder::fit(const Side& side, const std::vector<double>& y_tr,
                        : fit_loo(side.basis, y_tr, y_te, tt, grid, prec);
   if (progress_)
     progress_->advance(tt);
+  fits_ += tt;
+  rechecked_ += sc.rechecked;
   return sc;
 }
 
@@ -886,6 +891,11 @@ void Encoder::run() {
   }
   progress.finish();
   progress_ = nullptr;
+  if (opt_.precision == Precision::float32) {
+    const std::int64_t fits = mpi::sum(comm_, fits_), rechecked = mpi::sum(comm_, rechecked_);
+    GM_INFO("encode: float32 alpha selection: " << rechecked << " of " << fits
+                                                << " target fits rechecked in float64");
+  }
   warn_excluded();
   if (nulls_) {
     std::vector<std::string> names = fi_.kinds;

@@ -270,10 +270,13 @@ MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptio
                           double(null_bytes) * (lay.joint ? double(K + 1) / double(K) : 1.0) +
                           joint_bytes;
   const std::int64_t round_units = (units_here + kMinRounds - 1) / kMinRounds;
-  mp.cache = double(mp.basis_bytes) <= budget / 2 ||
-             (round_units > 0 &&
-              uncached + double(mp.basis_bytes) + double(mp.per_target * per_unit * round_units) <=
-                  budget);
+  // the smallest round worth caching for: an eighth of the units, or kMinRoundTargets targets
+  const std::int64_t min_units = std::min(
+      round_units, std::max<std::int64_t>(1, (kMinRoundTargets + per_unit - 1) / per_unit));
+  mp.cache =
+      double(mp.basis_bytes) <= budget / 2 ||
+      (min_units > 0 &&
+       uncached + double(mp.basis_bytes) + double(mp.per_target * per_unit * min_units) <= budget);
   mp.fixed = (mp.cache ? double(mp.basis_bytes) : 0.0) + uncached;
   mp.chunk_units = std::int64_t((budget - mp.fixed) / double(mp.per_target * per_unit));
   if (mp.chunk_units < 1)

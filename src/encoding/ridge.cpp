@@ -154,13 +154,15 @@ RidgeScores refit_with(std::int64_t r, std::int64_t m, const std::vector<double>
 }
 
 // The SVD-basis refit: B[:, c] = g(alpha_c) U^T y_c, g_k = s_k / (s_k^2 + a).
+// proj = U^T y_train when the caller has it already (else it is computed here).
 RidgeScores refit(const RidgeBasis& b, const std::vector<double>& y_train,
                   const std::vector<double>& y_test, std::int64_t t,
-                  const std::vector<double>& alphas, const std::vector<std::int64_t>& which) {
+                  const std::vector<double>& alphas, const std::vector<std::int64_t>& which,
+                  const std::vector<double>* proj = nullptr) {
   ProfileEvent ev("gm.ridge.refit");
-  ProfileEvent::add_flops(2.0 * double(b.r) * double(t) * double(b.n + b.m));
+  ProfileEvent::add_flops(2.0 * double(b.r) * double(t) * double((proj ? 0 : b.n) + b.m));
   return refit_with(
-      b.r, b.m, b.test_v, project_targets(b, y_train, t),
+      b.r, b.m, b.test_v, proj ? *proj : project_targets(b, y_train, t),
       [&](std::int64_t k, double a) { return b.s[k] / (b.s[k] * b.s[k] + a); }, y_train, b.n,
       y_test, t, alphas, which);
 }
@@ -193,16 +195,39 @@ std::vector<std::int64_t> argmin_first(const std::vector<double>& err, std::int6
 
 namespace {
 
-// 1 - sum_k U_ik^2 - 1/n per training row (see loo_errors).
-std::vector<double> outside_leverage(const RidgeBasis& b) {
-  std::vector<double> outside(static_cast<size_t>(b.n));
-  for (std::int64_t i = 0; i < b.n; ++i) {
-    double acc = 0;
-    for (std::int64_t k = 0; k < b.r; ++k)
-      acc += b.u[i * b.r + k] * b.u[i * b.r + k];
-    outside[i] = std::max(0.0, 1.0 - acc - 1.0 / double(b.n));
+// The LOO weights w_ai = 1 / (1 - h_i(alpha_a)) [alphas, n], from
+//   1 - h_i = sum_k U_ik^2 (1 - f_k) + (1 - sum_k U_ik^2 - 1/n)   (see loo_errors),
+// and lev_i = sum_k U_ik^2 [n]: one GEMM of U o U (in row blocks) with [1 - f(alpha_a); 1].
+struct LooWeights {
+  std::vector<double> w, lev;
+};
+
+LooWeights loo_weights(const RidgeBasis& b, const std::vector<double>& alphas) {
+  const std::int64_t n = b.n, r = b.r, na = std::int64_t(alphas.size()), cols = na + 1;
+  std::vector<double> g(static_cast<size_t>(cols * r), 1.0); // [1 - f_k(alpha_a); 1]
+  for (std::int64_t a = 0; a < na; ++a)
+    for (std::int64_t k = 0; k < r; ++k)
+      g[a * r + k] = alphas[a] / (b.s[k] * b.s[k] + alphas[a]);
+  LooWeights lw;
+  lw.w.resize(static_cast<size_t>(na * n));
+  lw.lev.resize(static_cast<size_t>(n));
+  constexpr std::int64_t RB = 512;
+  std::vector<double> u2(static_cast<size_t>(std::min(n, RB) * r)),
+      out(static_cast<size_t>(std::min(n, RB) * cols));
+  for (std::int64_t i0 = 0; i0 < n; i0 += RB) {
+    const std::int64_t rows = std::min(RB, n - i0);
+    for (std::int64_t i = 0; i < rows * r; ++i)
+      u2[i] = b.u[i0 * r + i] * b.u[i0 * r + i];
+    linalg::gemm(false, true, rows, cols, r, 1.0, u2.data(), g.data(), 0.0, out.data());
+    for (std::int64_t i = 0; i < rows; ++i) {
+      const double lev = out[i * cols + na];
+      const double outside = std::max(0.0, 1.0 - lev - 1.0 / double(n));
+      lw.lev[i0 + i] = lev;
+      for (std::int64_t a = 0; a < na; ++a)
+        lw.w[a * n + i0 + i] = 1.0 / (out[i * cols + a] + outside);
+    }
   }
-  return outside;
+  return lw;
 }
 
 // The float64 or the float32 copy of an array, by the precision T of a pass.
@@ -245,8 +270,7 @@ void add_weighted_squares(const T* resid, const T* base, const double* w, std::i
 // alpha). This is scikit-learn's RidgeCV(fit_intercept=True) on standardised features.
 template <class T>
 std::vector<double> loo_errors(const RidgeBasis& b, const std::vector<double>& y, std::int64_t t,
-                               const std::vector<double>& alphas,
-                               const std::vector<double>& outside) {
+                               const std::vector<double>& alphas, const LooWeights& lw) {
   const std::int64_t n = b.n, r = b.r;
   const std::vector<T>& u = pick<T>(b.u, b.u32);
   std::vector<T> yperp(y.begin(), y.end()), c(static_cast<size_t>(r * t));
@@ -254,7 +278,7 @@ std::vector<double> loo_errors(const RidgeBasis& b, const std::vector<double>& y
   linalg::gemm(false, false, n, t, r, T(-1), u.data(), c.data(), T(1), yperp.data());
   std::vector<double> err(alphas.size() * static_cast<size_t>(t), 0.0);
   std::vector<T> d(static_cast<size_t>(r * t)), resid(static_cast<size_t>(n * t));
-  std::vector<double> g(static_cast<size_t>(r)), w(static_cast<size_t>(n));
+  std::vector<double> g(static_cast<size_t>(r));
   for (size_t a = 0; a < alphas.size(); ++a) {
     for (std::int64_t k = 0; k < r; ++k)
       g[k] = alphas[a] / (b.s[k] * b.s[k] + alphas[a]); // 1 - f_k
@@ -267,19 +291,138 @@ std::vector<double> loo_errors(const RidgeBasis& b, const std::vector<double>& y
       linalg::gemm(false, false, n, t, r, T(1), u.data(), d.data(), T(0), resid.data());
     }
     ProfileEvent eev("gm.ridge.loo.errors");
-#pragma omp parallel for schedule(static)
-    for (std::int64_t i = 0; i < n; ++i) {
-      double acc = outside[i];
-      for (std::int64_t k = 0; k < r; ++k)
-        acc += b.u[i * r + k] * b.u[i * r + k] * g[k];
-      w[i] = 1.0 / acc;
-    }
     double* sse = &err[a * size_t(t)];
-    add_weighted_squares(resid.data(), yperp.data(), w.data(), n, t, sse);
+    add_weighted_squares(resid.data(), yperp.data(), &lw.w[a * size_t(n)], n, t, sse);
     for (std::int64_t j = 0; j < t; ++j)
       sse[j] /= double(n);
   }
   return err;
+}
+
+// The float32 LOO criterion of a primal basis (r < n) in the fitted form, with a bound on its
+// rounding error. The residual is e = y - U d, d = f o c, c = U^T y in float64 (proj, which the
+// refit reuses) and y exact: only the fitted part U d goes through the float32 GEMM. With
+// weights w_i = 1 / (1 - h_i), the criterion is S / n, S = sum_i (w_i e_i)^2, and the computed
+// S' = S + 2 <W e, W delta> + ||W delta||^2 for the error delta of the fitted part, which has
+// three sources (u = 2^-24, lev_i = ||U_i||^2):
+//  - d rounded to float32 (shared by all rows): delta = U (d o eps), |<W e, W delta>| <=
+//    u ||W e|| w_max ||d|| (U has orthonormal columns);
+//  - U rounded to float32: |delta_i| <= u ||U_i|| ||d||, so |<W e, W delta>| <=
+//    u ||W e|| ||d|| sqrt(sum_i w_i^2 lev_i);
+//  - the GEMM's accumulation over the r terms: |delta_i| <= lambda sqrt(r) u ||U_i|| ||d||
+//    except with probability about 2 r exp(-lambda^2 / 2) (Higham & Mary 2019, SIAM J. Sci.
+//    Comput. 41(5), probabilistic rounding error analysis: independent, mean-zero rounding
+//    errors), and, independent across rows, |<W e, W delta>| <= lambda^2 sqrt(r) u ||d||
+//    sqrt(Q), Q = sum_i w_i^4 e_i^2 lev_i (Hoeffding); lambda = 10 (failure probabilities
+//    below 1e-18 per row and 4e-22 per sum).
+// ||W delta||^2 is bounded deterministically, D^2 with D = gamma_{r+2} ||d|| sqrt(sum w^2 lev),
+// and the computed e stands for the exact one up to D. bound [alphas, t] is the bound on
+// |S' - S| / n, in the units of the returned criterion [alphas, t]. The complement form
+// (loo_errors) keeps a float32 U^T y and y - U U^T y, whose errors are relative to ||y||: for
+// noise-level targets, whose criterion is nearly flat in alpha, its 1e-4 rule rechecked most.
+// Few targets (t small): the GEMMs of several alphas go in one, so U is read once for them.
+std::vector<double> loo_errors_fitted(const RidgeBasis& b, const std::vector<double>& y,
+                                      const std::vector<double>& proj, std::int64_t t,
+                                      const std::vector<double>& alphas, const LooWeights& lw,
+                                      std::vector<double>& bound) {
+  const std::int64_t n = b.n, r = b.r, na = std::int64_t(alphas.size());
+  const double u = std::ldexp(1.0, -24), lambda = 10.0;
+  const double gamma = double(r + 2) * u / (1.0 - double(r + 2) * u);
+  const double acc_factor = lambda * lambda * std::sqrt(double(r)) * u;
+  const std::vector<double>& lev = lw.lev;
+  std::vector<double> err(static_cast<size_t>(na * t), 0.0);
+  bound.assign(err.size(), 0.0);
+  // alphas per GEMM: all of them while the batch stays within 1024 columns
+  const std::int64_t ab =
+      std::max<std::int64_t>(1, std::min(na, 1024 / std::max<std::int64_t>(t, 1)));
+  const std::int64_t ld = ab * t;
+  std::vector<float> d(static_cast<size_t>(r * ld)), fit(static_cast<size_t>(n * ld));
+  std::vector<double> f(static_cast<size_t>(r * ab)), dn2(static_cast<size_t>(ld)),
+      q(static_cast<size_t>(t));
+  constexpr std::int64_t CB = 256;
+  for (std::int64_t a0 = 0; a0 < na; a0 += ab) {
+    const std::int64_t nb = std::min(ab, na - a0), cols = nb * t;
+    for (std::int64_t j = 0; j < nb; ++j)
+      for (std::int64_t k = 0; k < r; ++k)
+        f[j * r + k] = b.s[k] * b.s[k] / (b.s[k] * b.s[k] + alphas[a0 + j]);
+#pragma omp parallel for schedule(static)
+    for (std::int64_t c0 = 0; c0 < cols; c0 += CB) { // column c of the batch: alpha c / t
+      const std::int64_t c1 = std::min(cols, c0 + CB);
+      for (std::int64_t c = c0; c < c1; ++c)
+        dn2[c] = 0;
+      for (std::int64_t k = 0; k < r; ++k)
+        for (std::int64_t c = c0; c < c1; ++c) {
+          const double v = f[(c / t) * r + k] * proj[k * t + c % t];
+          d[k * cols + c] = float(v);
+          dn2[c] += v * v;
+        }
+    }
+    {
+      ProfileEvent gev("gm.ridge.loo.gemm");
+      linalg::gemm(false, false, n, cols, r, -1.0f, b.u32.data(), d.data(), 0.0f, fit.data());
+    }
+    ProfileEvent eev("gm.ridge.loo.errors");
+    for (std::int64_t j = 0; j < nb; ++j) {
+      const std::int64_t a = a0 + j;
+      const double* w = &lw.w[a * n];
+      double wl = 0, wmax = 0;
+      for (std::int64_t i = 0; i < n; ++i) {
+        wl += w[i] * w[i] * lev[i];
+        wmax = std::max(wmax, w[i]);
+      }
+      double* sse = &err[a * t];
+      std::fill(q.begin(), q.end(), 0.0);
+#pragma omp parallel for schedule(static)
+      for (std::int64_t c0 = 0; c0 < t; c0 += CB) {
+        const std::int64_t c1 = std::min(t, c0 + CB);
+        for (std::int64_t i = 0; i < n; ++i) {
+          const float* fi = &fit[i * cols + j * t]; // -(U d)
+          const double* yi = &y[i * t];
+          const double wi = w[i], wq = wi * wi * wi * wi * lev[i];
+          for (std::int64_t c = c0; c < c1; ++c) {
+            const double e = double(fi[c]) + yi[c];
+            sse[c] += e * e * wi * wi;
+            q[c] += e * e * wq;
+          }
+        }
+      }
+      double* bd = &bound[a * t];
+      for (std::int64_t c = 0; c < t; ++c) {
+        const double dn = std::sqrt(dn2[j * t + c]);
+        const double dd = gamma * dn * std::sqrt(wl); // ||W delta|| <= dd
+        const double we = std::sqrt(sse[c]) + dd;     // ||W e|| of the exact e
+        const double cross =
+            u * dn * (wmax + std::sqrt(wl)) * we + acc_factor * dn * (std::sqrt(q[c]) + wmax * dd);
+        // + a relative 1e-12 for the float64 sums themselves
+        bd[c] = (2.0 * cross + 3.0 * dd * dd + 1e-12 * sse[c]) / double(n);
+        sse[c] /= double(n);
+      }
+    }
+  }
+  return err;
+}
+
+// Columns whose choice the float32 criterion cannot settle: some other alpha's criterion is
+// within the two error bounds of the best one's.
+std::vector<std::int64_t> uncertain_choices(const std::vector<double>& err,
+                                            const std::vector<double>& bound, std::int64_t na,
+                                            std::int64_t t) {
+  std::vector<std::int64_t> cols;
+  for (std::int64_t c = 0; c < t; ++c) {
+    std::int64_t best = 0;
+    for (std::int64_t a = 1; a < na; ++a)
+      if (err[a * t + c] < err[best * t + c])
+        best = a;
+    if (err[best * t + c] == 0 && bound[best * t + c] == 0)
+      continue; // y = 0 (an excluded target): every alpha gives 0, in float64 too
+    bool open = !std::isfinite(err[best * t + c]);
+    for (std::int64_t a = 0; a < na && !open; ++a)
+      open =
+          a != best && err[a * t + c] - bound[a * t + c] <= err[best * t + c] + bound[best * t + c];
+    if (open)
+      cols.push_back(c);
+  }
+  return cols;
 }
 
 // Columns whose best criterion is within a relative tol (times scale[c] when given) of another
@@ -328,26 +471,58 @@ void scatter_columns(const std::vector<double>& src, std::int64_t rows, std::int
 
 } // namespace
 
+std::vector<double> loo_criterion(const RidgeBasis& b, const std::vector<double>& y_train,
+                                  std::int64_t t, const std::vector<double>& alphas,
+                                  Precision precision, std::vector<double>* bound) {
+  const LooWeights lw = loo_weights(b, alphas);
+  if (precision == Precision::float64 || b.r >= b.n)
+    return precision == Precision::float64 ? loo_errors<double>(b, y_train, t, alphas, lw)
+                                           : loo_errors<float>(b, y_train, t, alphas, lw);
+  std::vector<double> bd;
+  auto err = loo_errors_fitted(b, y_train, project_targets(b, y_train, t), t, alphas, lw, bd);
+  if (bound)
+    *bound = std::move(bd);
+  return err;
+}
+
 RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
                     const std::vector<double>& y_test, std::int64_t t,
                     const std::vector<double>& alphas, Precision precision) {
   ProfileEvent ev("gm.ridge.loo");
   const std::int64_t n = b.n, r = b.r, na = std::int64_t(alphas.size());
   ProfileEvent::add_flops(2.0 * double(n) * double(r) * double(t) * double(na + 2));
-  const auto outside = outside_leverage(b);
+  const LooWeights lw = loo_weights(b, alphas);
   std::vector<double> err;
-  if (precision == Precision::float32) {
-    err = loo_errors<float>(b, y_train, t, alphas, outside);
+  if (precision == Precision::float32 && b.r < n) {
+    // The fitted form, and float64 only where its error bound leaves the choice open.
+    const std::vector<double> proj = project_targets(b, y_train, t);
+    std::vector<double> bound;
+    err = loo_errors_fitted(b, y_train, proj, t, alphas, lw, bound);
+    const auto cols = uncertain_choices(err, bound, na, t);
+    recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
+      scatter_columns(loo_errors<double>(b, ys, tc, alphas, lw), na, tc, cols, err, t);
+    });
+    const auto which = argmin_first(err, na, t);
+    RidgeScores sc = refit(b, y_train, y_test, t, alphas, which, &proj);
+    sc.cv_error = chosen_error(err, which, t);
+    sc.rechecked = std::int64_t(cols.size());
+    return sc;
+  }
+  std::int64_t rechecked = 0;
+  if (precision == Precision::float32) { // dual bases (r = n): the complement form
+    err = loo_errors<float>(b, y_train, t, alphas, lw);
     const auto cols = near_ties(err, na, t, 1e-4);
     recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
-      scatter_columns(loo_errors<double>(b, ys, tc, alphas, outside), na, tc, cols, err, t);
+      scatter_columns(loo_errors<double>(b, ys, tc, alphas, lw), na, tc, cols, err, t);
     });
+    rechecked = std::int64_t(cols.size());
   } else {
-    err = loo_errors<double>(b, y_train, t, alphas, outside);
+    err = loo_errors<double>(b, y_train, t, alphas, lw);
   }
   const auto which = argmin_first(err, na, t);
   RidgeScores sc = refit(b, y_train, y_test, t, alphas, which);
   sc.cv_error = chosen_error(err, which, t);
+  sc.rechecked = rechecked;
   return sc;
 }
 
@@ -490,9 +665,11 @@ RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<FoldBasis>& fds,
     flops += 2.0 * double(fd.basis.r) * double(t) * double(fd.basis.n + na * fd.basis.m);
   ProfileEvent::add_flops(flops);
   std::vector<double> err, fold_r;
+  std::int64_t rechecked = 0;
   if (precision == Precision::float32) {
     err = kfold_errors<float>(fds, n, y_train, t, alphas, fold_r);
     const auto cols = near_ties(err, na, t, 1e-4);
+    rechecked = std::int64_t(cols.size());
     recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
       std::vector<double> fr;
       scatter_columns(kfold_errors<double>(fds, n, ys, tc, alphas, fr), na, tc, cols, err, t);
@@ -505,6 +682,7 @@ RidgeScores fit_kfold(const RidgeBasis& b, const std::vector<FoldBasis>& fds,
   RidgeScores sc = refit(b, y_train, y_test, t, alphas, which);
   sc.fold_r = pick_fold_r(fold_r, nf, na, t, which, sc);
   sc.cv_error = chosen_error(err, which, t);
+  sc.rechecked = rechecked;
   return sc;
 }
 
@@ -751,6 +929,7 @@ RidgeScores fit_kfold_gram(const GramBasis& b, const std::vector<double>& y_trai
   ProfileEvent::add_flops(flops);
   std::vector<double> fold_r, sst, xty;
   std::vector<double> err;
+  std::int64_t rechecked = 0;
   if (precision == Precision::float32) {
     err = gram_errors<float>(b, y_train, t, alphas, fold_r, sst, &xty);
     // The float32 error of SSE = SST - 2 cross + quad is relative to SST, so the recheck band
@@ -763,6 +942,7 @@ RidgeScores fit_kfold_gram(const GramBasis& b, const std::vector<double>& y_trai
       scale[c] = best > 0 ? std::max(1.0, sst[c] / best) : 1.0;
     }
     const auto cols = near_ties(err, na, t, 1e-4, &scale);
+    rechecked = std::int64_t(cols.size());
     recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
       std::vector<double> fr, ss;
       scatter_columns(gram_errors<double>(b, ys, tc, alphas, fr, ss, nullptr), na, tc, cols, err,
@@ -783,6 +963,7 @@ RidgeScores fit_kfold_gram(const GramBasis& b, const std::vector<double>& y_trai
       y_train, n, y_test, t, alphas, which);
   sc.fold_r = pick_fold_r(fold_r, nf, na, t, which, sc);
   sc.cv_error = chosen_error(err, which, t);
+  sc.rechecked = rechecked;
   return sc;
 }
 

@@ -188,6 +188,7 @@ TEST(EncodePlan, MemoryPlanCachesWhenItFitsAndRefusesBelowOneUnit) {
   const MemoryPlan tight = plan_memory(y, s, o, 400, 7, 1, false, 400, tight_budget, 16);
   EXPECT_EQ(tight.cache, double(big.basis_bytes) <= tight_budget / 2); // only the first rule
   EXPECT_EQ(plan_memory(y, s, o, 400, 7, 1, false, 400, 4 * gib, 1000).chunk_units, 125);
+
   o.max_chunk = 3;
   EXPECT_EQ(plan_memory(y, s, o, 400, 7, 1, false, 400, 4 * gib).chunk_units, 3);
   try {
@@ -201,6 +202,40 @@ TEST(EncodePlan, MemoryPlanCachesWhenItFitsAndRefusesBelowOneUnit) {
   o.max_chunk = 0;
   const Layout yj = make_layout(fi, o, 10, 3, s.n(), false);
   EXPECT_GT(plan_memory(yj, s, o, 400, 7, 1, false, 400, 4 * gib).basis_bytes, big.basis_bytes);
+}
+
+// Sides larger than half the budget (4 layers x 1000 features, 4000 images) and many units:
+// cached with more than kMinRounds rounds while a round keeps kMinRoundTargets targets (MEG:
+// 281 per sensor, so 2 sensors), recomputed every round below that.
+TEST(EncodePlan, MemoryPlanCachesWithMoreRoundsDownToAMinimumRound) {
+  gradmap::io::FeaturesInfo fi;
+  fi.n = 4000;
+  fi.kinds = {"activations", "gradients"};
+  fi.layers = {"a", "b", "c", "d"};
+  fi.dims = {1000, 1000, 1000, 1000};
+  std::vector<std::int64_t> stim, test;
+  for (std::int64_t i = 0; i < 4000; ++i)
+    stim.push_back(i);
+  for (std::int64_t i = 0; i < 50; ++i)
+    test.push_back(i);
+  EncodeOptions o;
+  const ImageSplit s = split_images(stim, test, 4000, o);
+  const Layout y = make_layout(fi, o, 10, 0, s.n(), false);
+  const MemoryPlan probe = plan_memory(y, s, o, 4000, 7, 1, false, 4000, 1e12);
+  const double room = probe.fixed, per = double(probe.per_target);
+  for (std::int64_t per_unit : {std::int64_t(1), std::int64_t(281)}) {
+    const std::int64_t min_units = per_unit == 1 ? 512 : 2;
+    const double ok = room + per * double(per_unit) * (double(min_units) + 0.5);
+    const double short_by_one = room + per * double(per_unit) * (double(min_units) - 0.5);
+    ASSERT_GT(double(probe.basis_bytes), ok / 2) << "the first rule (half the budget) applies";
+    const MemoryPlan cached =
+        plan_memory(y, s, o, 4000, 7, per_unit, per_unit > 1, 4000, ok, 100000);
+    EXPECT_TRUE(cached.cache) << per_unit;
+    EXPECT_EQ(cached.chunk_units, min_units) << per_unit; // many rounds, sides built once
+    const MemoryPlan recomputed =
+        plan_memory(y, s, o, 4000, 7, per_unit, per_unit > 1, 4000, short_by_one, 100000);
+    EXPECT_FALSE(recomputed.cache) << per_unit;
+  }
 }
 
 TEST(EncodePlan, FormatBytes) {

@@ -109,14 +109,18 @@ struct MemoryPlan {
 /// Encode's rounds: at least this many per rank where the targets allow when the training sides
 /// are cached (each round ends in a checkpoint: a kill loses at most one round).
 constexpr std::int64_t kMinRounds = 8;
+/// Cached sides are worth more rounds than kMinRounds down to rounds of this many targets (a
+/// round's GEMMs stay large; recomputing the sides every round costs all their SVDs again).
+constexpr std::int64_t kMinRoundTargets = 512;
 
 /// `trials`: trials in the brain file; `groups`: ROIs or time points; `per_unit`: targets per
 /// unit (MEG: times); `meg`: no voxel-level peaks; `units_here`: this rank's target units (0:
 /// unknown). The training sides are cached when they take at most half the budget, or when with
-/// them a round of ceil(units_here / kMinRounds) units still fits; cached, a round holds at most
-/// that many units (at least kMinRounds rounds); recomputed per round, as many as fit (every
-/// round recomputes them). Throws UsageError, with the sizes, when not even one unit fits in
-/// `budget` bytes.
+/// them a round of ceil(units_here / kMinRounds) units, or of kMinRoundTargets targets if that is
+/// fewer units, still fits; cached, a round holds as many units as fit, at most
+/// ceil(units_here / kMinRounds) (at least kMinRounds rounds); recomputed per round, as many as
+/// fit (every round recomputes them). Throws UsageError, with the sizes, when not even one unit
+/// fits in `budget` bytes.
 MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptions& opt,
                        std::int64_t trials, std::int64_t groups, std::int64_t per_unit, bool meg,
                        std::int64_t images, double budget, std::int64_t units_here = 0);

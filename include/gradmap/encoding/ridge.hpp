@@ -47,6 +47,8 @@ struct RidgeScores {
   /// K-fold: the summed held-out squared error / n), comparable across fits of the same targets
   /// and training rows (NaN for constant targets)
   std::vector<double> cv_error;
+  /// float32 selection: how many targets' criteria were recomputed in float64
+  std::int64_t rechecked = 0;
 };
 
 /// Not collective. Per target, the candidate fit (same targets, training and test rows) with the
@@ -65,9 +67,12 @@ void copy_target(const RidgeScores& from, std::int64_t from_t, std::int64_t j, R
 
 /// Precision of the alpha-selection GEMMs (the per-alpha residuals or fold predictions, which
 /// are nearly all the work). float32: those GEMMs and their operands in single precision, the
-/// error sums in double; every target whose best criterion is within a relative 1e-4 of another
-/// alpha's is then recomputed in float64, so the selected alpha is float64's except where
-/// float64 itself would tie. The refit, predictions and scores are always float64.
+/// error sums in double; every target whose choice the float32 criterion cannot settle is then
+/// recomputed in float64, so the selected alpha is float64's except where float64 itself would
+/// tie. LOO with a primal basis (r < n) bounds the float32 error of each criterion (ridge.cpp,
+/// loo_errors_fitted) and rechecks a target when another alpha's criterion is within the bounds
+/// of its best; the dual LOO and K-fold recheck a target whose best criterion is within a
+/// relative 1e-4 of another alpha's. The refit, predictions and scores are always float64.
 enum class Precision { float32, float64 };
 
 /// Not collective. y_train [n, t] (centred with training means), y_test [m, t], row-major; the
@@ -77,6 +82,13 @@ enum class Precision { float32, float64 };
 RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
                     const std::vector<double>& y_test, std::int64_t t,
                     const std::vector<double>& alphas, Precision precision = Precision::float64);
+
+/// Not collective. fit_loo's criterion before any recheck, [alphas, t]: the mean squared LOO
+/// residual of every target and alpha in the given precision; for float32 with a primal basis
+/// (r < n), *bound (when given) receives the bound on its rounding error, [alphas, t].
+std::vector<double> loo_criterion(const RidgeBasis& b, const std::vector<double>& y_train,
+                                  std::int64_t t, const std::vector<double>& alphas,
+                                  Precision precision, std::vector<double>* bound = nullptr);
 
 /// One K-fold split of the training rows: the basis of the fold's training part (centred with
 /// its own means: the fold's intercept), and the rows it trains on and holds out.
