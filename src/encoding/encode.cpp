@@ -401,7 +401,7 @@ void Encoder::plan() {
   const double budget = memory_gb * double(1 << 30);
   // the largest rank's share, so that every rank makes the same plan (caching is collective)
   mp_ = plan_memory(lay_, split_, opt_, bi_.trials, G_, per_unit_, meg_, fi_.n, budget,
-                    (units_ + p_ - 1) / p_);
+                    (units_ + p_ - 1) / p_, bi_.targets);
   rounds_ = (ub_.size() + mp_.chunk_units - 1) / mp_.chunk_units;
   GM_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &rounds_, 1, MPI_INT64_T, MPI_MAX, comm_));
   GM_INFO("encode: " << lay_.K << " kinds x " << lay_.L << " layers, " << bi_.targets

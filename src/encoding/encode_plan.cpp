@@ -232,7 +232,8 @@ bool use_gram(const EncodeOptions& opt, const ImageSplit& s, std::int64_t dim) {
 
 MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptions& opt,
                        std::int64_t trials, std::int64_t groups, std::int64_t per_unit, bool meg,
-                       std::int64_t images, double budget, std::int64_t units_here) {
+                       std::int64_t images, double budget, std::int64_t units_here,
+                       std::int64_t targets) {
   const std::int64_t n = s.n(), m = s.m(), K = lay.K, L = lay.L, W = lay.W;
   const bool kfold = opt.alpha_cv == AlphaCV::kfold;
   MemoryPlan mp;
@@ -266,9 +267,13 @@ MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptio
   const std::int64_t null_bytes = 4 * m * (opt.permutations + opt.bootstraps) +
                                   8 * K * L * groups * (opt.permutations + opt.bootstraps);
   const double joint_bytes = lay.joint ? 8.0 * double(n + m) * double(lay.pa_all + lay.pa) : 0.0;
+  // MEG cluster null: per kind and layer, a bit per target and permutation (all targets)
+  const bool clusters = meg && opt.permutations > 0 && opt.cluster_p > 0;
+  const double cluster_bytes =
+      clusters ? 8.0 * double(K * L) * double((targets + 63) / 64) * double(opt.permutations) : 0.0;
   const double uncached = double(one_basis) +
                           double(null_bytes) * (lay.joint ? double(K + 1) / double(K) : 1.0) +
-                          joint_bytes;
+                          joint_bytes + cluster_bytes;
   const std::int64_t round_units = (units_here + kMinRounds - 1) / kMinRounds;
   // the smallest round worth caching for: an eighth of the units, or kMinRoundTargets targets
   const std::int64_t min_units = std::min(

@@ -9,6 +9,7 @@
 #include "gradmap/core/error.hpp"
 #include "gradmap/core/log.hpp"
 #include "gradmap/core/mpi_check.hpp"
+#include "gradmap/core/progress.hpp"
 #include "gradmap/mpi/comm.hpp"
 
 namespace gradmap::encoding {
@@ -104,13 +105,20 @@ TrainingSides::TrainingSides(const EncodeOptions& opt, const io::File& features,
   if (!cache)
     return;
   cached_.resize(size_t(K * L) + (lay.joint ? size_t((L + 1) * (1 + L * lay.W)) : 0));
+  // rank 0's place in the list (each rank builds every p-th side)
+  Progress progress("encode", K * L + (lay.joint ? L + 1 : 0), "training bases");
   for (std::int64_t k = 0; k < K; ++k)
-    for (std::int64_t l = 0; l < L; ++l)
+    for (std::int64_t l = 0; l < L; ++l) {
       build_kind(k, l, true, cached_[size_t(k * L + l)]);
+      progress.advance();
+    }
   if (lay.joint) // the joint designs of R_k are built when a target first chooses R_k
-    for (std::int64_t k = 0; k <= L; ++k)
+    for (std::int64_t k = 0; k <= L; ++k) {
       build_ref(k, true, cached_[size_t(K * L + k)]);
+      progress.advance();
+    }
   jobs_.run_all();
+  progress.finish();
   for (auto& side : cached_)
     finish(side);
 }
@@ -375,6 +383,12 @@ void TrainingSides::prepare_joint(const std::vector<int>& present) {
   if (!cache_)
     return;
   std::vector<size_t> fresh_sides;
+  std::int64_t todo = 0;
+  for (std::int64_t k = 0; k <= lay_.L; ++k)
+    todo += present[size_t(k)] && !joint_built_[size_t(k)] ? lay_.L * lay_.W : 0;
+  if (todo == 0)
+    return;
+  Progress progress("encode", todo, "joint bases"); // rank 0's place in the list
   for (std::int64_t k = 0; k <= lay_.L; ++k)
     if (present[size_t(k)] && !joint_built_[size_t(k)]) {
       joint_built_[size_t(k)] = 1;
@@ -382,9 +396,11 @@ void TrainingSides::prepare_joint(const std::vector<int>& present) {
         for (std::int64_t w = 0; w < lay_.W; ++w) {
           build_joint(k, l, jw_[size_t(w)], true, cached_[joint_index(k, l, w)]);
           fresh_sides.push_back(joint_index(k, l, w));
+          progress.advance();
         }
     }
   jobs_.run_all();
+  progress.finish();
   for (auto i : fresh_sides)
     finish(cached_[i]);
 }

@@ -236,6 +236,15 @@ TEST(EncodePlan, MemoryPlanCachesWithMoreRoundsDownToAMinimumRound) {
         plan_memory(y, s, o, 4000, 7, per_unit, per_unit > 1, 4000, short_by_one, 100000);
     EXPECT_FALSE(recomputed.cache) << per_unit;
   }
+  // MEG with the cluster null: a bit per target (of all ranks) and permutation, per kind and
+  // layer (2 x 4 here), beside the sides.
+  o.permutations = 1000;
+  o.cluster_p = 0;
+  const MemoryPlan no_clusters = plan_memory(y, s, o, 4000, 281, 281, true, 4000, 1e12, 271, 76151);
+  o.cluster_p = 0.01;
+  const MemoryPlan with_clusters =
+      plan_memory(y, s, o, 4000, 281, 281, true, 4000, 1e12, 271, 76151);
+  EXPECT_DOUBLE_EQ(with_clusters.fixed - no_clusters.fixed, 8.0 * 8 * 1190 * 1000);
 }
 
 TEST(EncodePlan, FormatBytes) {

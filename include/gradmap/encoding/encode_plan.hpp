@@ -114,15 +114,17 @@ constexpr std::int64_t kMinRounds = 8;
 constexpr std::int64_t kMinRoundTargets = 512;
 
 /// `trials`: trials in the brain file; `groups`: ROIs or time points; `per_unit`: targets per
-/// unit (MEG: times); `meg`: no voxel-level peaks; `units_here`: this rank's target units (0:
-/// unknown). The training sides are cached when they take at most half the budget, or when with
-/// them a round of ceil(units_here / kMinRounds) units, or of kMinRoundTargets targets if that is
-/// fewer units, still fits; cached, a round holds as many units as fit, at most
-/// ceil(units_here / kMinRounds) (at least kMinRounds rounds); recomputed per round, as many as
-/// fit (every round recomputes them). Throws UsageError, with the sizes, when not even one unit
-/// fits in `budget` bytes.
+/// unit (MEG: times); `meg`: no voxel-level peaks and, with permutations and --cluster-p, the
+/// cluster null's bits (one per target of all ranks, `targets`, and permutation, per kind and
+/// layer); `units_here`: this rank's target units (0: unknown). The training sides are cached when
+/// they take at most half the budget, or when with them a round of ceil(units_here / kMinRounds)
+/// units, or of kMinRoundTargets targets if that is fewer units, still fits; cached, a round holds
+/// as many units as fit, at most ceil(units_here / kMinRounds) (at least kMinRounds rounds);
+/// recomputed per round, as many as fit (every round recomputes them). Throws UsageError, with the
+/// sizes, when not even one unit fits in `budget` bytes.
 MemoryPlan plan_memory(const Layout& lay, const ImageSplit& s, const EncodeOptions& opt,
                        std::int64_t trials, std::int64_t groups, std::int64_t per_unit, bool meg,
-                       std::int64_t images, double budget, std::int64_t units_here = 0);
+                       std::int64_t images, double budget, std::int64_t units_here = 0,
+                       std::int64_t targets = 0);
 
 } // namespace gradmap::encoding
