@@ -149,17 +149,29 @@ TEST(EncodePlan, JointLayoutCountsEverySide) {
   EXPECT_EQ(make_layout(fi, o, 10, 3, 80, false).side_dims().size(), size_t(3));
 }
 
-TEST(EncodePlan, MemoryPlanCachesWhenItFitsAndRefusesBelowOneUnit) {
+// The inputs of a memory plan: both kinds with a layer per entry of dims, every one of `images`
+// images shown once, the first 50 of them the test images.
+struct PlanInputs {
   gradmap::io::FeaturesInfo fi;
-  fi.n = 400;
-  fi.kinds = {"activations", "gradients"};
-  fi.layers = {"a", "b"};
-  fi.dims = {50, 300};
   std::vector<std::int64_t> stim, test;
-  for (std::int64_t i = 0; i < 400; ++i)
-    stim.push_back(i);
+};
+
+PlanInputs plan_inputs(std::int64_t images, const std::vector<std::int64_t>& dims) {
+  PlanInputs in;
+  in.fi.n = images;
+  in.fi.kinds = {"activations", "gradients"};
+  for (size_t l = 0; l < dims.size(); ++l)
+    in.fi.layers.push_back(std::string(1, char('a' + l)));
+  in.fi.dims = dims;
+  for (std::int64_t i = 0; i < images; ++i)
+    in.stim.push_back(i);
   for (std::int64_t i = 0; i < 50; ++i)
-    test.push_back(i);
+    in.test.push_back(i);
+  return in;
+}
+
+TEST(EncodePlan, MemoryPlanCachesWhenItFitsAndRefusesBelowOneUnit) {
+  const auto [fi, stim, test] = plan_inputs(400, {50, 300});
   EncodeOptions o;
   o.permutations = 100;
   o.bootstraps = 100;
@@ -208,16 +220,7 @@ TEST(EncodePlan, MemoryPlanCachesWhenItFitsAndRefusesBelowOneUnit) {
 // cached with more than kMinRounds rounds while a round keeps kMinRoundTargets targets (MEG:
 // 281 per sensor, so 2 sensors), recomputed every round below that.
 TEST(EncodePlan, MemoryPlanCachesWithMoreRoundsDownToAMinimumRound) {
-  gradmap::io::FeaturesInfo fi;
-  fi.n = 4000;
-  fi.kinds = {"activations", "gradients"};
-  fi.layers = {"a", "b", "c", "d"};
-  fi.dims = {1000, 1000, 1000, 1000};
-  std::vector<std::int64_t> stim, test;
-  for (std::int64_t i = 0; i < 4000; ++i)
-    stim.push_back(i);
-  for (std::int64_t i = 0; i < 50; ++i)
-    test.push_back(i);
+  const auto [fi, stim, test] = plan_inputs(4000, {1000, 1000, 1000, 1000});
   EncodeOptions o;
   const ImageSplit s = split_images(stim, test, 4000, o);
   const Layout y = make_layout(fi, o, 10, 0, s.n(), false);
