@@ -492,37 +492,27 @@ RidgeScores fit_loo(const RidgeBasis& b, const std::vector<double>& y_train,
   const std::int64_t n = b.n, r = b.r, na = std::int64_t(alphas.size());
   ProfileEvent::add_flops(2.0 * double(n) * double(r) * double(t) * double(na + 2));
   const LooWeights lw = loo_weights(b, alphas);
-  std::vector<double> err;
+  std::vector<double> err, proj;  // proj: U^T y in float64 when the fitted form computed it
+  std::vector<std::int64_t> cols; // targets rechecked in float64
   if (precision == Precision::float32 && b.r < n) {
     // The fitted form, and float64 only where its error bound leaves the choice open.
-    const std::vector<double> proj = project_targets(b, y_train, t);
+    proj = project_targets(b, y_train, t);
     std::vector<double> bound;
     err = loo_errors_fitted(b, y_train, proj, t, alphas, lw, bound);
-    const auto cols = uncertain_choices(err, bound, na, t);
-    recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
-      scatter_columns(loo_errors<double>(b, ys, tc, alphas, lw), na, tc, cols, err, t);
-    });
-    const auto which = argmin_first(err, na, t);
-    RidgeScores sc = refit(b, y_train, y_test, t, alphas, which, &proj);
-    sc.cv_error = chosen_error(err, which, t);
-    sc.rechecked = std::int64_t(cols.size());
-    return sc;
-  }
-  std::int64_t rechecked = 0;
-  if (precision == Precision::float32) { // dual bases (r = n): the complement form
+    cols = uncertain_choices(err, bound, na, t);
+  } else if (precision == Precision::float32) { // dual bases (r = n): the complement form
     err = loo_errors<float>(b, y_train, t, alphas, lw);
-    const auto cols = near_ties(err, na, t, 1e-4);
-    recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
-      scatter_columns(loo_errors<double>(b, ys, tc, alphas, lw), na, tc, cols, err, t);
-    });
-    rechecked = std::int64_t(cols.size());
+    cols = near_ties(err, na, t, 1e-4);
   } else {
     err = loo_errors<double>(b, y_train, t, alphas, lw);
   }
+  recheck(cols, y_train, n, t, [&](const std::vector<double>& ys, std::int64_t tc) {
+    scatter_columns(loo_errors<double>(b, ys, tc, alphas, lw), na, tc, cols, err, t);
+  });
   const auto which = argmin_first(err, na, t);
-  RidgeScores sc = refit(b, y_train, y_test, t, alphas, which);
+  RidgeScores sc = refit(b, y_train, y_test, t, alphas, which, proj.empty() ? nullptr : &proj);
   sc.cv_error = chosen_error(err, which, t);
-  sc.rechecked = rechecked;
+  sc.rechecked = std::int64_t(cols.size());
   return sc;
 }
 

@@ -383,12 +383,12 @@ void TrainingSides::prepare_joint(const std::vector<int>& present) {
   if (!cache_)
     return;
   std::vector<size_t> fresh_sides;
-  std::int64_t todo = 0;
+  std::int64_t to_build = 0;
   for (std::int64_t k = 0; k <= lay_.L; ++k)
-    todo += present[size_t(k)] && !joint_built_[size_t(k)] ? lay_.L * lay_.W : 0;
-  if (todo == 0)
+    to_build += present[size_t(k)] && !joint_built_[size_t(k)] ? lay_.L * lay_.W : 0;
+  if (to_build == 0)
     return;
-  Progress progress("encode", todo, "joint bases"); // rank 0's place in the list
+  Progress progress("encode", to_build, "joint bases"); // rank 0's place in the list
   for (std::int64_t k = 0; k <= lay_.L; ++k)
     if (present[size_t(k)] && !joint_built_[size_t(k)]) {
       joint_built_[size_t(k)] = 1;
