@@ -94,6 +94,10 @@ def main():
     ap.add_argument("--nulls", type=int, default=0, metavar="B",
                     help="also time 1-rank encode with B permutations and 1000 bootstraps against "
                          "the same fit without them (the fits above run without)")
+    ap.add_argument("--nulls-baseline", metavar="GRADMAP",
+                    help="with --nulls: also run this other gradmap binary (e.g. one built from an "
+                         "earlier commit) on the same command and compare its exceedance counts "
+                         "and bootstrap sums with this build's")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="gradmap-encode-bench-")
     try:
@@ -203,16 +207,31 @@ def bench(a, d):
         threads = os.cpu_count()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                    PETSC_OPTIONS="-log_view")
-        wall, rss, p = run(["mpiexec", "-n", "1", *flags, "--bind-to", "none", a.gradmap, "encode", "--features",
-                            f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out", f"{d}/nulls.h5",
-                            "--alphas", alphas, "--alpha-cv", a.cv, "--threads", str(threads),
-                            "--permutations", str(a.nulls), "--bootstraps", "1000",
-                            "--precision", a.precision], env)
-        m = re.search(r"gm\.nulls\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M)
-        extra = f"; gm.nulls phase {float(m.group(1)):.1f} s at {int(m.group(2)) / 1000:.1f} GFlop/s" if m else ""
-        print(f"gradmap encode -n 1 with {a.nulls} permutations + 1000 bootstraps: {wall:.1f} s wall "
-              f"(fit alone {res[one]:.1f} s: replicates add {wall - res[one]:.1f} s = "
-              f"{(wall - res[one]) / res[one]:.2f} x the fit), peak RSS {rss:.2f} GiB{extra}")
+        binaries = [("this build", a.gradmap, "nulls.h5")]
+        if a.nulls_baseline:
+            binaries.append(("baseline", a.nulls_baseline, "nulls-baseline.h5"))
+        nulls_s = {}
+        for label, binary, out in binaries:
+            wall, rss, p = run(["mpiexec", "-n", "1", *flags, "--bind-to", "none", binary, "encode", "--features",
+                                f"{d}/features.h5", "--brain", f"{d}/brain.h5", "--out", f"{d}/{out}",
+                                "--alphas", alphas, "--alpha-cv", a.cv, "--threads", str(threads),
+                                "--permutations", str(a.nulls), "--bootstraps", "1000",
+                                "--precision", a.precision], env)
+            m = re.search(r"gm\.nulls\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M)
+            if m:
+                nulls_s[label] = float(m.group(1))
+            extra = f"; gm.nulls phase {float(m.group(1)):.1f} s at {int(m.group(2)) / 1000:.1f} GFlop/s" if m else ""
+            print(f"gradmap encode -n 1 with {a.nulls} permutations + 1000 bootstraps ({label}): {wall:.1f} s wall "
+                  f"(fit alone {res[one]:.1f} s: replicates add {wall - res[one]:.1f} s = "
+                  f"{(wall - res[one]) / res[one]:.2f} x the fit; gm.nulls alone "
+                  f"{nulls_s.get(label, float('nan')) / res[one]:.2f} x), peak RSS {rss:.2f} GiB{extra}")
+        if a.nulls_baseline:
+            with h5py.File(f"{d}/nulls.h5") as fn, h5py.File(f"{d}/nulls-baseline.h5") as fb:
+                en, eb = fn["/activations/exceed"][()], fb["/activations/exceed"][()]
+                differ = int(np.sum(en != eb))
+                print(f"exceedance counts: {differ} of {en.size} targets differ from the baseline's "
+                      f"(max |difference| {int(np.max(np.abs(en.astype(np.int64) - eb))) if differ else 0}); "
+                      f"gm.nulls baseline / this build: {nulls_s['baseline'] / nulls_s['this build']:.2f}x")
     if not a.skip_sklearn:
         env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()), OPENBLAS_NUM_THREADS=str(os.cpu_count()))
         wall, rss, p = run([sys.executable, "-c", SKLEARN, f"{d}/features.h5", f"{d}/brain.h5", alphas], env)

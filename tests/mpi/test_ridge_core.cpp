@@ -6,6 +6,7 @@
 // The brute force solves (X^T X + a I) beta = X^T y by Gaussian elimination with each fit
 // centred with its own training means (the unpenalised intercept).
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "gradmap/encoding/nulls.hpp"
 #include "gradmap/encoding/ridge.hpp"
 #include "gradmap/mpi/comm.hpp"
+#include "gradmap/mpi/environment.hpp"
 
 using namespace gradmap::encoding;
 
@@ -452,6 +454,8 @@ TEST(RidgeCore, BandedRidgeEqualsPerBandPenaltiesAndTheBruteForceChoice) {
 
 TEST(RidgeCore, NullsKernelEqualsDoublePrecisionSums) {
   const std::int64_t m = 30, t = 70; // more targets than one block of SIMD lanes
+  // replicate counts that leave a partial last group in both kernels (8 and 4 per call)
+  const int P = 301, Bb = 99;
   std::mt19937 rng(9);
   std::normal_distribution<double> z(0, 1);
   std::vector<double> pred(static_cast<size_t>(m * t)), y(pred.size());
@@ -462,13 +466,13 @@ TEST(RidgeCore, NullsKernelEqualsDoublePrecisionSums) {
     }
   for (std::int64_t i = 0; i < m; ++i) // target 5: constant prediction, undefined r
     pred[i * t + 5] = 1.0;
-  const Resamples rs = make_resamples(m, 300, 100, 4);
+  const Resamples rs = make_resamples(m, P, Bb, 4);
   std::vector<std::int32_t> group(static_cast<size_t>(t));
   for (std::int64_t c = 0; c < t; ++c)
     group[c] = std::int32_t(c % 2);
   NullAccumulator acc(rs, 2);
   std::vector<std::int32_t> exceed(static_cast<size_t>(t));
-  std::vector<float> boot_r(static_cast<size_t>(100 * t));
+  std::vector<float> boot_r(static_cast<size_t>(Bb * t));
   accumulate_nulls(rs, pred, y, t, group.data(), acc, exceed.data(), 0, boot_r.data());
   auto pearson = [&](std::int64_t c, const std::uint32_t* perm, const std::uint32_t* count) {
     double sw = 0, sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0;
@@ -484,8 +488,9 @@ TEST(RidgeCore, NullsKernelEqualsDoublePrecisionSums) {
     }
     return (sw * sxy - sx * sy) / std::sqrt((sw * sxx - sx * sx) * (sw * syy - sy * sy));
   };
-  std::vector<double> perm_sum(static_cast<size_t>(2 * 300), 0.0), boot_sum(2 * 100, 0.0);
-  std::vector<double> null_max(300, -1e300);
+  std::vector<double> perm_sum(static_cast<size_t>(2 * P), 0.0),
+      boot_sum(static_cast<size_t>(2 * Bb), 0.0);
+  std::vector<double> null_max(static_cast<size_t>(P), -1e300);
   for (std::int64_t c = 0; c < t; ++c) {
     if (c == 5) {
       EXPECT_EQ(exceed[c], -1);
@@ -495,27 +500,27 @@ TEST(RidgeCore, NullsKernelEqualsDoublePrecisionSums) {
     const double r = pearson(c, nullptr, nullptr);
     std::int64_t ge = 0;
     bool near_tie = false;
-    for (int b = 0; b < 300; ++b) {
+    for (int b = 0; b < P; ++b) {
       const double rb = pearson(c, &rs.perm[size_t(b) * size_t(m)], nullptr);
       ge += rb >= r ? 1 : 0;
       near_tie |= std::abs(rb - r) < 1e-5; // float32 kernel vs double: a tie may go either way
-      perm_sum[size_t(group[c]) * 300 + size_t(b)] += rb;
+      perm_sum[size_t(group[c]) * size_t(P) + size_t(b)] += rb;
       null_max[size_t(b)] = std::max(null_max[size_t(b)], rb);
     }
     if (!near_tie) {
       EXPECT_EQ(exceed[c], ge) << "target " << c;
     }
-    for (int b = 0; b < 100; ++b) {
+    for (int b = 0; b < Bb; ++b) {
       const double rb = pearson(c, nullptr, &rs.count[size_t(b) * size_t(m)]);
       EXPECT_NEAR(boot_r[size_t(b) * size_t(t) + size_t(c)], rb, 1e-5);
-      boot_sum[size_t(group[c]) * 100 + size_t(b)] += rb;
+      boot_sum[size_t(group[c]) * size_t(Bb) + size_t(b)] += rb;
     }
   }
   for (size_t i = 0; i < perm_sum.size(); ++i)
     EXPECT_NEAR(acc.perm_sum[i], perm_sum[i], 1e-4);
   for (size_t i = 0; i < boot_sum.size(); ++i)
     EXPECT_NEAR(acc.boot_sum[i], boot_sum[i], 1e-4);
-  for (int b = 0; b < 300; ++b)
+  for (int b = 0; b < P; ++b)
     EXPECT_NEAR(acc.null_max[size_t(b)], null_max[size_t(b)], 1e-5);
   EXPECT_EQ(acc.n[0] + acc.n[1], t - 1); // the undefined target is in no group mean
   // Signal targets (every third) sit in the upper tail of their permutation nulls.
@@ -523,4 +528,48 @@ TEST(RidgeCore, NullsKernelEqualsDoublePrecisionSums) {
   for (std::int64_t c = 0; c < t; c += 3)
     low += exceed[c] < 15 ? 1 : 0;
   EXPECT_GE(low, 20);
+}
+
+// The replicates are dealt to threads in groups (8 permutations, 4 bootstraps per kernel call):
+// every output must be bit-identical whatever the number of threads.
+TEST(RidgeCore, NullsKernelIgnoresTheThreadCount) {
+  const std::int64_t m = 41, t = 150;
+  std::mt19937 rng(3);
+  std::normal_distribution<double> z(0, 1);
+  std::vector<double> pred(static_cast<size_t>(m * t)), y(pred.size());
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t c = 0; c < t; ++c) {
+      pred[i * t + c] = z(rng);
+      y[i * t + c] = 0.3 * pred[i * t + c] + z(rng);
+    }
+  const Resamples rs = make_resamples(m, 203, 51, 8);
+  std::vector<std::int32_t> group(static_cast<size_t>(t));
+  for (std::int64_t c = 0; c < t; ++c)
+    group[c] = std::int32_t(c % 3);
+  struct Out {
+    std::vector<std::int32_t> exceed;
+    std::vector<float> boot;
+    NullAccumulator acc;
+  };
+  const int before = omp_get_max_threads();
+  auto run = [&](int threads) {
+    gradmap::mpi::Environment::set_blas_threads(threads);
+    Out o{std::vector<std::int32_t>(static_cast<size_t>(t)),
+          std::vector<float>(static_cast<size_t>(51 * t)), NullAccumulator(rs, 3, t, 0.2f)};
+    accumulate_nulls(rs, pred, y, t, group.data(), o.acc, o.exceed.data(), 0, o.boot.data());
+    return o;
+  };
+  const Out one = run(1), three = run(3);
+  gradmap::mpi::Environment::set_blas_threads(before);
+  EXPECT_EQ(one.exceed, three.exceed);
+  EXPECT_EQ(one.boot, three.boot);
+  EXPECT_EQ(one.acc.perm_sum, three.acc.perm_sum);
+  EXPECT_EQ(one.acc.boot_sum, three.acc.boot_sum);
+  EXPECT_EQ(one.acc.null_max, three.acc.null_max);
+  EXPECT_EQ(one.acc.above, three.acc.above);
+  std::int64_t set = 0; // the cluster bits are exercised: some targets above, most not
+  for (auto word : one.acc.above)
+    set += __builtin_popcountll(word);
+  EXPECT_GT(set, 0);
+  EXPECT_LT(set, 203 * t / 2);
 }
