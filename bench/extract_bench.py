@@ -5,8 +5,14 @@ TorchScript model, with the same number of threads, in the same session.
 
 Usage: /usr/bin/python3 bench/extract_bench.py [--gradmap build/src/gradmap] [--threads 2]
        [--images 1024] [--batch 32] [--model vit|cnn] [--repeats 3]
-Prints the environment (threads, OPENBLAS_CORETYPE), both rates (best of --repeats), and the
-ratio gradmap / python. gradmap's rate is taken from its own progress line (the extraction
+Prints the environment (threads, OPENBLAS_CORETYPE, and the settings that change PyTorch's own
+speed in the Python process: GLIBC_TUNABLES, ATEN_CPU_CAPABILITY), both rates (best of
+--repeats), and the ratio gradmap / python. gradmap runs with both --cpu-kernels settings.
+
+gradmap re-executes itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages
+for large buffers; src/cli/main.cpp) unless GLIBC_TUNABLES is set. A Python process does not: for
+a comparison with the same allocator run the benchmark with that variable exported (both sides
+then have it), and without it for PyTorch as users run it. gradmap's rate is taken from its own progress line (the extraction
 loop, excluding process start-up and model loading) and also from the wall clock of the command.
 """
 import argparse
@@ -27,6 +33,20 @@ import export_torchscript as ex  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+# Forward multiply-accumulates per 224 px image: ViT-S/16 (12 blocks of 197 tokens x 384, MLP
+# 1536, patch embedding, head) and torchvision's ResNet-50.
+GMACS = {"vit_s16": 4.60, "resnet50": 4.09}
+
+
+def sgemm_peak(n=2048):
+    x = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+    x @ x
+    t = time.perf_counter()
+    for _ in range(3):
+        x @ x
+    return 3 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9
 
 
 def python_loop(model, images, labels, batch, pooling):
@@ -54,23 +74,37 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--model", choices=["vit", "cnn"], default="vit")
+    ap.add_argument("--model", choices=["vit", "cnn", "vit_s16", "resnet50"], default="vit",
+                    help="vit / cnn: small demo models at 64 px; vit_s16 (ViT-S/16) and resnet50: "
+                         "torchvision architectures with random weights at 224 px, traced")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     d = tempfile.mkdtemp(prefix="gradmap-bench-")
     torch.manual_seed(0)
+    size, script, names = 64, True, None
     if a.model == "vit":
         model = ex.DemoViT(input_size=64, patch=8, dim=192, depth=6, heads=6).eval()
         pooling = "cls"
-    else:
+    elif a.model == "cnn":
         model = ex.demo_model("demo-cnn")
         pooling = "mean"
+    elif a.model == "vit_s16":
+        import torchvision
+        vit = torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=12,
+                                                   num_heads=6, hidden_dim=384, mlp_dim=1536)
+        with torch.no_grad():  # torchvision's head starts at zero: no gradient would flow
+            vit.heads.head.weight.normal_(std=0.02)
+        mods, names, _ = ex.torchvision_layers("vit_s_16", vit)
+        model, size, script, pooling = ex.HookWrapper(vit.eval(), mods).eval(), 224, False, "cls"
+    else:
+        model, names = ex.torchvision_model("resnet50")
+        size, script, pooling = 224, False, "mean"
     path = f"{d}/model.pt"
-    ex.export(model, path, 64, script=True)
+    ex.export(model, path, size, layer_names=names, script=script)
     scripted = torch.jit.load(path)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (a.images, 64, 64, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (a.images, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, a.images).astype(np.int64)
     with h5py.File(f"{d}/stimuli.h5", "w") as f:
         f.attrs["gradmap_schema"] = np.int64(1)
@@ -80,7 +114,8 @@ def main():
 
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads))
     flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    py, py_cold, eager, gm_loop, gm_wall = [], [], [], [], []
+    py, py_cold, eager = [], [], []
+    gm_loop, gm_wall = {"fast": [], "reference": []}, {"fast": [], "reference": []}
     for _ in range(a.repeats):
         # The TorchScript module with the optimising executor off: with it on, Python returns
         # layer outputs disconnected from the loss after warm-up (no gradient reaches them).
@@ -89,27 +124,50 @@ def main():
             py_cold.append(python_loop(torch.jit.load(path), images, labels, a.batch, pooling))
             py.append(python_loop(scripted, images, labels, a.batch, pooling))  # warm module
         eager.append(python_loop(model, images, labels, a.batch, pooling))
-        t0 = time.perf_counter()
-        p = subprocess.run(["mpiexec", "-n", "1", *flags, a.gradmap, "extract", "--stimuli",
-                            f"{d}/stimuli.h5", "--model", f"torchscript:{path}", "--pooling", pooling,
-                            "--batch-size", str(a.batch), "--threads", str(a.threads), "--no-resume",
-                            "--block", str(a.images), "--out", f"{d}/features.h5"],
-                           capture_output=True, text=True, env=env, check=True)
-        gm_wall.append(a.images / (time.perf_counter() - t0))
-        gm_loop.append(float(re.search(r"extract: done \d+ images in \S+ \(([\d.e+]+) images/s\)",
-                                       p.stderr).group(1)))
-    print(f"model {a.model} (TorchScript), {a.images} images 64x64, batch {a.batch}, "
+        for kernels in gm_loop:
+            t0 = time.perf_counter()
+            p = subprocess.run(["mpiexec", "-n", "1", *flags, a.gradmap, "extract", "--stimuli",
+                                f"{d}/stimuli.h5", "--model", f"torchscript:{path}", "--pooling", pooling,
+                                "--batch-size", str(a.batch), "--threads", str(a.threads), "--no-resume",
+                                "--block", str(a.images), "--cpu-kernels", kernels,
+                                "--out", f"{d}/features-{kernels}.h5"],
+                               capture_output=True, text=True, env=env, check=True)
+            gm_wall[kernels].append(a.images / (time.perf_counter() - t0))
+            gm_loop[kernels].append(float(re.search(
+                r"extract: done \d+ images in \S+ \(([\d.e+]+) images/s\)", p.stderr).group(1)))
+    print(f"model {a.model} (TorchScript), {a.images} images {size}x{size}, batch {a.batch}, "
           f"{a.threads} threads, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}; this Python process: "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}, "
+          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}")
     print(f"python loop        : {max(py):8.1f} images/s (TorchScript module, warm; best of {a.repeats}: {', '.join(f'{x:.1f}' for x in py)})")
     print(f"python loop (cold) : {max(py_cold):8.1f} images/s (freshly loaded TorchScript module, as gradmap)")
     print(f"python loop (eager): {max(eager):8.1f} images/s (the nn.Module before export)")
-    print(f"gradmap extract    : {max(gm_loop):8.1f} images/s (extraction loop)")
-    print(f"gradmap extract    : {max(gm_wall):8.1f} images/s (whole command incl. start-up, I/O)")
+    for kernels in gm_loop:
+        print(f"gradmap extract --cpu-kernels {kernels:9s}: {max(gm_loop[kernels]):8.1f} images/s (extraction loop), "
+              f"{max(gm_wall[kernels]):8.1f} images/s (whole command incl. start-up, I/O)")
     base = max(max(py), max(eager))
-    print(f"ratio gradmap/python: {max(gm_loop) / max(py_cold):.2f}x (loop, both cold); "
-          f"{max(gm_loop) / base:.2f}x (loop vs the faster warm Python loop); "
-          f"{max(gm_wall) / base:.2f}x (whole command vs warm Python)")
+    loop, wall = max(gm_loop["fast"]), max(gm_wall["fast"])
+    if a.model in GMACS:
+        # model FLOPs per image: the forward pass and the backward pass to the layer outputs
+        # (activation gradients only, no weight gradients): 2 x 2 x the forward MACs
+        flops = 4 * GMACS[a.model]
+        peak = sgemm_peak()
+        print(f"model FLOPs per image {flops:.1f} G (forward {GMACS[a.model]} GMACs); SGEMM peak "
+              f"(numpy, same BLAS, this session) {peak:.0f} GFLOP/s; gradmap loop "
+              f"{loop * flops:.0f} GFLOP/s = {100 * loop * flops / peak:.0f}% of it; "
+              f"Python warm {base * flops:.0f} GFLOP/s = {100 * base * flops / peak:.0f}%")
+    with h5py.File(f"{d}/features-fast.h5") as ff, h5py.File(f"{d}/features-reference.h5") as fr:
+        worst = 0.0
+        for kind in ("activations", "gradients"):
+            for name in fr[f"/features/{kind}"]:
+                x, y = ff[f"/features/{kind}/{name}"][()], fr[f"/features/{kind}/{name}"][()]
+                worst = max(worst, float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)))
+    print(f"--cpu-kernels fast vs reference: largest relative feature difference {worst:.1e}")
+    print(f"ratio gradmap (fast) / python: {loop / max(py_cold):.2f}x (loop, both cold); "
+          f"{loop / base:.2f}x (loop vs the faster warm Python loop); "
+          f"{wall / base:.2f}x (whole command vs warm Python); --cpu-kernels reference: "
+          f"{max(gm_wall['reference']) / base:.2f}x (whole command vs warm Python)")
 
 
 if __name__ == "__main__":
