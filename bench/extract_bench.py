@@ -7,7 +7,7 @@ Usage: /usr/bin/python3 bench/extract_bench.py [--gradmap build/src/gradmap] [--
        [--images 1024] [--batch 32] [--model vit|cnn] [--repeats 3]
 Prints the environment (threads, OPENBLAS_CORETYPE, and the settings that change PyTorch's own
 speed in the Python process: GLIBC_TUNABLES, ATEN_CPU_CAPABILITY), both rates (best of
---repeats), and the ratio gradmap / python. gradmap runs with both --cpu-kernels settings.
+--repeats), and the ratio gradmap / python.
 
 gradmap re-executes itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages
 for large buffers; src/cli/main.cpp) unless GLIBC_TUNABLES is set. A Python process does not: for
@@ -115,7 +115,7 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads))
     flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     py, py_cold, eager = [], [], []
-    gm_loop, gm_wall = {"fast": [], "reference": []}, {"fast": [], "reference": []}
+    gm_loop, gm_wall = [], []
     for _ in range(a.repeats):
         # The TorchScript module with the optimising executor off: with it on, Python returns
         # layer outputs disconnected from the loss after warm-up (no gradient reaches them).
@@ -124,17 +124,17 @@ def main():
             py_cold.append(python_loop(torch.jit.load(path), images, labels, a.batch, pooling))
             py.append(python_loop(scripted, images, labels, a.batch, pooling))  # warm module
         eager.append(python_loop(model, images, labels, a.batch, pooling))
-        for kernels in gm_loop:
-            t0 = time.perf_counter()
-            p = subprocess.run(["mpiexec", "-n", "1", *flags, a.gradmap, "extract", "--stimuli",
-                                f"{d}/stimuli.h5", "--model", f"torchscript:{path}", "--pooling", pooling,
-                                "--batch-size", str(a.batch), "--threads", str(a.threads), "--no-resume",
-                                "--block", str(a.images), "--cpu-kernels", kernels,
-                                "--out", f"{d}/features-{kernels}.h5"],
-                               capture_output=True, text=True, env=env, check=True)
-            gm_wall[kernels].append(a.images / (time.perf_counter() - t0))
-            gm_loop[kernels].append(float(re.search(
-                r"extract: done \d+ images in \S+ \(([\d.e+]+) images/s\)", p.stderr).group(1)))
+        # --bind-to none: Open MPI binds a lone rank to one core, which would halve its 2 threads
+        t0 = time.perf_counter()
+        p = subprocess.run(["mpiexec", "-n", "1", *flags, "--bind-to", "none", a.gradmap, "extract",
+                            "--stimuli", f"{d}/stimuli.h5", "--model", f"torchscript:{path}",
+                            "--pooling", pooling, "--batch-size", str(a.batch), "--threads",
+                            str(a.threads), "--no-resume", "--block", str(a.images),
+                            "--out", f"{d}/features.h5"],
+                           capture_output=True, text=True, env=env, check=True)
+        gm_wall.append(a.images / (time.perf_counter() - t0))
+        gm_loop.append(float(re.search(r"extract: done \d+ images in \S+ \(([\d.e+]+) images/s\)",
+                                       p.stderr).group(1)))
     print(f"model {a.model} (TorchScript), {a.images} images {size}x{size}, batch {a.batch}, "
           f"{a.threads} threads, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, "
           f"torch {torch.__version__}; this Python process: "
@@ -143,11 +143,9 @@ def main():
     print(f"python loop        : {max(py):8.1f} images/s (TorchScript module, warm; best of {a.repeats}: {', '.join(f'{x:.1f}' for x in py)})")
     print(f"python loop (cold) : {max(py_cold):8.1f} images/s (freshly loaded TorchScript module, as gradmap)")
     print(f"python loop (eager): {max(eager):8.1f} images/s (the nn.Module before export)")
-    for kernels in gm_loop:
-        print(f"gradmap extract --cpu-kernels {kernels:9s}: {max(gm_loop[kernels]):8.1f} images/s (extraction loop), "
-              f"{max(gm_wall[kernels]):8.1f} images/s (whole command incl. start-up, I/O)")
+    print(f"gradmap extract    : {max(gm_loop):8.1f} images/s (extraction loop)")
+    print(f"gradmap extract    : {max(gm_wall):8.1f} images/s (whole command incl. start-up, I/O)")
     base = max(max(py), max(eager))
-    loop, wall = max(gm_loop["fast"]), max(gm_wall["fast"])
     if a.model in GMACS:
         # model FLOPs per image: the forward pass and the backward pass to the layer outputs
         # (activation gradients only, no weight gradients): 2 x 2 x the forward MACs
@@ -155,20 +153,11 @@ def main():
         peak = sgemm_peak()
         print(f"model FLOPs per image {flops:.1f} G (forward {GMACS[a.model]} GMACs); SGEMM peak "
               f"(numpy, same BLAS, this session) {peak:.0f} GFLOP/s; gradmap loop "
-              f"{loop * flops:.0f} GFLOP/s = {100 * loop * flops / peak:.0f}% of it; "
+              f"{max(gm_loop) * flops:.0f} GFLOP/s = {100 * max(gm_loop) * flops / peak:.0f}% of it; "
               f"Python warm {base * flops:.0f} GFLOP/s = {100 * base * flops / peak:.0f}%")
-    with h5py.File(f"{d}/features-fast.h5") as ff, h5py.File(f"{d}/features-reference.h5") as fr:
-        worst = 0.0
-        for kind in ("activations", "gradients"):
-            for name in fr[f"/features/{kind}"]:
-                x, y = ff[f"/features/{kind}/{name}"][()], fr[f"/features/{kind}/{name}"][()]
-                worst = max(worst, float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)))
-    print(f"--cpu-kernels fast vs reference: largest relative feature difference {worst:.1e}")
-    print(f"ratio gradmap (fast) / python: {loop / max(py_cold):.2f}x (loop, both cold); "
-          f"{loop / base:.2f}x (loop vs the faster warm Python loop); "
-          f"{wall / base:.2f}x (whole command vs warm Python); --cpu-kernels reference: "
-          f"{max(gm_wall['reference']) / base:.2f}x (whole command vs warm Python)")
-
+    print(f"ratio gradmap/python: {max(gm_loop) / max(py_cold):.2f}x (loop, both cold); "
+          f"{max(gm_loop) / base:.2f}x (loop vs the faster warm Python loop); "
+          f"{max(gm_wall) / base:.2f}x (whole command vs warm Python)")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,6 @@
 // gradmap extract: per-layer activations and gradients -> features.h5 (extract::extract).
 #include "gradmap/extract/extract.hpp"
 #include "command.hpp"
-#include "gradmap/core/error.hpp"
 
 namespace gradmap::cli {
 
@@ -45,10 +44,6 @@ Command extract_command() {
         "cpu, or cuda (rank r uses GPU <node-local rank> mod <GPUs on the node>)")(
         "batch-size", po::value<std::int64_t>()->default_value(def.batch_size),
         "images per forward/backward pass (results do not depend on it)")(
-        "cpu-kernels", po::value<std::string>()->default_value("fast"),
-        "fast: convolutional models in the channels-last memory format (oneDNN's NHWC kernels) "
-        "and LibTorch's AVX-512 kernels where the CPU has them; reference: LibTorch's defaults, "
-        "as PyTorch in Python runs (the two agree to float32 rounding)")(
         "block", po::value<std::int64_t>()->default_value(def.block), "images per resumable block")(
         "no-resume", po::bool_switch(), "start over even if a matching partial output exists")(
         "projection", po::value<std::int64_t>()->default_value(0),
@@ -76,10 +71,6 @@ Command extract_command() {
     o.pooling = model::parse_pooling(vm["pooling"].as<std::string>());
     o.device = vm["device"].as<std::string>();
     o.batch_size = vm["batch-size"].as<std::int64_t>();
-    const std::string kernels = vm["cpu-kernels"].as<std::string>();
-    if (kernels != "fast" && kernels != "reference")
-      throw UsageError("--cpu-kernels: must be fast or reference, not '" + kernels + "'");
-    o.fast_cpu = kernels == "fast";
     o.block = vm["block"].as<std::int64_t>();
     o.resume = !vm["no-resume"].as<bool>();
     o.randomize_weights = vm["randomize-weights"].as<bool>();

@@ -73,13 +73,12 @@ std::vector<OptionField> option_fields(const ExtractOptions& o) {
       {"device", o.device, Affects::nothing},
       {"batch_size", to_string(o.batch_size), Affects::nothing},
       {"threads", to_string(o.threads), Affects::nothing},
-      {"cpu_kernels", o.fast_cpu ? "fast" : "reference", Affects::nothing},
       {"local_rank", to_string(o.local_rank), Affects::nothing},
       {"resume", to_string(o.resume), Affects::nothing},
   };
 }
-// 22 members (7 strings, model::Objective, model::Labels, model::Pooling, 6 64-bit integers,
-// 3 ints, 3 bools) as laid out by libstdc++ on x86-64; a tripwire, not an ABI promise: update it
+// 21 members (7 strings, model::Objective, model::Labels, model::Pooling, 6 64-bit integers,
+// 3 ints, 2 bools) as laid out by libstdc++ on x86-64; a tripwire, not an ABI promise: update it
 // together with option_fields().
 static_assert(sizeof(std::string) != 32 || sizeof(ExtractOptions) == 360,
               "ExtractOptions changed: list the new option in option_fields()");
@@ -160,7 +159,6 @@ model::ExtractorOptions model_options(const ExtractOptions& o) {
   mo.pooling = o.pooling;
   mo.device = o.device;
   mo.threads = o.threads;
-  mo.fast_cpu = o.fast_cpu;
   mo.seed = o.seed;
   mo.local_rank = o.local_rank;
   return mo;

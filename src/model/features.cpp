@@ -237,7 +237,6 @@ struct FeatureExtractor::Impl {
   std::vector<std::string> names;
   std::vector<int64_t> dims;
   int64_t outputs = 0;
-  bool channels_last = false; // --cpu-kernels fast with a convolutional model on the CPU
 
   // Forward pass: per-layer outputs in network order and the final output.
   std::pair<std::vector<torch::Tensor>, torch::Tensor> forward(const torch::Tensor& x) {
@@ -322,32 +321,7 @@ struct FeatureExtractor::Impl {
     auto x = to_unit(images, n, h, w);
     if (input_size > 0 && (h != input_size || w != input_size))
       x = resize(x, input_size, input_size);
-    return layout(normalise(x).to(device));
-  }
-  torch::Tensor layout(const torch::Tensor& x) const {
-    return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
-  }
-  // --cpu-kernels fast: every 4-D parameter and buffer (convolution kernels) in the channels-last
-  // memory format, so that oneDNN runs its NHWC convolutions without reordering each call.
-  void to_channels_last(bool on) {
-    torch::NoGradGuard ng;
-    const auto fmt = on ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    auto convert = [&](torch::Tensor t) {
-      if (t.dim() == 4)
-        t.set_data(t.contiguous(fmt));
-    };
-    if (builtin) {
-      for (auto& t : builtin->parameters())
-        convert(t);
-      for (auto& t : builtin->buffers())
-        convert(t);
-    } else {
-      for (const auto& t : script->parameters())
-        convert(t);
-      for (const auto& t : script->buffers())
-        convert(t);
-    }
-    channels_last = on;
+    return normalise(x).to(device);
   }
   // The augmented view of each image: a random resized crop (area share in [0.4, 1], aspect
   // ratio log-uniform in [3/4, 4/3]) resized to the model's input size, then a horizontal flip
@@ -369,7 +343,7 @@ struct FeatureExtractor::Impl {
       auto v = resize(x.slice(0, i, i + 1).slice(2, y0, y0 + ch).slice(3, x0, x0 + cw), oh, ow);
       views.push_back(flip ? v.flip({3}) : v);
     }
-    return layout(normalise(torch::cat(views, 0)).to(device));
+    return normalise(torch::cat(views, 0)).to(device);
   }
   // The DINO head: K fixed random prototypes, W [D, K] ~ N(0, 1/D) from Philox(seed).
   torch::Tensor prototypes;
@@ -389,17 +363,6 @@ struct FeatureExtractor::Impl {
 FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new Impl) {
   auto& I = *impl_;
   I.opt = options;
-  // --cpu-kernels fast: LibTorch's AVX-512 kernels (PyTorch 1.13 keeps them opt-in). LibTorch
-  // reads ATEN_CPU_CAPABILITY once, at its first operator call: set it before any. A value the
-  // user set is kept; a CPU without the AVX-512 subsets that LibTorch's kernels use keeps AVX2.
-  if (options.fast_cpu && options.device == "cpu" && !std::getenv("ATEN_CPU_CAPABILITY") &&
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    setenv("ATEN_CPU_CAPABILITY", "avx512", 0);
-  // ... and TorchScript runs op by op, as eager PyTorch does: the profiling executor's
-  // differentiable subgraphs were slower here (ViT-S/16, 224 px: 4.8 against 4.2 images/s).
-  if (options.fast_cpu)
-    torch::jit::setGraphExecutorOptimize(false);
   torch::set_num_threads(std::max(1, options.threads));
   if (options.device == "cpu") {
     I.device = torch::Device(torch::kCPU);
@@ -501,23 +464,8 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
                         "size. ") +
                  "PyTorch says: " + what);
   };
-  bool conv = false; // a convolutional model: some 4-D parameter
-  for (const auto& t : I.builtin ? I.builtin->parameters() : std::vector<torch::Tensor>())
-    conv = conv || t.dim() == 4;
-  if (I.script)
-    for (const auto& t : I.script->parameters())
-      conv = conv || t.dim() == 4;
-  if (options.fast_cpu && conv && I.device.is_cpu()) {
-    I.to_channels_last(true);
-    try { // a model that cannot take channels-last tensors (e.g. .view on a feature map) keeps NCHW
-      std::tie(hs, out) = I.forward(I.preprocess(img.data(), 1, ph, pw));
-    } catch (const std::exception&) {
-      I.to_channels_last(false);
-    }
-  }
   try {
-    if (!I.channels_last)
-      std::tie(hs, out) = I.forward(I.preprocess(img.data(), 1, ph, pw));
+    std::tie(hs, out) = I.forward(I.preprocess(img.data(), 1, ph, pw));
   } catch (const c10::Error& e) {
     throw probe_error(e.what_without_backtrace());
   } catch (const std::runtime_error& e) {

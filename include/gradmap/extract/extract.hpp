@@ -26,7 +26,6 @@ struct ExtractOptions {
   std::int64_t batch_size = 16;
   std::int64_t block = 256; ///< images per resumable block
   int threads = 1;
-  bool fast_cpu = true; ///< --cpu-kernels fast (true) | reference (LibTorch's defaults)
   int local_rank = 0;
   bool resume = true;
   bool randomize_weights = false; ///< control: parameters permuted within each tensor

@@ -26,11 +26,7 @@ struct ExtractorOptions {
   Pooling pooling;                 ///< mean | cls | patch-mean | cls+patch-mean | grid:G
   std::string device = "cpu";      ///< cpu | cuda | cuda:N ("cuda": cuda:<local_rank mod devices>)
   int threads = 1;                 ///< intra-op threads of this rank
-  /// CPU only. true (extract --cpu-kernels fast): convolutional models run in the channels-last
-  /// memory format (oneDNN's NHWC kernels) and LibTorch's AVX-512 kernels are switched on where
-  /// the CPU has them (ATEN_CPU_CAPABILITY, unless set). Same features to float32 rounding.
-  bool fast_cpu = true;
-  int local_rank = 0; ///< this rank's index on its node (picks the GPU)
+  int local_rank = 0;              ///< this rank's index on its node (picks the GPU)
   /// Control "random weights": every parameter tensor's elements permuted at random
   /// (Philox(seed, weights, 0x40000 + tensor index)), after loading: the same per-tensor weight
   /// distribution, none of the learned structure. Buffers (BatchNorm statistics) are kept.
