@@ -4,7 +4,7 @@
 TorchScript model, with the same number of threads, in the same session.
 
 Usage: /usr/bin/python3 bench/extract_bench.py [--gradmap build/src/gradmap] [--threads 2]
-       [--images 1024] [--batch 32] [--model vit|cnn] [--repeats 3]
+       [--images 1024] [--batch 32] [--model vit|cnn|vit_s16|resnet50] [--repeats 3]
 Prints the environment (threads, OPENBLAS_CORETYPE, and the settings that change PyTorch's own
 speed in the Python process: GLIBC_TUNABLES, ATEN_CPU_CAPABILITY), both rates (best of
 --repeats), and the ratio gradmap / python.
@@ -12,8 +12,9 @@ speed in the Python process: GLIBC_TUNABLES, ATEN_CPU_CAPABILITY), both rates (b
 gradmap re-executes itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages
 for large buffers; src/cli/main.cpp) unless GLIBC_TUNABLES is set. A Python process does not: for
 a comparison with the same allocator run the benchmark with that variable exported (both sides
-then have it), and without it for PyTorch as users run it. gradmap's rate is taken from its own progress line (the extraction
-loop, excluding process start-up and model loading) and also from the wall clock of the command.
+then have it), and without it for PyTorch as users run it. gradmap's rate is taken from its own
+progress line (the extraction loop, excluding process start-up and model loading) and also from
+the wall clock of the command.
 """
 import argparse
 import os

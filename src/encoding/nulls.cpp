@@ -2,13 +2,14 @@
 //
 // Kernel: a block of TB targets is standardised (population std over the m test rows) and stored
 // in float, in strips of SW targets ([m][SW] each), so that a replicate is m fused multiply-adds
-// over SW contiguous lanes per strip, with one strip in the L1 cache across a group of replicates:
+// over SW contiguous lanes per strip, one strip (m x SW floats) reused across a group of
+// replicates:
 //   permutation  r_b = (1/m) sum_i zp[perm_b(i)] zy[i]   (means and variances do not move)
 //   bootstrap    r_b = (m Sxy - Sx Sy) / sqrt((m Sxx - Sx^2)(m Syy - Sy^2)), S weighted by c_{b,i}
-// A kernel call takes GP permutations (or GB bootstraps) together: each row of the block is read
-// once for all of them, so the loop is bound by the FMA units rather than by loads (about 45
-// GFLOP/s per core for the permutations and 90 for the bootstraps on a Zen 5 core, against 15 and
-// 9.5 of the previous one-replicate kernel; bench/README.md).
+// A kernel call takes GP permutations (or GB bootstraps) together: the zy row (the count-weighted
+// rows) is read once for all of them and the accumulators stay in registers. On a Zen 5 core that
+// is about 45 GFLOP/s for the permutations, still bound by one gathered row load per FMA, and 90
+// for the bootstraps, against 15 and 9.5 of the previous one-replicate kernel (bench/README.md).
 // The observed r used for the exceedance count is computed by the same kernel (identity
 // permutation), so r_b >= r compares like with like. Replicates are split over OpenMP threads;
 // every per-(group, replicate) sum is accumulated in target order by the thread that owns the
@@ -41,9 +42,9 @@ typedef float lanes __attribute__((vector_size(SW * sizeof(float))));
 // identical bits (the baseline one, without FMA, rounds each product).
 #define GM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
 
-// Permutations. The strip layout keeps one strip of the block (m x SW floats, 32 KB at m = 1000)
-// in the L1 cache while GP permutations walk it; the test responses zy are read once per row for
-// all GP of them. a[g * TB + j] = sum_i zp[perm_g[i]][j] zy[i][j].
+// Permutations. GP permutations walk one strip of the block at a time (m x SW floats, 32 KB at
+// m = 1000: about the L1 cache); the test responses zy are read once per row for all GP of them.
+// a[g * TB + j] = sum_i zp[perm_g[i]][j] zy[i][j].
 GM_MULTIVERSION void permuted_dots(const float* zp, const float* zy,
                                    const std::uint32_t* const* perm, std::int64_t m, float* a) {
   for (std::int64_t s = 0; s < TB / SW; ++s) {
@@ -140,6 +141,9 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
   std::vector<float> zp(static_cast<size_t>(m * TB)), zy(static_cast<size_t>(m * TB)),
       zq(static_cast<size_t>(Bb > 0 ? 5 * m * TB : 0));
   auto at = [m](std::int64_t i, std::int64_t j) { return (j / SW) * m * SW + i * SW + j % SW; };
+  auto at5 = [m](std::int64_t i, std::int64_t j, int q) { // zq: lane j of quantity q, row i
+    return ((j / SW) * m * 5 + i * 5 + q) * SW + j % SW;
+  };
   std::vector<std::uint32_t> identity(static_cast<size_t>(m));
   for (std::int64_t i = 0; i < m; ++i)
     identity[i] = std::uint32_t(i);
@@ -186,12 +190,11 @@ void accumulate_nulls(const Resamples& rs, const std::vector<double>& pred,
         zy[at(i, j)] = xy;
         if (Bb == 0)
           continue;
-        float* q = &zq[(j / SW) * m * 5 * SW + i * 5 * SW + j % SW];
-        q[0] = xp;
-        q[SW] = xy;
-        q[2 * SW] = xp * xp;
-        q[3 * SW] = xy * xy;
-        q[4 * SW] = xp * xy;
+        zq[at5(i, j, 0)] = xp;
+        zq[at5(i, j, 1)] = xy;
+        zq[at5(i, j, 2)] = xp * xp;
+        zq[at5(i, j, 3)] = xy * xy;
+        zq[at5(i, j, 4)] = xp * xy;
       }
     }
     // The observed r by the same kernel as the permutations: r_b >= r compares like with like.
