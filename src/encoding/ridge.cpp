@@ -4,11 +4,14 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "gradmap/core/error.hpp"
+#include "gradmap/core/mpi_check.hpp"
 #include "gradmap/core/profile.hpp"
 #include "gradmap/linalg/dense.hpp"
 #include "gradmap/linalg/kernel_eig.hpp"
+#include "gradmap/mpi/comm.hpp"
 
 namespace gradmap::encoding {
 
@@ -38,6 +41,190 @@ RidgeBasis make_basis(const std::vector<double>& x_train, std::int64_t n, std::i
   // X_test V = X_test (V^T)^T: [m, p] x [p, r].
   b.test_v.assign(size_t(m * r), 0.0);
   linalg::gemm(false, true, m, r, p, 1.0, x_test.data(), vt.data(), 0.0, b.test_v.data());
+  return b;
+}
+
+namespace {
+
+// Rows [begin, end) of rank `me` of `size` in a balanced split of n rows.
+std::pair<std::int64_t, std::int64_t> row_block(std::int64_t n, int me, int size) {
+  return {n * me / size, n * (me + 1) / size};
+}
+
+// Sums `v` over comm onto rank 0 (in place there; the other ranks' v is left as it was).
+void reduce_to_root(std::vector<double>& v, MPI_Comm comm, int me) {
+  constexpr size_t piece = size_t(1) << 27;
+  for (size_t o = 0; o < v.size(); o += piece) {
+    const int c = int(std::min(piece, v.size() - o));
+    GM_CHECK_MPI(MPI_Reduce(me == 0 ? MPI_IN_PLACE : v.data() + o, v.data() + o, c, MPI_DOUBLE,
+                            MPI_SUM, 0, comm));
+  }
+}
+
+void broadcast(std::vector<double>& v, MPI_Comm comm) {
+  constexpr size_t piece = size_t(1) << 27;
+  for (size_t o = 0; o < v.size(); o += piece)
+    GM_CHECK_MPI(MPI_Bcast(v.data() + o, int(std::min(piece, v.size() - o)), MPI_DOUBLE, 0, comm));
+}
+
+// Gathers every rank's row block (rows [n me / size, n (me + 1) / size) of width w, this rank's
+// in `mine`) into all [n, w] on every rank; the rows travel as one MPI type of w doubles.
+void gather_rows(const std::vector<double>& mine, std::int64_t n, std::int64_t w,
+                 std::vector<double>& all, MPI_Comm comm, int size) {
+  all.resize(static_cast<size_t>(n * w));
+  if (w == 0 || n == 0)
+    return;
+  MPI_Datatype row;
+  GM_CHECK_MPI(MPI_Type_contiguous(int(w), MPI_DOUBLE, &row));
+  GM_CHECK_MPI(MPI_Type_commit(&row));
+  std::vector<int> counts(static_cast<size_t>(size)), offs(counts);
+  for (int q = 0; q < size; ++q) {
+    const auto [b, e] = row_block(n, q, size);
+    counts[size_t(q)] = int(e - b);
+    offs[size_t(q)] = int(b);
+  }
+  const int rc = MPI_Allgatherv(mine.data(), counts[size_t(mpi::rank(comm))], row, all.data(),
+                                counts.data(), offs.data(), row, comm);
+  MPI_Type_free(&row);
+  GM_CHECK_MPI(rc);
+}
+
+// make_basis on rank 0, broadcast.
+RidgeBasis basis_of_root(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
+                         const std::vector<double>& x_test, std::int64_t m, MPI_Comm comm, int me) {
+  RidgeBasis b;
+  if (me == 0)
+    b = make_basis(x_train, n, p, x_test, m);
+  std::int64_t dims[4] = {b.n, b.p, b.r, b.m};
+  GM_CHECK_MPI(MPI_Bcast(dims, 4, MPI_INT64_T, 0, comm));
+  b.n = dims[0], b.p = dims[1], b.r = dims[2], b.m = dims[3];
+  b.u.resize(size_t(b.n * b.r));
+  b.s.resize(size_t(b.r));
+  b.test_v.resize(size_t(b.m * b.r));
+  broadcast(b.u, comm);
+  broadcast(b.s, comm);
+  broadcast(b.test_v, comm);
+  b.u32.assign(b.u.begin(), b.u.end());
+  return b;
+}
+
+} // namespace
+
+RidgeBasis make_basis_gram(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
+                           const std::vector<double>& x_test, std::int64_t m, MPI_Comm comm) {
+  const int me = mpi::rank(comm), size = mpi::size(comm);
+  if (p > n)
+    return basis_of_root(x_train, n, p, x_test, m, comm, me);
+  ProfileEvent ev("gm.ridge.svd");
+  const auto [b0, b1] = row_block(n, me, size);
+  const auto [t0, t1] = row_block(m, me, size);
+  const std::int64_t nb = b1 - b0, mb = t1 - t0;
+  ProfileEvent::add_flops(
+      (6.0 * double(nb) * double(p) * double(p) + 2.0 * double(mb) * double(p) * double(p)) +
+      (me == 0 ? 30.0 * double(p) * double(p) * double(p) : 0.0));
+  // Pass 1: G = X^T X summed over the ranks' row blocks; its eigenvectors V_k with
+  // lambda_k > 1e-14 lambda_0 (rank 0 decomposes and broadcasts, so every rank holds the same).
+  std::vector<double> g(static_cast<size_t>(p * p), 0.0);
+  linalg::gram(nb, p, x_train.data() + b0 * p, 0.0, g.data());
+  if (size > 1)
+    reduce_to_root(g, comm, me);
+  std::vector<double> w, z;
+  std::int64_t k = 0;
+  if (me == 0) {
+    linalg::sym_eig(p, g, w, z);
+    while (k < p && w[size_t(k)] > 1e-14 * w[0])
+      ++k;
+  }
+  g = {};
+  GM_CHECK_MPI(MPI_Bcast(&k, 1, MPI_INT64_T, 0, comm));
+  std::vector<double> vk(static_cast<size_t>(p * k)), lam(static_cast<size_t>(k));
+  if (me == 0)
+    for (std::int64_t j = 0; j < p; ++j)
+      for (std::int64_t c = 0; c < k; ++c)
+        vk[size_t(j * k + c)] = z[size_t(j * p + c)];
+  if (me == 0)
+    std::copy(w.begin(), w.begin() + k, lam.begin());
+  z = {};
+  if (size > 1) {
+    broadcast(vk, comm);
+    broadcast(lam, comm);
+  }
+  // Pass 2 (CholeskyQR on Q1 = X V_k diag(lambda)^-1/2, whose columns are orthonormal up to the
+  // eigenvalues' rounding, ~1e-16 lambda_0 / lambda_k): Q1^T Q1 = R^T R, X V_k = Q R diag(
+  // lambda)^1/2 with Q orthonormal, and the SVD of the k x k R diag(lambda)^1/2 = W S Z^T gives
+  // X = (Q W) S (V_k Z)^T. Its singular values carry the SVD's absolute error (~eps s_0), not
+  // the eigenvalues' (~eps s_0^2 / s_k).
+  std::vector<double> y(static_cast<size_t>(nb * k));
+  linalg::gemm(false, false, nb, k, p, 1.0, x_train.data() + b0 * p, vk.data(), 0.0, y.data());
+  std::vector<double> g2(static_cast<size_t>(k * k), 0.0);
+  linalg::gram(nb, k, y.data(), 0.0, g2.data());
+  if (size > 1)
+    reduce_to_root(g2, comm, me);
+  std::int64_t r = 0, ok = 1;
+  std::vector<double> s, t, v; // t [k, r]: U = Y t; v [p, r]
+  if (me == 0 && k > 0) {
+    for (std::int64_t i = 0; i < k; ++i)
+      for (std::int64_t c = 0; c < k; ++c)
+        g2[size_t(i * k + c)] /= std::sqrt(lam[size_t(i)] * lam[size_t(c)]);
+    ok = linalg::cholesky_upper(k, g2.data()) ? 1 : 0;
+    if (ok) {
+      std::vector<double> rk(g2), wl, zt;
+      for (std::int64_t i = 0; i < k; ++i)
+        for (std::int64_t c = i; c < k; ++c)
+          rk[size_t(i * k + c)] *= std::sqrt(lam[size_t(c)]);
+      linalg::svd_thin(k, k, std::move(rk), wl, s, zt);
+      while (r < k && s[size_t(r)] > 1e-10 * s[0])
+        ++r;
+      s.resize(size_t(r));
+      // t = diag(lambda)^-1/2 R^-1 W_r: R^-1 as I R^-1, then the product.
+      std::vector<double> rinv(static_cast<size_t>(k * k), 0.0), wr(static_cast<size_t>(k * r));
+      for (std::int64_t i = 0; i < k; ++i)
+        rinv[size_t(i * k + i)] = 1.0;
+      linalg::solve_right_upper(k, k, g2.data(), rinv.data());
+      for (std::int64_t i = 0; i < k; ++i)
+        for (std::int64_t c = 0; c < r; ++c)
+          wr[size_t(i * r + c)] = wl[size_t(i * k + c)];
+      t.assign(static_cast<size_t>(k * r), 0.0);
+      linalg::gemm(false, false, k, r, k, 1.0, rinv.data(), wr.data(), 0.0, t.data());
+      for (std::int64_t i = 0; i < k; ++i)
+        for (std::int64_t c = 0; c < r; ++c)
+          t[size_t(i * r + c)] /= std::sqrt(lam[size_t(i)]);
+      // V = V_k Z_r: [p, k] x ([r, k])^T.
+      v.assign(static_cast<size_t>(p * r), 0.0);
+      linalg::gemm(false, true, p, r, k, 1.0, vk.data(), zt.data(), 0.0, v.data());
+    }
+  }
+  GM_CHECK_MPI(MPI_Bcast(&ok, 1, MPI_INT64_T, 0, comm));
+  if (!ok) // not reached for a k chosen as above
+    return basis_of_root(x_train, n, p, x_test, m, comm, me);
+  GM_CHECK_MPI(MPI_Bcast(&r, 1, MPI_INT64_T, 0, comm));
+  s.resize(size_t(r));
+  t.resize(size_t(k * r));
+  v.resize(size_t(p * r));
+  if (size > 1) {
+    broadcast(s, comm);
+    broadcast(t, comm);
+    broadcast(v, comm);
+  }
+  // Each rank's rows of U = Y t and of X_test V, gathered everywhere.
+  std::vector<double> ub(static_cast<size_t>(nb * r), 0.0), tv(static_cast<size_t>(mb * r), 0.0);
+  linalg::gemm(false, false, nb, r, k, 1.0, y.data(), t.data(), 0.0, ub.data());
+  y = {};
+  linalg::gemm(false, false, mb, r, p, 1.0, x_test.data() + t0 * p, v.data(), 0.0, tv.data());
+  RidgeBasis b;
+  b.n = n;
+  b.p = p;
+  b.m = m;
+  b.r = r;
+  b.s = std::move(s);
+  if (size > 1) {
+    gather_rows(ub, n, r, b.u, comm, size);
+    gather_rows(tv, m, r, b.test_v, comm, size);
+  } else {
+    b.u = std::move(ub);
+    b.test_v = std::move(tv);
+  }
+  b.u32.assign(b.u.begin(), b.u.end());
   return b;
 }
 

@@ -105,7 +105,9 @@ TrainingSides::TrainingSides(const EncodeOptions& opt, const io::File& features,
   if (!cache)
     return;
   cached_.resize(size_t(K * L) + (lay.joint ? size_t((L + 1) * (1 + L * lay.W)) : 0));
-  // rank 0's place in the list (each rank builds every p-th side)
+  // Each rank builds every p-th side; with fewer primal decompositions than ranks, each one is
+  // split over all ranks instead (make_basis_gram).
+  collective_ = (K * L + (lay.joint ? L + 1 : 0)) * (nf_ + 1) < mpi::size(comm);
   Progress progress("encode", K * L + (lay.joint ? L + 1 : 0), "training bases");
   for (std::int64_t k = 0; k < K; ++k)
     for (std::int64_t l = 0; l < L; ++l) {
@@ -118,6 +120,7 @@ TrainingSides::TrainingSides(const EncodeOptions& opt, const io::File& features,
       progress.advance();
     }
   jobs_.run_all();
+  collective_ = false;
   progress.finish();
   for (auto& side : cached_)
     finish(side);
@@ -156,14 +159,11 @@ void TrainingSides::read_activation_block() {
   }
 }
 
-// A's scores on its first principal axes (computed on rank 0 and broadcast), rescaled to total
+// A's scores on its first principal axes (make_basis_gram over all ranks), rescaled to total
 // variance L / parts.
 void TrainingSides::reduce_activation_block() {
   const std::int64_t n = n_, m = m_, L = lay_.L, pa_layers = lay_.pa_layers;
-  RidgeBasis pb;
-  if (mpi::rank(comm_) == 0)
-    pb = make_basis(a_tr_, n, lay_.pa_all, a_te_, m);
-  broadcast_basis(pb, 0, comm_);
+  const RidgeBasis pb = make_basis_gram(a_tr_, n, lay_.pa_all, a_te_, m, comm_);
   const std::int64_t kk = std::min(pa_layers, pb.r);
   double var = 0;
   for (std::int64_t j = 0; j < kk; ++j)
@@ -254,10 +254,18 @@ void TrainingSides::svd_job(RidgeBasis& out, std::vector<double> xa, std::int64_
     out = make_basis_dual(xa, na, dim, xb, nb, distribute ? comm_ : MPI_COMM_SELF);
     return;
   }
+  if (distribute && collective_) {
+    // Fewer decompositions than ranks: each is split over all of them by rows.
+    out = make_basis_gram(xa, na, dim, xb, nb, comm_);
+    return;
+  }
   auto xs = std::make_shared<std::pair<std::vector<double>, std::vector<double>>>(std::move(xa),
                                                                                   std::move(xb));
   jobs_.add(
-      distribute, [&out, xs, na, dim, nb] { out = make_basis(xs->first, na, dim, xs->second, nb); },
+      distribute,
+      [&out, xs, na, dim, nb] {
+        out = make_basis_gram(xs->first, na, dim, xs->second, nb, MPI_COMM_SELF);
+      },
       [&out, this_comm = comm_](int owner) { broadcast_basis(out, owner, this_comm); });
 }
 

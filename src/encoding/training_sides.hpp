@@ -100,6 +100,7 @@ private:
   const int nf_;                  // folds (0: LOO)
   const std::vector<double>& jw_; // band weights (the Encoder's)
   JobQueue jobs_;
+  bool collective_ = false;  // svd_job splits each primal basis over all ranks (constructor only)
   std::vector<Side> cached_; // (kind, layer), then R_0..R_L, then (k, l, w)
   std::vector<std::uint8_t> joint_built_;
   // --joint: A [n, pa] and [m, pa]; the z-scored nuisance block [rows, nq]

@@ -376,6 +376,60 @@ TEST(RidgeCore, DualBasisOverTheRanksEqualsThePrimal) {
     EXPECT_NEAR(a.prediction[i], b.prediction[i], 1e-8);
 }
 
+TEST(RidgeCore, GramBasisOverTheRanksEqualsTheSvd) {
+  // n >= p: make_basis_gram (Gram eigenvectors, a CholeskyQR pass, the SVD of the small factor;
+  // rows split over all ranks) against dgesdd, on features with near-collinear columns (s down
+  // to ~1e-6 s_0), an exact duplicate and a zero column.
+  Data d = make_data(15);
+  const std::int64_t p2 = 24;
+  std::mt19937 rng(9);
+  std::normal_distribution<double> z(0, 1);
+  auto widen = [&](const Mat& x, std::int64_t rows) {
+    Mat out(static_cast<size_t>(rows * p2), 0.0);
+    for (std::int64_t i = 0; i < rows; ++i)
+      for (std::int64_t j = 0; j < p2; ++j) {
+        const double* xi = &x[size_t(i * d.p)];
+        double v = 0;
+        if (j < d.p)
+          v = xi[j];
+        else if (j < 2 * d.p) // near-collinear: column j - p plus 1e-6 noise
+          v = xi[j - d.p] + 1e-6 * double(j) * z(rng);
+        else if (j == 2 * d.p)
+          v = xi[0]; // exact duplicate
+        else if (j == 2 * d.p + 1)
+          v = 0.0; // constant
+        else
+          v = 0.3 * z(rng);
+        out[size_t(i * p2 + j)] = v;
+      }
+    return out;
+  };
+  const Mat x = widen(d.x, d.n), xt = widen(d.xt, d.m);
+  const RidgeBasis svd = make_basis(x, d.n, p2, xt, d.m);
+  const RidgeBasis gram = make_basis_gram(x, d.n, p2, xt, d.m, MPI_COMM_WORLD);
+  ASSERT_EQ(gram.n, d.n);
+  ASSERT_EQ(gram.m, d.m);
+  ASSERT_LE(gram.r, svd.r);
+  ASSERT_GE(gram.r, 2 * d.p); // the near-collinear directions (s ~ 1e-6 s_0) are kept
+  for (std::int64_t k = 0; k < gram.r; ++k)
+    EXPECT_NEAR(gram.s[k], svd.s[k], 1e-10 * svd.s[0]) << k;
+  for (std::int64_t a = 0; a < gram.r; ++a) // U orthonormal
+    for (std::int64_t b = 0; b < gram.r; ++b) {
+      double dot = 0;
+      for (std::int64_t i = 0; i < d.n; ++i)
+        dot += gram.u[size_t(i * gram.r + a)] * gram.u[size_t(i * gram.r + b)];
+      EXPECT_NEAR(dot, a == b ? 1.0 : 0.0, 1e-12);
+    }
+  const RidgeScores a = fit_loo(svd, d.y, d.yt, d.t, d.alphas);
+  const RidgeScores b = fit_loo(gram, d.y, d.yt, d.t, d.alphas);
+  EXPECT_EQ(a.alpha, b.alpha);
+  for (size_t i = 0; i < a.prediction.size(); ++i)
+    EXPECT_NEAR(a.prediction[i], b.prediction[i], 1e-8);
+  // All-zero features: no directions, as make_basis.
+  const RidgeBasis zero = make_basis_gram(Mat(x.size(), 0.0), d.n, p2, xt, d.m, MPI_COMM_WORLD);
+  EXPECT_EQ(zero.r, 0);
+}
+
 TEST(RidgeCore, BandedRidgeEqualsPerBandPenaltiesAndTheBruteForceChoice) {
   // Two bands of the standardised features: columns 0-3 and 4-6. Candidate k is ridge on
   // [sqrt(w_k) X_1, sqrt(1 - w_k) X_2], i.e. penalties a / w_k and a / (1 - w_k) per band
