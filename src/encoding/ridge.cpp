@@ -68,24 +68,30 @@ void broadcast(std::vector<double>& v, MPI_Comm comm) {
 }
 
 // Gathers every rank's row block (rows [n me / size, n (me + 1) / size) of width w, this rank's
-// in `mine`) into all [n, w] on every rank; the rows travel as one MPI type of w doubles.
+// in `mine`) into all [n, w] on every rank: counts in doubles while they fit an int, else in
+// rows (one MPI type of w doubles).
 void gather_rows(const std::vector<double>& mine, std::int64_t n, std::int64_t w,
                  std::vector<double>& all, MPI_Comm comm, int size) {
   all.resize(static_cast<size_t>(n * w));
   if (w == 0 || n == 0)
     return;
-  MPI_Datatype row;
-  GM_CHECK_MPI(MPI_Type_contiguous(int(w), MPI_DOUBLE, &row));
-  GM_CHECK_MPI(MPI_Type_commit(&row));
+  const bool by_double = n * w <= std::int64_t(std::numeric_limits<int>::max());
+  const std::int64_t unit = by_double ? w : 1;
+  MPI_Datatype type = MPI_DOUBLE;
+  if (!by_double) {
+    GM_CHECK_MPI(MPI_Type_contiguous(int(w), MPI_DOUBLE, &type));
+    GM_CHECK_MPI(MPI_Type_commit(&type));
+  }
   std::vector<int> counts(static_cast<size_t>(size)), offs(counts);
   for (int q = 0; q < size; ++q) {
     const auto [b, e] = row_block(n, q, size);
-    counts[size_t(q)] = int(e - b);
-    offs[size_t(q)] = int(b);
+    counts[size_t(q)] = int((e - b) * unit);
+    offs[size_t(q)] = int(b * unit);
   }
-  const int rc = MPI_Allgatherv(mine.data(), counts[size_t(mpi::rank(comm))], row, all.data(),
-                                counts.data(), offs.data(), row, comm);
-  MPI_Type_free(&row);
+  const int rc = MPI_Allgatherv(mine.data(), counts[size_t(mpi::rank(comm))], type, all.data(),
+                                counts.data(), offs.data(), type, comm);
+  if (!by_double)
+    MPI_Type_free(&type);
   GM_CHECK_MPI(rc);
 }
 
@@ -131,6 +137,7 @@ RidgeBasis make_basis_gram(const std::vector<double>& x_train, std::int64_t n, s
   std::vector<double> w, z;
   std::int64_t k = 0;
   if (me == 0) {
+    ProfileEvent root("gm.ridge.svd.root"); // the O(p^3) steps on rank 0
     linalg::sym_eig(p, g, w, z);
     while (k < p && w[size_t(k)] > 1e-14 * w[0])
       ++k;
@@ -149,11 +156,11 @@ RidgeBasis make_basis_gram(const std::vector<double>& x_train, std::int64_t n, s
     broadcast(vk, comm);
     broadcast(lam, comm);
   }
-  // Pass 2 (CholeskyQR on Q1 = X V_k diag(lambda)^-1/2, whose columns are orthonormal up to the
-  // eigenvalues' rounding, ~1e-16 lambda_0 / lambda_k): Q1^T Q1 = R^T R, X V_k = Q R diag(
-  // lambda)^1/2 with Q orthonormal, and the SVD of the k x k R diag(lambda)^1/2 = W S Z^T gives
-  // X = (Q W) S (V_k Z)^T. Its singular values carry the SVD's absolute error (~eps s_0), not
-  // the eigenvalues' (~eps s_0^2 / s_k).
+  // Pass 2, CholeskyQR: Q1 = X V_k diag(lambda)^-1/2 has columns orthonormal up to the
+  // eigenvalues' rounding (~1e-16 lambda_0 / lambda_k), so Q1^T Q1 = R^T R is well conditioned
+  // and Q = Q1 R^-1 is orthonormal to rounding. With B = R diag(lambda)^1/2, X V_k = Q B and
+  // B B^T = W diag(s^2) W^T (k x k): U = Q W (orthonormal because Q and W are, however small
+  // s_k), V = V_k B^T W diag(1/s).
   std::vector<double> y(static_cast<size_t>(nb * k));
   linalg::gemm(false, false, nb, k, p, 1.0, x_train.data() + b0 * p, vk.data(), 0.0, y.data());
   std::vector<double> g2(static_cast<size_t>(k * k), 0.0);
@@ -163,35 +170,43 @@ RidgeBasis make_basis_gram(const std::vector<double>& x_train, std::int64_t n, s
   std::int64_t r = 0, ok = 1;
   std::vector<double> s, t, v; // t [k, r]: U = Y t; v [p, r]
   if (me == 0 && k > 0) {
+    ProfileEvent root("gm.ridge.svd.root");
     for (std::int64_t i = 0; i < k; ++i)
       for (std::int64_t c = 0; c < k; ++c)
         g2[size_t(i * k + c)] /= std::sqrt(lam[size_t(i)] * lam[size_t(c)]);
-    ok = linalg::cholesky_upper(k, g2.data()) ? 1 : 0;
+    ok = linalg::cholesky_upper(k, g2.data()) ? 1 : 0; // g2 := R
     if (ok) {
-      std::vector<double> rk(g2), wl, zt;
+      std::vector<double> rl(g2), bbt(static_cast<size_t>(k * k)), e2, wl;
       for (std::int64_t i = 0; i < k; ++i)
         for (std::int64_t c = i; c < k; ++c)
-          rk[size_t(i * k + c)] *= std::sqrt(lam[size_t(c)]);
-      linalg::svd_thin(k, k, std::move(rk), wl, s, zt);
-      while (r < k && s[size_t(r)] > 1e-10 * s[0])
+          rl[size_t(i * k + c)] *= lam[size_t(c)];
+      linalg::gemm(false, true, k, k, k, 1.0, rl.data(), g2.data(), 0.0, bbt.data());
+      linalg::sym_eig(k, bbt, e2, wl);
+      while (r < k && e2[size_t(r)] > 1e-20 * e2[0])
         ++r;
       s.resize(size_t(r));
-      // t = diag(lambda)^-1/2 R^-1 W_r: R^-1 as I R^-1, then the product.
-      std::vector<double> rinv(static_cast<size_t>(k * k), 0.0), wr(static_cast<size_t>(k * r));
-      for (std::int64_t i = 0; i < k; ++i)
-        rinv[size_t(i * k + i)] = 1.0;
-      linalg::solve_right_upper(k, k, g2.data(), rinv.data());
+      for (std::int64_t c = 0; c < r; ++c)
+        s[size_t(c)] = std::sqrt(e2[size_t(c)]);
+      std::vector<double> wr(static_cast<size_t>(k * r)), rinv(static_cast<size_t>(k * k), 0.0);
       for (std::int64_t i = 0; i < k; ++i)
         for (std::int64_t c = 0; c < r; ++c)
           wr[size_t(i * r + c)] = wl[size_t(i * k + c)];
+      // t = diag(lambda)^-1/2 R^-1 W_r (R^-1 as I R^-1).
+      for (std::int64_t i = 0; i < k; ++i)
+        rinv[size_t(i * k + i)] = 1.0;
+      linalg::solve_right_upper(k, k, g2.data(), rinv.data());
       t.assign(static_cast<size_t>(k * r), 0.0);
       linalg::gemm(false, false, k, r, k, 1.0, rinv.data(), wr.data(), 0.0, t.data());
+      // bw = B^T W_r diag(1/s) = diag(lambda)^1/2 R^T W_r diag(1/s); V = V_k bw.
+      std::vector<double> bw(static_cast<size_t>(k * r), 0.0);
+      linalg::gemm(true, false, k, r, k, 1.0, g2.data(), wr.data(), 0.0, bw.data());
       for (std::int64_t i = 0; i < k; ++i)
-        for (std::int64_t c = 0; c < r; ++c)
+        for (std::int64_t c = 0; c < r; ++c) {
           t[size_t(i * r + c)] /= std::sqrt(lam[size_t(i)]);
-      // V = V_k Z_r: [p, k] x ([r, k])^T.
+          bw[size_t(i * r + c)] *= std::sqrt(lam[size_t(i)]) / s[size_t(c)];
+        }
       v.assign(static_cast<size_t>(p * r), 0.0);
-      linalg::gemm(false, true, p, r, k, 1.0, vk.data(), zt.data(), 0.0, v.data());
+      linalg::gemm(false, false, p, r, k, 1.0, vk.data(), bw.data(), 0.0, v.data());
     }
   }
   GM_CHECK_MPI(MPI_Bcast(&ok, 1, MPI_INT64_T, 0, comm));

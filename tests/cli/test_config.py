@@ -1,10 +1,11 @@
 """The command-line contract: --help per command, --version, INI config with sections and
 command-line overrides, and `gradmap run` on a config."""
 import os
+import subprocess
 
 import h5py
 
-from gmtest import gradmap, run_tests, tmpdir
+from gmtest import GRADMAP, gradmap, run_tests, tmpdir
 
 BASE = tmpdir("config")
 
@@ -23,6 +24,19 @@ def test_version():
     p = gradmap(["--version"])
     assert p.stdout.startswith("gradmap 0."), p.stdout
     assert "HDF5" in p.stdout and "LibTorch" in p.stdout
+
+
+def test_huge_pages_reexecution():
+    """gradmap re-executes itself (from .preinit_array, before the libraries start) with
+    glibc.malloc.hugetlb=1, unless GRADMAP_HUGEPAGES=0 or the caller set GLIBC_TUNABLES."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GRADMAP_HUGEPAGES")}
+    for extra, expect in (({}, "malloc: huge pages on (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"),
+                          ({"GRADMAP_HUGEPAGES": "0"}, "malloc: huge pages off (GRADMAP_HUGEPAGES=0)"),
+                          ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                           "huge pages off (GLIBC_TUNABLES=glibc.malloc.arena_max=2 set by the caller)")):
+        p = subprocess.run([GRADMAP, "--version"], capture_output=True, text=True, timeout=60,
+                           env=dict(base, **extra))
+        assert p.returncode == 0 and expect in p.stdout, (extra, p.stdout, p.stderr)
 
 
 def test_config_sections_and_command_line_override():
@@ -104,5 +118,5 @@ def test_shipped_configs_use_existing_options():
     assert checked > 60, checked
 
 
-run_tests([test_help_for_every_command, test_version, test_config_sections_and_command_line_override,
+run_tests([test_help_for_every_command, test_version, test_huge_pages_reexecution, test_config_sections_and_command_line_override,
            test_run_on_a_config_simulates_and_validates, test_shipped_configs_use_existing_options])

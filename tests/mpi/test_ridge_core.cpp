@@ -377,9 +377,9 @@ TEST(RidgeCore, DualBasisOverTheRanksEqualsThePrimal) {
 }
 
 TEST(RidgeCore, GramBasisOverTheRanksEqualsTheSvd) {
-  // n >= p: make_basis_gram (Gram eigenvectors, a CholeskyQR pass, the SVD of the small factor;
-  // rows split over all ranks) against dgesdd, on features with near-collinear columns (s down
-  // to ~1e-6 s_0), an exact duplicate and a zero column.
+  // n >= p: make_basis_gram (Gram eigenvectors, a CholeskyQR pass, the eigendecomposition of
+  // the small factor's B B^T; rows split over all ranks) against dgesdd, on features with
+  // near-collinear columns (s down to ~1e-6 s_0), an exact duplicate and a zero column.
   Data d = make_data(15);
   const std::int64_t p2 = 24;
   std::mt19937 rng(9);
@@ -410,9 +410,9 @@ TEST(RidgeCore, GramBasisOverTheRanksEqualsTheSvd) {
   ASSERT_EQ(gram.n, d.n);
   ASSERT_EQ(gram.m, d.m);
   ASSERT_LE(gram.r, svd.r);
-  ASSERT_GE(gram.r, 2 * d.p); // the near-collinear directions (s ~ 1e-6 s_0) are kept
-  for (std::int64_t k = 0; k < gram.r; ++k)
-    EXPECT_NEAR(gram.s[k], svd.s[k], 1e-10 * svd.s[0]) << k;
+  ASSERT_GE(gram.r, 2 * d.p);               // the near-collinear directions (s ~ 1e-6 s_0) are kept
+  for (std::int64_t k = 0; k < gram.r; ++k) // s^2 to the eigenvalues' rounding
+    EXPECT_NEAR(gram.s[k] * gram.s[k], svd.s[k] * svd.s[k], 1e-13 * svd.s[0] * svd.s[0]) << k;
   for (std::int64_t a = 0; a < gram.r; ++a) // U orthonormal
     for (std::int64_t b = 0; b < gram.r; ++b) {
       double dot = 0;

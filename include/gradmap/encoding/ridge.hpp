@@ -30,13 +30,13 @@ RidgeBasis make_basis(const std::vector<double>& x_train, std::int64_t n, std::i
 
 /// Collective on comm (x_train and x_test identical on every rank). The primal basis for n >= p
 /// with its n-sized work split over the ranks by rows (p > n: make_basis on rank 0, broadcast):
-/// the Gram
-/// matrix X^T X (summed over the ranks' rows) gives V_k, the eigenvectors with lambda_k >
-/// 1e-14 lambda_0 (s_k > 1e-7 s_0); a CholeskyQR pass on X V_k diag(lambda)^-1/2 and the SVD of
-/// its k x k triangular factor give U, s and V with the SVD's accuracy (U orthonormal to ~eps,
-/// s to ~eps s_0); s_k <= 1e-10 s_0 dropped as in make_basis. Rank 0 runs the O(p^3) steps and
-/// broadcasts; each rank computes its rows of U and X_test V (gathered everywhere). Flops per
-/// rank ~6 (n / ranks) p^2, against dgesdd's ~(4 n p^2 + O(p^3)) with BLAS-2 parts on one rank.
+/// the Gram matrix X^T X (summed over the ranks' rows) gives V_k, the eigenvectors with
+/// lambda_k > 1e-14 lambda_0 (s_k > 1e-7 s_0); a CholeskyQR pass on X V_k diag(lambda)^-1/2
+/// makes U orthonormal to rounding however small s_k, and s^2 carries the eigenvalues' absolute
+/// error (~1e-16 s_0^2: immaterial to ridge, whose shrinkage is s^2 / (s^2 + alpha)). Rank 0
+/// runs the O(p^3) steps (two p x p eigendecompositions) and broadcasts; each rank computes its
+/// rows of U and X_test V (gathered everywhere). Flops per rank ~6 (n / ranks) p^2, against
+/// dgesdd's ~4 n p^2 + O(p^3) with BLAS-2 parts on one rank.
 RidgeBasis make_basis_gram(const std::vector<double>& x_train, std::int64_t n, std::int64_t p,
                            const std::vector<double>& x_test, std::int64_t m, MPI_Comm comm);
 
