@@ -38,6 +38,23 @@ def dgemm_peak(n=2048, dtype=np.float64):
     return 3 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9
 
 
+SGEMM_LOOP = ("import numpy as np, time; a = np.random.default_rng(0).normal(size=(2048, 2048))"
+              ".astype(np.float32); a @ a; t = time.perf_counter()\n"
+              "for _ in range(40): a @ a\nprint(time.perf_counter() - t)")
+
+
+def core_scaling():
+    """The bound on any 1 -> 2 rank speed-up here: single-threaded SGEMM alone vs two at once
+    (shared caches, memory bandwidth and clock): 2 t_alone / t_together."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    one = float(subprocess.run([sys.executable, "-c", SGEMM_LOOP], capture_output=True, text=True,
+                               env=env, check=True).stdout)
+    ps = [subprocess.Popen([sys.executable, "-c", SGEMM_LOOP], stdout=subprocess.PIPE, text=True,
+                           env=env) for _ in range(2)]
+    both = max(float(p.communicate()[0]) for p in ps)
+    return 2 * one / both
+
+
 # Runs a command and reports the peak RSS of its process tree (largest waited-for descendant).
 WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "print('maxrss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
@@ -141,7 +158,7 @@ def bench(a, d):
           f"gradmap precision {a.precision}")
     ref_peak = speak if a.precision == "float32" else peak
     flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    res = {}
+    res, inproc = {}, {}
     configs = [(1, os.cpu_count()), (2, max(1, os.cpu_count() // 2))]
     if a.one_thread_scaling:
         configs.append((1, 1))
@@ -155,12 +172,16 @@ def bench(a, d):
                             "--precision", a.precision], env)
         m = re.search(r"gm\.ridge\.(loo|kfold)\s+\d+ \S+ (\S+) \S+ \S+ .*?(\d+)$", p.stdout, re.M)
         res[(ranks, threads)] = wall
+        tm = re.search(r"time encode\s+min\s+\S+s\s+mean\s+\S+s\s+max\s+(\S+)s", p.stdout + p.stderr)
+        inproc[(ranks, threads)] = float(tm.group(1)) if tm else float("nan")
         rate = ""
         if m:
             gf = int(m.group(3)) / 1000
             rate = (f", {m.group(1)} phase {float(m.group(2)):.1f} s at {gf:.1f} GFlop/s "
                     f"({100 * gf / ref_peak:.0f}% of the {a.precision} GEMM peak)")
-        print(f"gradmap encode -n {ranks} x {threads} threads: {wall:.1f} s wall, peak RSS {rss:.2f} GiB{rate}")
+        print(f"gradmap encode -n {ranks} x {threads} threads: {wall:.1f} s wall "
+              f"({inproc[(ranks, threads)]:.1f} s inside gradmap, after process start-up), "
+              f"peak RSS {rss:.2f} GiB{rate}")
         rc = re.search(r"float32 alpha selection: (\d+) of (\d+) target fits rechecked", p.stdout + p.stderr)
         if rc:
             print(f"    float32 selection: {rc.group(1)} of {rc.group(2)} target fits rechecked in float64")
@@ -184,7 +205,9 @@ def bench(a, d):
     one, two = configs[0], configs[1]
     print(f"speed-up 1 rank x {one[1]} threads -> 2 ranks x {two[1]}: {res[one] / res[two]:.2f}x")
     if a.one_thread_scaling:
-        print(f"speed-up 1 rank x 1 thread -> 2 ranks x 1 thread: {res[(1, 1)] / res[two]:.2f}x")
+        print(f"speed-up 1 rank x 1 thread -> 2 ranks x 1 thread: {res[(1, 1)] / res[two]:.2f}x "
+              f"wall, {inproc[(1, 1)] / inproc[two]:.2f}x inside gradmap; this machine's own "
+              f"1 -> 2 core scaling of single-threaded SGEMM: {core_scaling():.2f}x")
     if a.compare_solvers:
         threads = os.cpu_count()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
