@@ -2,6 +2,8 @@
 // translation unit that includes LibTorch; everything else sees plain buffers.
 #include "gradmap/model/features.hpp"
 
+#include "backend.hpp"
+
 #include <torch/script.h>
 #include <torch/torch.h>
 #include <torch/version.h>
@@ -200,14 +202,6 @@ std::shared_ptr<BuiltinNet> make_builtin(const std::string& name) {
 
 } // namespace
 
-std::vector<std::string> builtin_models() {
-  return {"tinycnn", "deepcnn", "tinyvit"};
-}
-
-std::string torch_version() {
-  return TORCH_VERSION;
-}
-
 // The "random weights" control: the elements of every parameter tensor permuted (Fisher-Yates
 // with Philox(seed, weights, 0x40000 + tensor index)), the same on every rank and device.
 void permute_parameters(const std::vector<torch::Tensor>& params, std::uint64_t seed) {
@@ -227,7 +221,7 @@ void permute_parameters(const std::vector<torch::Tensor>& params, std::uint64_t 
   }
 }
 
-struct FeatureExtractor::Impl {
+struct TorchImpl {
   ExtractorOptions opt;
   torch::Device device{torch::kCPU};
   std::shared_ptr<BuiltinNet> builtin;
@@ -360,7 +354,26 @@ struct FeatureExtractor::Impl {
   }
 };
 
-FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new Impl) {
+// The LibTorch implementation of FeatureExtractor (backend.hpp).
+class TorchExtractor final : public ExtractorBackend {
+public:
+  explicit TorchExtractor(const ExtractorOptions& options);
+  const std::vector<std::string>& layer_names() const override;
+  const std::vector<std::int64_t>& layer_dims() const override;
+  void save_weights(const std::string& path) const override;
+  std::int64_t num_outputs() const override;
+  BatchFeatures run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
+                    std::int64_t width, const std::int64_t* labels,
+                    const std::int64_t* indices) const override;
+
+private:
+  BatchFeatures run_batch(const std::uint8_t* images, std::int64_t n, std::int64_t height,
+                          std::int64_t width, const std::int64_t* labels,
+                          const std::int64_t* indices) const;
+  std::unique_ptr<TorchImpl> impl_;
+};
+
+TorchExtractor::TorchExtractor(const ExtractorOptions& options) : impl_(new TorchImpl) {
   auto& I = *impl_;
   I.opt = options;
   torch::set_num_threads(std::max(1, options.threads));
@@ -485,9 +498,7 @@ FeatureExtractor::FeatureExtractor(const ExtractorOptions& options) : impl_(new 
   I.outputs = out.size(-1);
 }
 
-FeatureExtractor::~FeatureExtractor() = default;
-
-void FeatureExtractor::save_weights(const std::string& path) const {
+void TorchExtractor::save_weights(const std::string& path) const {
   if (!impl_->builtin)
     throw Error("--save-weights applies to built-in models");
   try {
@@ -499,19 +510,19 @@ void FeatureExtractor::save_weights(const std::string& path) const {
   }
 }
 
-const std::vector<std::string>& FeatureExtractor::layer_names() const {
+const std::vector<std::string>& TorchExtractor::layer_names() const {
   return impl_->names;
 }
-const std::vector<std::int64_t>& FeatureExtractor::layer_dims() const {
+const std::vector<std::int64_t>& TorchExtractor::layer_dims() const {
   return impl_->dims;
 }
-std::int64_t FeatureExtractor::num_outputs() const {
+std::int64_t TorchExtractor::num_outputs() const {
   return impl_->outputs;
 }
 
-BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
-                                    std::int64_t width, const std::int64_t* labels,
-                                    const std::int64_t* indices) const {
+BatchFeatures TorchExtractor::run(const std::uint8_t* images, std::int64_t n, std::int64_t height,
+                                  std::int64_t width, const std::int64_t* labels,
+                                  const std::int64_t* indices) const {
   // LibTorch reports failed allocations (CPU and CUDA) as c10::Error: turn them into advice, and
   // other LibTorch errors into one line without the C++ backtrace.
   try {
@@ -531,10 +542,10 @@ BatchFeatures FeatureExtractor::run(const std::uint8_t* images, std::int64_t n, 
   }
 }
 
-BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64_t n,
-                                          std::int64_t height, std::int64_t width,
-                                          const std::int64_t* labels,
-                                          const std::int64_t* indices) const {
+BatchFeatures TorchExtractor::run_batch(const std::uint8_t* images, std::int64_t n,
+                                        std::int64_t height, std::int64_t width,
+                                        const std::int64_t* labels,
+                                        const std::int64_t* indices) const {
   auto& I = *impl_;
   BatchFeatures bf;
   bf.n = n;
@@ -633,3 +644,14 @@ BatchFeatures FeatureExtractor::run_batch(const std::uint8_t* images, std::int64
 }
 
 } // namespace gradmap::model
+
+extern "C" {
+// The module's entry points (backend.hpp), looked up by src/model/loader.cpp.
+gradmap::model::ExtractorBackend*
+gradmap_torch_create(const gradmap::model::ExtractorOptions& options) {
+  return new gradmap::model::TorchExtractor(options);
+}
+const char* gradmap_torch_version() {
+  return TORCH_VERSION;
+}
+}

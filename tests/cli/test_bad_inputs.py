@@ -2,11 +2,12 @@
 ranks), and no output file at its final name."""
 import os
 import shutil
+import subprocess
 
 import h5py
 import numpy as np
 
-from gmtest import expect_failure, gradmap, run_tests, tmpdir
+from gmtest import GRADMAP, expect_failure, gradmap, run_tests, tmpdir
 
 BASE = tmpdir("bad")
 GOOD = f"{BASE}/good"
@@ -152,7 +153,29 @@ def test_bad_config_value():
     assert not os.path.exists(f"{BASE}/cfg/stimuli.h5")
 
 
-run_tests([test_missing_file, test_corrupt_file, test_wrong_schema_version, test_wrong_dtype,
+def test_libtorch_module_loaded_only_when_needed():
+    """LibTorch lives in libgradmap_torch.so, loaded by the commands that run a network: with
+    GRADMAP_TORCH_MODULE pointing nowhere, validate and encode still run, and extract fails on
+    every rank with one message naming the variable and the path, leaving no output."""
+    ldd = subprocess.run(["ldd", GRADMAP], capture_output=True, text=True, check=True).stdout
+    assert "libtorch" not in ldd and "libc10" not in ldd, ldd  # not loaded at start-up
+    env = {"GRADMAP_TORCH_MODULE": f"{BASE}/no-such-module.so"}
+    feats = f"{BASE}/feats-torch.h5"
+    gradmap(["extract", "--stimuli", f"{GOOD}/stimuli.h5", "--out", feats], ranks=2)
+    gradmap(["validate", f"{GOOD}/stimuli.h5", feats], ranks=2, env=env)
+    gradmap(["encode", "--features", feats, "--brain", f"{GOOD}/brain_fmri.h5", "--out",
+             f"{BASE}/scores-no-torch.h5", "--permutations", 0, "--bootstraps", 0], ranks=2, env=env)
+    out = f"{BASE}/feats-no-torch.h5"
+    p = gradmap(["extract", "--stimuli", f"{GOOD}/stimuli.h5", "--out", out], ranks=2,
+                check=False, env=env, timeout=120)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0, text
+    assert "GRADMAP_TORCH_MODULE" in text and f"{BASE}/no-such-module.so: not found" in text, text
+    assert text.count("gradmap: error") == 1, text
+    assert not os.path.exists(out)
+
+
+run_tests([test_libtorch_module_loaded_only_when_needed, test_missing_file, test_corrupt_file, test_wrong_schema_version, test_wrong_dtype,
            test_wrong_shape, test_nan_in_responses, test_trial_stimulus_out_of_range,
            test_empty_test_set_and_too_many_threads, test_constant_layer_is_reported,
            test_unknown_option_and_no_output, test_bad_option_values, test_bad_config_value])

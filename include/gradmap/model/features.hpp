@@ -46,8 +46,12 @@ struct BatchFeatures {
   std::vector<std::vector<float>> grad_norm; ///< [layers][n] L2 norm of dL/dh_l (unpooled)
 };
 
+class ExtractorBackend; // src/model/backend.hpp
+
 /// Runs a network forward and backward and pools per-layer outputs and their gradients.
-/// Not collective: each rank owns its own extractor (its own model copy).
+/// Not collective: each rank owns its own extractor (its own model copy). The implementation
+/// lives in the LibTorch module libgradmap_torch.so, loaded (dlopen) by the first extractor or
+/// torch_version() call, so that commands without a network never load LibTorch (~0.9 s).
 class FeatureExtractor {
 public:
   explicit FeatureExtractor(const ExtractorOptions& options);
@@ -72,17 +76,11 @@ public:
                     const std::int64_t* indices) const;
 
 private:
-  BatchFeatures run_batch(const std::uint8_t* images, std::int64_t n, std::int64_t height,
-                          std::int64_t width, const std::int64_t* labels,
-                          const std::int64_t* indices) const;
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
+  std::unique_ptr<ExtractorBackend> impl_;
 };
 
-/// Names of the built-in models ("tinycnn", ...).
-std::vector<std::string> builtin_models();
-
 /// The LibTorch version this gradmap was built with.
+/// Loads the LibTorch module (see FeatureExtractor) and returns LibTorch's version.
 std::string torch_version();
 
 } // namespace gradmap::model
